@@ -1,0 +1,58 @@
+"""The attention function the engine registers with transformers.
+
+Without a recorder it is transformers' own SDPA over the engine's slot mask. H2O and the oracle need the
+attention weights, so with a recorder it computes eager attention (in query chunks, to bound memory) and sums
+the weights over heads and layers: that extra cost is real and stays visible in the benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "adore"
+QUERY_CHUNK = 256
+
+
+class AttentionRecorder:
+    """Per-slot attention mass summed over heads and layers, for all queries ("sum") or the last one ("last")."""
+
+    def __init__(self, mode: str):
+        if mode not in ("sum", "last"):
+            raise ValueError(f"recorder mode {mode!r}: use 'sum' or 'last'")
+        self.mode = mode
+        self.total: torch.Tensor | None = None  # (B, C)
+
+    def add(self, weights: torch.Tensor) -> None:
+        """weights: (B, H, q, C) softmax weights of one layer and one query chunk."""
+        mass = weights.sum(dim=(1, 2)) if self.mode == "sum" else weights[:, :, -1].sum(dim=1)
+        self.total = mass if self.total is None else self.total + mass
+
+
+def adore_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_recorder=None, **kwargs):
+    if attention_recorder is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    keys = key.repeat_interleave(groups, dim=1)  # (B, H, C, D)
+    values = value.repeat_interleave(groups, dim=1)
+    q_len = query.shape[2]
+    starts = range(0, q_len, QUERY_CHUNK) if attention_recorder.mode == "sum" else [max(0, q_len - QUERY_CHUNK)]
+    outputs = []
+    if attention_recorder.mode == "last" and q_len > QUERY_CHUNK:  # earlier queries need no weights
+        outputs.append(sdpa_attention_forward(module, query[:, :, : starts[0]], key, value, attention_mask[:, :, : starts[0]], scaling=scaling)[0])
+    for s in starts:
+        scores = torch.matmul(query[:, :, s : s + QUERY_CHUNK], keys.transpose(2, 3)) * scaling  # (B, H, c, C)
+        scores = scores.masked_fill(~attention_mask[:, :, s : s + QUERY_CHUNK], float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        attention_recorder.add(weights)
+        outputs.append(torch.matmul(weights, values).transpose(1, 2))  # (B, c, H, D)
+    return torch.cat(outputs, dim=1).contiguous(), None
+
+
+def register() -> str:
+    """Register the engine's attention (idempotent); returns its name for `set_attn_implementation`."""
+    AttentionInterface.register(NAME, adore_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME

@@ -1,0 +1,57 @@
+"""A fixed-capacity KV cache of slots (ADORE.md §3.4, "matrix slicing").
+
+Keys and values of all layers live in two preallocated tensors (layers, B, kv_heads, capacity, head_dim).
+Which token sits in which slot is the session's business: before each forward it names the slots the new
+tokens go to, with one index for all layers, and `update` writes them in place. Released slots are simply
+overwritten later; nothing is ever concatenated.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotCache(Cache):
+    def __init__(self, num_layers: int, batch_size: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        super().__init__(layers=[])
+        shape = (num_layers, batch_size, kv_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
+        self.write_slots: torch.Tensor | None = None  # (B, q) slots of the tokens of the next forward
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Write the new (B, kv_heads, q, D) states into this step's slots; return the whole layer."""
+        # advanced indices around a slice put the indexed dims first: (B, q, kv_heads, D)
+        self.keys[layer_idx][self.rows, :, self.write_slots] = key_states.transpose(1, 2)
+        self.values[layer_idx][self.rows, :, self.write_slots] = value_states.transpose(1, 2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def select(self, slots: torch.Tensor) -> None:
+        """Keep the slots `slots` (B, new_capacity) in that order, all layers at once; -1 leaves a slot empty."""
+        index = slots.clamp(min=0)[None, :, None, :, None].expand(
+            self.keys.shape[0], -1, self.keys.shape[2], -1, self.keys.shape[4]
+        )
+        self.keys = self.keys.gather(3, index)
+        self.values = self.values.gather(3, index)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.capacity
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.capacity, 0

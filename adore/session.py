@@ -1,0 +1,180 @@
+"""One batch of sequences fed through a fixed KV budget: the engine's single loop body (ADORE.md §3).
+
+`Session.feed` takes the next tokens of every row (one decode token, a prompt, a teacher-forced token, a
+user turn of a stream) and does, in order: pick up to R released tokens to rebuild (highest scores), run
+them together with the new tokens in one forward pass at their original positions (causal by position),
+then release down to m slots by the method's scores. Generation, perplexity and streaming all call it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adore.attention import AttentionRecorder, register
+from adore.cache import SlotCache
+
+
+class Session:
+    """Cache, history and method state for B sequences.
+
+    History columns are shared by the batch (column j = the j-th fed token of every row; padding columns
+    are invalid). Every fed token keeps its id, position and state there after it is released, so it can
+    be rebuilt. `hist_slot` (-1 when released) and `slot_col` (-1 when empty) link history and cache.
+    """
+
+    def __init__(self, model, method, batch_size: int, max_len: int):
+        config = model.config
+        self.model, self.method = model, method
+        self.batch_size = batch_size
+        device = model.device
+        self.device = device
+        model.set_attn_implementation(register())
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        capacity = max_len if method.m is None else method.m + method.R + 1
+        self.cache = SlotCache(
+            config.num_hidden_layers, batch_size, config.num_key_value_heads, head_dim, capacity, model.dtype, device
+        )
+        self.peak_kv_bytes = self.cache.nbytes
+        self.slot_col = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
+        self.slot_pos = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.hist_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.hist_pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.hist_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.hist_slot = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.length = 0  # history columns used
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rebuilt = 0  # tokens rebuilt so far (all rows)
+        self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed
+        method.reset(self)
+
+    # ---- views -------------------------------------------------------------------------------------------
+    @property
+    def slot_valid(self) -> torch.Tensor:
+        return self.slot_col >= 0  # (B, C)
+
+    @property
+    def query_pos(self) -> torch.Tensor:
+        """(B, 1) position t of each row's newest token: the query that scores are for."""
+        return (self.next_pos - 1).clamp(min=0)[:, None]
+
+    def cached_positions(self) -> list[list[int]]:
+        """Positions held in the cache, per row (sorted): for tests and inspection."""
+        return [sorted(self.slot_pos[b][self.slot_valid[b]].tolist()) for b in range(self.batch_size)]
+
+    # ---- the loop body -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def feed(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Feed (B, n) tokens (`valid` False marks padding); return logits (B, n or 1, vocab) for them."""
+        B, n = input_ids.shape
+        input_ids = input_ids.to(self.device)
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.to(self.device).bool()
+        self._grow_history(self.length + n)
+        cols = torch.arange(self.length, self.length + n, device=self.device).expand(B, n)
+        pos = torch.where(valid, self.next_pos[:, None] + valid.long().cumsum(1) - 1, 0)
+        self.hist_ids[:, self.length : self.length + n] = input_ids
+        self.hist_pos[:, self.length : self.length + n] = pos
+        self.hist_valid[:, self.length : self.length + n] = valid
+        self.length += n
+        self.next_pos += valid.sum(1)
+        self.method.before_forward(self, cols, valid)
+
+        rb_cols, rb_valid = self._pick_rebuild(self.length - n)
+        q_cols = torch.cat([rb_cols, cols], 1)  # rebuilt tokens first, new tokens last
+        q_valid = torch.cat([rb_valid, valid], 1)
+        q_ids = self.hist_ids.gather(1, q_cols)
+        q_pos = torch.where(q_valid, self.hist_pos.gather(1, q_cols), 0)
+        slots = self._claim_slots(q_cols, q_valid, q_pos)
+
+        # causal by position over the slots; padding queries see only their own slot (no empty softmax rows)
+        own = torch.zeros(B, q_cols.shape[1], self.cache.capacity, dtype=torch.bool, device=self.device)
+        own.scatter_(2, slots[..., None], True)
+        mask = (self.slot_valid[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own
+        recorder = AttentionRecorder(self.method.needs_attention) if self.method.needs_attention else None
+        extra = {"attention_recorder": recorder} if recorder is not None else {}
+        self.cache.write_slots = slots
+        logits = self.model(
+            input_ids=q_ids,
+            position_ids=q_pos,
+            attention_mask=mask[:, None],  # (B, 1, q, C)
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=n if all_logits else 1,
+            **extra,
+        ).logits
+        self.method.observe(self, cols, valid, None if recorder is None else recorder.total)
+        if self.method.m is not None:
+            self._release(self.method.m)
+            if self.cache.capacity > self.method.m + self.method.R + 1:
+                self._resize(self.method.m + self.method.R + 1)
+        return logits
+
+    # ---- steps of feed -----------------------------------------------------------------------------------
+    def _pick_rebuild(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-R released tokens among the first `seen` columns, by score (ADORE.md §3.2); (B, r), r <= R."""
+        R = self.method.R if self.method.m is not None else 0
+        empty = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
+        self.last_rebuilt_cols = empty
+        if R == 0:
+            return empty, empty.bool()
+        released = self.hist_valid[:, :seen] & (self.hist_slot[:, :seen] < 0)
+        if not released.any():
+            return empty, empty.bool()
+        cols = torch.arange(seen, device=self.device).expand(self.batch_size, -1)
+        scores = self.method.score(self, cols).masked_fill(~released, float("-inf"))
+        top = scores.topk(min(R, seen), dim=1)
+        ok = torch.isfinite(top.values)
+        self.last_rebuilt_cols = torch.where(ok, top.indices, -1)
+        self.rebuilt += int(ok.sum())
+        return top.indices, ok
+
+    def _claim_slots(self, q_cols, q_valid, q_pos) -> torch.Tensor:
+        """Free slots for the q tokens, lowest first (one index for all layers); records the links."""
+        need = q_cols.shape[1]
+        free = ~self.slot_valid
+        if int(free.sum(1).min()) < need:
+            self._resize(int(self.slot_valid.sum(1).max()) + need)
+            free = ~self.slot_valid
+        slots = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :need]  # (B, q)
+        self.slot_col.scatter_(1, slots, torch.where(q_valid, q_cols, -1))
+        self.slot_pos.scatter_(1, slots, q_pos)
+        rows, j = q_valid.nonzero(as_tuple=True)
+        self.hist_slot[rows, q_cols[rows, j]] = slots[rows, j]
+        return slots
+
+    def _release(self, m: int) -> None:
+        """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3)."""
+        valid = self.slot_valid
+        if int(valid.sum(1).max()) <= m:
+            return
+        scores = self.method.score(self, self.slot_col.clamp(min=0)).masked_fill(~valid, float("-inf"))
+        keep = torch.zeros_like(valid).scatter_(1, scores.topk(m, dim=1).indices, True)
+        drop = valid & ~keep
+        rows, slots = drop.nonzero(as_tuple=True)
+        self.hist_slot[rows, self.slot_col[rows, slots]] = -1
+        self.slot_col[rows, slots] = -1
+
+    def _resize(self, capacity: int) -> None:
+        """Move the cached tokens (in slot order) into a cache of `capacity` slots: one gather, all layers."""
+        order = torch.argsort((~self.slot_valid).to(torch.int8), dim=1, stable=True)[:, :capacity]
+        if capacity > order.shape[1]:
+            pad = torch.full((self.batch_size, capacity - order.shape[1]), -1, dtype=torch.long, device=self.device)
+            order = torch.cat([order, pad], 1)
+        taken = order >= 0
+        src = order.clamp(min=0)
+        self.cache.select(torch.where(taken, order, -1))
+        self.slot_col = torch.where(taken, self.slot_col.gather(1, src), -1)
+        self.slot_pos = torch.where(taken, self.slot_pos.gather(1, src), 0)
+        self.hist_slot.fill_(-1)
+        rows, slots = self.slot_valid.nonzero(as_tuple=True)
+        self.hist_slot[rows, self.slot_col[rows, slots]] = slots
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.nbytes)
+
+    def _grow_history(self, length: int) -> None:
+        size = self.hist_ids.shape[1]
+        if length <= size:
+            return
+        extra = max(length, 2 * size) - size
+        pad = lambda t, v: torch.cat([t, torch.full((self.batch_size, extra), v, dtype=t.dtype, device=self.device)], 1)  # noqa: E731
+        self.hist_ids, self.hist_pos = pad(self.hist_ids, 0), pad(self.hist_pos, 0)
+        self.hist_valid, self.hist_slot = pad(self.hist_valid, False), pad(self.hist_slot, -1)
+        self.method.grow_history(self, extra)

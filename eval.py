@@ -1,0 +1,20 @@
+"""Evaluate a release method on a dataset: `python eval.py method=adore method.m=128 data=samsum`.
+
+Sweeps: `python eval.py -m method=window,adore method.m=64,128`. See README.md.
+"""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from adore import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    result = evaluate.run(cfg, HydraConfig.get().runtime.output_dir)
+    return result["metrics"].get("eval/rougeL")  # what a Hydra sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()

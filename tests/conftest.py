@@ -1,0 +1,67 @@
+"""Fixtures: a tiny random Llama (2 layers, GQA) saved to disk with the packaged model's tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from adore.models import ModelSpec, load_tokenizer  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def packaged_tokenizer():
+    return load_tokenizer(ModelSpec())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, packaged_tokenizer) -> str:
+    """A random 2-layer Llama with the packaged tokenizer, saved like any local model folder."""
+    from transformers import LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = tiny_config(len(packaged_tokenizer))
+    config.bos_token_id = packaged_tokenizer.bos_token_id
+    config.eos_token_id = packaged_tokenizer.eos_token_id
+    config.pad_token_id = packaged_tokenizer.pad_token_id
+    model = LlamaForCausalLM(config)
+    # larger random weights give peaked, position-sensitive attention: release policies then matter
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    model.save_pretrained(folder)
+    packaged_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    from adore.models import load
+
+    return load(ModelSpec(name_or_path=tiny_model_dir))

@@ -1,0 +1,182 @@
+"""Invariants every release method satisfies (ADORE.md): one parametrized suite, one line per method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from adore.controller import Controller, ControllerConfig
+from adore.generate import generate
+from adore.methods import H2O, Adore, Full, Oracle, Random, Streaming, Window
+from adore.session import Session
+
+METHODS = {
+    "full": lambda m: Full(),
+    "window": lambda m: Window(m=m),
+    "streaming": lambda m: Streaming(m=m, sinks=2),
+    "h2o": lambda m: H2O(m=m),
+    "random": lambda m: Random(m=m),
+    "adore_r0": lambda m: Adore(m=m, R=0),
+    "adore": lambda m: Adore(m=m, R=3),
+    "oracle": lambda m: Oracle(m=m, R=3),
+}
+
+
+def prompts(batch=2, length=14, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 1000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding on the first row
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_large_budget_equals_full_attention_generate(tiny, name):
+    """m >= prompt + generated: every method yields transformers' own greedy tokens."""
+    model, _ = tiny
+    ids, mask = prompts()
+    new = 12
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    out = generate(model, METHODS[name](ids.shape[1] + new), ids, mask, new, eos_token_ids=[], pad_token_id=0)
+    assert torch.equal(out.tokens, ref[:, ids.shape[1] :])
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "full"])
+def test_cache_invariants_at_small_budget(tiny, name):
+    model, _ = tiny
+    ids, mask = prompts()
+    m = 6
+    method = METHODS[name](m)
+    session = Session(model, method, 2, 64)
+    logits = session.feed(ids, mask.bool())
+    rebuilt_total = 0
+    for _ in range(20):
+        released_before = (session.hist_valid & (session.hist_slot < 0)).clone()
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+        for b, positions in enumerate(session.cached_positions()):
+            assert len(positions) <= m
+            assert len(positions) == len(set(positions)), "a token is cached twice"
+            assert max(positions) < int(session.next_pos[b])
+        # links between history and slots agree both ways
+        rows, slots = session.slot_valid.nonzero(as_tuple=True)
+        assert torch.equal(session.hist_slot[rows, session.slot_col[rows, slots]], slots)
+        assert int((session.hist_slot >= 0).sum()) == int(session.slot_valid.sum())
+        # a rebuilt token had been released before this step
+        rb = session.last_rebuilt_cols
+        for b in range(rb.shape[0]):
+            for col in rb[b][rb[b] >= 0].tolist():
+                assert released_before[b, col]
+                rebuilt_total += 1
+    if method.R > 0:
+        assert rebuilt_total > 0, "R > 0 but nothing was ever rebuilt"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_batched_equals_one_at_a_time(tiny, name):
+    model, _ = tiny
+    ids, mask = prompts(batch=3, length=16, seed=1)
+    mask[2, :7] = 0
+    batched = generate(model, METHODS[name](8), ids, mask, 10, eos_token_ids=[], pad_token_id=0)
+    for b in range(3):
+        keep = mask[b].bool()
+        alone = generate(model, METHODS[name](8), ids[b : b + 1, keep], mask[b : b + 1, keep], 10, eos_token_ids=[], pad_token_id=0)
+        assert torch.equal(batched.tokens[b], alone.tokens[0]), f"row {b}"
+
+
+def reference_decode(model, ids, keep, steps):
+    """Independent reference: transformers' DynamicCache, cropped after every step to the kept positions."""
+    cache = DynamicCache(config=model.config)
+    logits = model(ids, cache=cache, use_cache=True).logits
+    positions = list(range(ids.shape[1]))
+    out = []
+    for _ in range(steps):
+        kept = keep(positions)
+        index = torch.tensor([positions.index(p) for p in kept])
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+        positions = kept
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        t = len(out) + ids.shape[1] - 1
+        mask = torch.ones(1, 1, 1, len(positions) + 1, dtype=torch.bool)
+        logits = model(nxt, position_ids=torch.tensor([[t]]), attention_mask=mask, cache=cache, use_cache=True).logits
+        positions = positions + [t]
+    return out
+
+
+@pytest.mark.parametrize(
+    "method, keep",
+    [
+        (Window(m=5), lambda pos: pos[-5:]),
+        (Streaming(m=5, sinks=2), lambda pos: sorted(set(pos[:2] + pos[-3:]))),
+    ],
+    ids=["window", "streaming"],
+)
+def test_window_and_streaming_match_reference(tiny, method, keep):
+    model, _ = tiny
+    ids, _ = prompts(batch=1, length=12, seed=3)
+    steps = 15
+    ours = generate(model, method, ids, torch.ones_like(ids), steps, eos_token_ids=[], pad_token_id=0)
+    assert ours.tokens[0].tolist() == reference_decode(model, ids, keep, steps)
+    session = Session(model, method, 1, 64)
+    logits = session.feed(ids)
+    for _ in range(steps):
+        assert session.cached_positions()[0] == keep(list(range(int(session.next_pos[0]))))
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+
+
+def test_controller_sees_only_the_past():
+    torch.manual_seed(0)
+    net = Controller(ControllerConfig(d_model=16, width=8)).eval()
+    x = torch.randn(1, 10, 16)
+    y = x.clone()
+    y[:, 6:] = torch.randn(1, 4, 16)  # change tokens after t = 5
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    zx, _ = net.encode(x, valid)
+    zy, _ = net.encode(y, valid)
+    pos = torch.arange(6)[None]
+    t = torch.tensor([[5]])
+    assert torch.allclose(net.logits(zx[:, :6], pos, t), net.logits(zy[:, :6], pos, t))
+    assert not torch.allclose(zx[:, 6:], zy[:, 6:])
+
+
+def test_controller_checkpoint_round_trip(tmp_path, tiny):
+    model, _ = tiny
+    net = Controller(ControllerConfig(d_model=model.config.hidden_size, width=16))
+    path = tmp_path / "controller.pt"
+    net.save(path)
+    ids, mask = prompts()
+    a = generate(model, Adore(m=6, R=2, controller=str(path)), ids, mask, 8, [], 0)
+    method = Adore(m=6, R=2)
+    method.net = net
+    b = generate(model, method, ids, mask, 8, [], 0)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_rebuilt_tokens_attend_causally(tiny):
+    """A rebuilt token's fresh KV equals the KV it would get from the cache it now sees, at its own position."""
+    model, _ = tiny
+    ids, mask = prompts(batch=1, length=14)
+    session = Session(model, Adore(m=5, R=2), 1, 64)
+    logits = session.feed(ids, mask.bool())
+    for _ in range(6):
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+    rb = session.last_rebuilt_cols[0]
+    assert (rb >= 0).any()
+    for col in rb[rb >= 0].tolist():
+        assert int(session.hist_pos[0, col]) < int(session.next_pos[0]) - 1
+
+
+def test_prefill_chunks_keep_the_budget(tiny):
+    model, _ = tiny
+    ids, mask = prompts(batch=2, length=20)
+    out = generate(model, Window(m=6), ids, mask, 5, [], 0, prefill_chunk=4)
+    assert out.stats["peak_kv_bytes"] < generate(model, Window(m=6), ids, mask, 5, [], 0).stats["peak_kv_bytes"]
+
+
+@pytest.mark.parametrize("bad", [lambda: Window(m=0), lambda: Streaming(m=4, sinks=4), lambda: H2O(m=8, recent_ratio=2.0),
+                                 lambda: Adore(m=8, R=-1), lambda: Adore(m=8, controller="/nonexistent.pt"), lambda: Full(m=8)])
+def test_bad_method_values_fail_with_a_message(bad):
+    with pytest.raises(ValueError, match="method"):
+        bad()

@@ -1,0 +1,110 @@
+"""eval.py composed from the real Hydra config, shrunk to the tiny model; one run with the packaged model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from adore import evaluate
+from adore.io import read_json, read_jsonl
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def eval_cfg(*overrides):
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return compose("eval", overrides=["logger=none", "eval.progress=false", *overrides])
+
+
+def tiny_overrides(tiny_model_dir, *more):
+    return [f"model.name_or_path={tiny_model_dir}", "eval.num_examples=3", "eval.batch_size=2",
+            "eval.max_new_tokens=6", "eval.bertscore_model=null", *more]
+
+
+@pytest.mark.parametrize("method", ["full", "window", "streaming", "h2o", "random", "adore", "oracle"])
+def test_every_method_runs_through_eval(tmp_path, tiny_model_dir, method):
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, f"method={method}", "budget=16", "data=samsum"))
+    result = evaluate.run(cfg, str(tmp_path))
+    assert {"eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL"} <= set(result["metrics"])
+    assert result["perf"]["perf/decode_tok_per_s"] > 0
+    assert result["run"]["method"] == method and result["run"]["m"] == (None if method == "full" else 16)
+    assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 3
+    assert read_json(tmp_path / "results.json")["run"] == result["run"]
+
+
+def test_rerun_skips_and_other_settings_do_not_overwrite(tmp_path, tiny_model_dir, capsys):
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8"))
+    first = evaluate.run(cfg, str(tmp_path))
+    again = evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8", "eval.progress=true")), str(tmp_path))
+    assert "[skip]" in capsys.readouterr().out and again["finished_at"] == first["finished_at"]
+    with pytest.raises(FileExistsError, match="eval.overwrite=true"):
+        evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=9")), str(tmp_path))
+    evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=9", "eval.overwrite=true")), str(tmp_path))
+    assert read_json(tmp_path / "results.json")["run"]["m"] == 9
+
+
+def test_math_reports_accuracy(tmp_path, tiny_model_dir):
+    result = evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "data=math")), str(tmp_path))
+    assert "eval/accuracy" in result["metrics"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method=window", None),
+        ("budget=0", "budget=0"),
+        ("method=window method.m=0", "method.m=0"),
+        ("eval.batch_size=0", "eval.batch_size=0"),
+        ("eval.num_examples=-1", "eval.num_examples=-1"),
+        ("model.device=cuda", "model.device='cuda'"),
+        ("model.dtype=float8", "model.dtype='float8'"),
+        ("method=adore method.controller=/nope.pt", "method.controller"),
+        ("sampling.temperature=0", "sampling.temperature=0"),
+        ("task=translate", "task='translate'"),
+    ],
+)
+def test_bad_values_fail_before_any_model_loads(override, message, monkeypatch):
+    if message is None:  # the valid config passes validation
+        evaluate.validate(eval_cfg(*override.split()))
+        return
+    monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("model loaded before validation"))
+    with pytest.raises(ValueError, match=message.replace("(", "\\(")):
+        evaluate.run(eval_cfg(*override.split()), "/tmp/never")
+
+
+def test_run_directory_names_carry_the_hyper_parameters():
+    cfg = eval_cfg("method=adore", "method.m=64", "method.R=8", "data=chat")
+    assert evaluate.method_tag(cfg.method) == "adore_m64_R8_untrained"
+    assert evaluate.method_tag(eval_cfg("method=streaming", "budget=32").method) == "streaming_m32_s4"
+
+
+@pytest.mark.slow
+def test_packaged_model_end_to_end_on_samsum(tmp_path):
+    """The real SmolLM2 backbone, 2 SAMSum examples, through `python eval.py` as a user runs it."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "eval.py", "data=samsum", "eval.num_examples=2", "eval.max_new_tokens=24",
+           "logger=none", "eval.progress=false", f"hydra.run.dir={tmp_path}"]
+    subprocess.run(cmd, cwd=PROJECT, env=env, check=True, timeout=600)
+    result = read_json(tmp_path / "results.json")
+    for key in ("eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/bertscore_f"):
+        assert key in result["metrics"]
+    assert result["metrics"]["eval/bertscore_f"] > 0 and result["perf"]["perf/decode_tok_per_s"] > 0
+    outputs = [r["output"] for r in read_jsonl(tmp_path / "predictions.jsonl")]
+    assert all(len(o) > 0 for o in outputs)
+
+
+def test_bench_runs_every_method(tmp_path, tiny_model_dir):
+    from adore import bench
+
+    rows = bench.main(["--model", tiny_model_dir, "--prompt-len", "24", "--new-tokens", "4", "--batch", "2", "--m", "8",
+                       "--R", "2", "--methods", "full,window,streaming,h2o,random,adore_r0,adore,oracle", "--hf-generate",
+                       "--out", str(tmp_path / "bench.json")])
+    assert [r["method"] for r in rows][:2] == ["hf_generate_full", "full"]
+    assert all(r["decode_tok_per_s"] > 0 for r in rows)
+    assert read_json(tmp_path / "bench.json")["rows"][1]["x_full"] == pytest.approx(1.0)
