@@ -180,3 +180,39 @@ def test_prefill_chunks_keep_the_budget(tiny):
 def test_bad_method_values_fail_with_a_message(bad):
     with pytest.raises(ValueError, match="method"):
         bad()
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    from adore.models import ModelSpec, load
+
+    return load(ModelSpec())
+
+
+@pytest.mark.slow
+def test_packaged_model_large_budget_equals_generate(packaged):
+    """The real SmolLM2 backbone: every method with m >= total length gives transformers' greedy tokens."""
+    model, tokenizer = packaged
+    chats = [[{"role": "user", "content": "Name three colours."}],
+             [{"role": "user", "content": "Summarize: Anna: lunch at 1? Ben: sure, see you at the cafe."}]]
+    batch = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    new = 16
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    for name, make in METHODS.items():
+        out = generate(model, make(ids.shape[1] + new), ids, mask, new, eos_token_ids=[], pad_token_id=tokenizer.pad_token_id)
+        assert torch.equal(out.tokens, ref[:, ids.shape[1] :]), name
+
+
+@pytest.mark.slow
+def test_packaged_model_small_budget_invariants(packaged):
+    model, tokenizer = packaged
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    for name in ("window", "h2o", "adore"):
+        session = Session(model, METHODS[name](16), 1, 128)
+        logits = session.feed(ids)
+        for _ in range(6):
+            logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+            positions = session.cached_positions()[0]
+            assert len(positions) == 16 and len(set(positions)) == 16
