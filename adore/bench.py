@@ -58,10 +58,10 @@ def prompts(tokenizer, vocab_size: int, batch: int, length: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def run_method(model, method, ids: torch.Tensor, new_tokens: int, progress: bool) -> dict:
+def run_method(model, method, ids: torch.Tensor, new_tokens: int, progress: bool, cuda_graphs: bool = False) -> dict:
     device = model.device
     B, L = ids.shape
-    session = Session(model, method, B, L + new_tokens)
+    session = Session(model, method, B, L + new_tokens, cuda_graphs=cuda_graphs)
     _sync(device)
     start = time.perf_counter()
     logits = session.feed(ids)
@@ -149,6 +149,7 @@ def main(argv=None):
     p.add_argument("--methods", default="full,window,streaming,h2o,adore_r0,adore")
     p.add_argument("--hf-generate", action="store_true", help="also time transformers' generate (full attention)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU; not h2o/oracle)")
     p.add_argument("--out", default="outputs/bench/bench.json")
     args = p.parse_args(argv)
     for key in ("prompt_len", "new_tokens", "batch", "m"):
@@ -168,7 +169,7 @@ def main(argv=None):
     if args.hf_generate:
         rows.append(run_hf_generate(model, ids, args.new_tokens))
     for method in methods:
-        rows.append(run_method(model, method, ids, args.new_tokens, progress=True))
+        rows.append(run_method(model, method, ids, args.new_tokens, progress=True, cuda_graphs=args.cuda_graphs))
     full = next((r for r in rows if r["method"] == "full"), None)
     hf = next((r for r in rows if r["method"] == "hf_generate_full"), None)
     for r in rows:
@@ -177,10 +178,10 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     setup = {k: v for k, v in vars(args).items() if k not in ("out",)} | {"device_name": device, "dtype": str(dtype)}
     write_json(args.out, {"setup": setup, "rows": rows, "torch": torch.__version__})
-    headers = ["method", "prefill_s", "decode tok/s", "x full", "x hf generate", "ms/token", "p90 ms", "KV MiB (decode)", "rebuilt"]
+    headers = ["method", "prefill_s", "decode tok/s", "x full", "x hf generate", "ms/token", "p50 ms", "p90 ms", "KV MiB (decode)", "rebuilt"]
     table = [
         [r["method"], r["prefill_s"], r["decode_tok_per_s"], r["x_full"], r["x_hf_generate"], r["latency_ms_mean"],
-         r["latency_ms_p90"], None if r["kv_bytes_decode"] is None else r["kv_bytes_decode"] / 2**20, r["rebuilt_tokens"]]
+         r["latency_ms_p50"], r["latency_ms_p90"], None if r["kv_bytes_decode"] is None else r["kv_bytes_decode"] / 2**20, r["rebuilt_tokens"]]
         for r in rows
     ]
     print(f"\n{args.model} on {device}, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch {args.batch}, m={args.m}, R={args.R}")

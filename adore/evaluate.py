@@ -27,7 +27,7 @@ from adore.models import load
 from adore.tracking import wandb_run
 
 RUN_FIELDS = ("m", "R", "K", "sinks")
-NOT_SETTINGS = ("eval.overwrite", "eval.progress", "logger", "budget")  # may change between a run and its resume
+NOT_SETTINGS = ("eval.overwrite", "eval.progress", "eval.cuda_graphs", "logger", "budget")  # may change between a run and its resume
 # (`budget` reaches a run only through method.m, which stays in the settings)
 
 
@@ -140,7 +140,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
     start = dt.datetime.now()
     for batch in tqdm(batches, desc=f"{data_spec.name} {method.tag}", disable=not cfg.eval.progress):
         ids, mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id)
-        gen = generate(model, method, ids, mask, cfg.eval.max_new_tokens, eos, tokenizer.pad_token_id, sampling, cfg.eval.prefill_chunk)
+        gen = generate(model, method, ids, mask, cfg.eval.max_new_tokens, eos, tokenizer.pad_token_id, sampling,
+                       cfg.eval.prefill_chunk, cuda_graphs=cfg.eval.cuda_graphs)
         stats.append(gen.stats)
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(gen.tokens[row, : gen.lengths[row]], skip_special_tokens=True).strip()

@@ -67,13 +67,14 @@ def generate(
     sampling: Sampling | None = None,
     prefill_chunk: int | None = None,
     progress: bool = False,
+    cuda_graphs: bool = False,
 ) -> Generation:
     """Decode B left-padded prompts. Prefill is timed apart from decode (ADORE's gains are in decode)."""
     sampling = sampling or Sampling()
     B, L = input_ids.shape
     device = model.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.do_sample else None
-    session = Session(model, method, B, L + max_new_tokens)
+    session = Session(model, method, B, L + max_new_tokens, cuda_graphs=cuda_graphs)
     valid = attention_mask.bool().to(device)
     input_ids = input_ids.to(device)
     eos = torch.tensor(eos_token_ids, device=device)

@@ -22,7 +22,7 @@ class Session:
     be rebuilt. `hist_slot` (-1 when released) and `slot_col` (-1 when empty) link history and cache.
     """
 
-    def __init__(self, model, method, batch_size: int, max_len: int):
+    def __init__(self, model, method, batch_size: int, max_len: int, cuda_graphs: bool = False):
         config = model.config
         self.model, self.method = model, method
         self.batch_size = batch_size
@@ -45,6 +45,11 @@ class Session:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rebuilt = 0  # tokens rebuilt so far (all rows)
         self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed
+        self.graphed = None
+        if cuda_graphs and device.type == "cuda" and method.needs_attention is None:
+            from adore.cuda_graph import GraphedForward
+
+            self.graphed = GraphedForward(model, self.cache)
         method.reset(self)
 
     # ---- views -------------------------------------------------------------------------------------------
@@ -92,15 +97,18 @@ class Session:
         recorder = AttentionRecorder(self.method.needs_attention) if self.method.needs_attention else None
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
-        logits = self.model(
-            input_ids=q_ids,
-            position_ids=q_pos,
-            attention_mask=mask[:, None],  # (B, 1, q, C)
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=n if all_logits else 1,
-            **extra,
-        ).logits
+        if self.graphed is not None and n == 1 and not all_logits:  # decode steps: fixed shapes
+            logits = self.graphed(q_ids, q_pos, mask[:, None])
+        else:
+            logits = self.model(
+                input_ids=q_ids,
+                position_ids=q_pos,
+                attention_mask=mask[:, None],  # (B, 1, q, C)
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=n if all_logits else 1,
+                **extra,
+            ).logits
         self.method.observe(self, cols, valid, None if recorder is None else recorder.total)
         if self.method.m is not None:
             self._release(self.method.m)

@@ -216,3 +216,20 @@ def test_packaged_model_small_budget_invariants(packaged):
             logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
             positions = session.cached_positions()[0]
             assert len(positions) == 16 and len(set(positions)) == 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_equals_eager():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4)
+    model = LlamaForCausalLM(config).cuda().eval()
+    ids = torch.randint(10, 1000, (3, 64), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+    for name in ("full", "window", "streaming", "adore_r0", "adore"):
+        eager = generate(model, METHODS[name](16), ids, mask, 40, [], 0)
+        graphed = generate(model, METHODS[name](16), ids, mask, 40, [], 0, cuda_graphs=True)
+        assert torch.equal(eager.tokens, graphed.tokens), name
