@@ -1,0 +1,207 @@
+"""Stage `controller` (ADORE.md §2): fit `adore.controller.Controller` to the labels of stage `labels`.
+
+Loss: binary cross-entropy over sampled (t, i) pairs, i <= t, t >= K (earlier queries keep every key, so
+there is nothing to learn there). Validation, on held-out sequences: precision and recall of each method's
+top-`budget` keys against the top-K labels, for the controller, recency (window) and H2O.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import Metric
+
+from adore.controller import Controller, ControllerConfig
+from adore.labels import dense_labels, h2o_scores, load_labels, recency_scores, sample_pairs, selection_counts
+from adore.models import ModelSpec, load_model
+
+METHODS = ("controller", "recency", "h2o")
+
+
+class ControllerDataModule(L.LightningDataModule):
+    """Sequences of a labels file; `num_val` of them (seeded) are held out. Pairs are re-sampled every epoch."""
+
+    def __init__(
+        self,
+        labels: str,
+        num_val: int = 24,
+        batch_size: int = 8,
+        pairs_per_sequence: int = 256,
+        pos_fraction: float = 0.5,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.path = labels
+        self.num_val, self.batch_size, self.num_workers, self.seed = num_val, batch_size, num_workers, seed
+        self.pairs_per_sequence, self.pos_fraction = pairs_per_sequence, pos_fraction
+        self.blob: dict | None = None
+
+    @property
+    def meta(self) -> dict:
+        self._load()
+        return self.blob["meta"]
+
+    def _load(self):
+        if self.blob is None:
+            self.blob = load_labels(self.path)
+            n = len(self.blob["ids"])
+            if n < 2 or self.num_val >= n:
+                raise ValueError(
+                    f"{self.path} holds {n} sequences: need more than stage.datamodule.num_val={self.num_val}"
+                )
+
+    def setup(self, stage: str | None = None):
+        self._load()
+        rows = [
+            dict(zip(("ids", "topk", "h2o"), r)) for r in zip(self.blob["ids"], self.blob["topk"], self.blob["h2o"])
+        ]
+        # a seeded random hold-out: the labels file is ordered by length (longest first)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        self.val_set = [rows[k] for k in order[: self.num_val]]
+        self.train_set = [rows[k] for k in order[self.num_val :]]
+
+    def _collate(self, rows: list[dict], generator: torch.Generator | None) -> dict:
+        K, B, T = self.meta["K"], len(rows), max(len(r["ids"]) for r in rows)
+        batch = {"ids": torch.zeros(B, T, dtype=torch.long), "valid": torch.zeros(B, T, dtype=torch.bool)}
+        pairs = [sample_pairs(r["topk"], self.pairs_per_sequence, self.pos_fraction, K, generator) for r in rows]
+        P = max(1, max(len(p[0]) for p in pairs))
+        batch.update(t=torch.zeros(B, P, dtype=torch.long), i=torch.zeros(B, P, dtype=torch.long))
+        batch.update(y=torch.zeros(B, P), pair=torch.zeros(B, P, dtype=torch.bool))
+        for row, (r, (t, i, y)) in enumerate(zip(rows, pairs)):
+            n, p = len(r["ids"]), len(t)
+            batch["ids"][row, :n] = r["ids"].long()
+            batch["valid"][row, :n] = True
+            batch["t"][row, :p], batch["i"][row, :p], batch["y"][row, :p] = t, i, y
+            batch["pair"][row, :p] = True
+        batch["topk"], batch["h2o"] = [r["topk"] for r in rows], [r["h2o"] for r in rows]
+        return batch
+
+    def train_dataloader(self):
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            collate_fn=_TrainCollate(self),
+        )
+
+    def val_dataloader(self):
+        # the same validation pairs every time: one generator per loader, seeded
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, collate_fn=lambda rows: self._collate(rows, generator)
+        )
+
+
+class _TrainCollate:
+    def __init__(self, datamodule: ControllerDataModule):
+        self.datamodule = datamodule
+
+    def __call__(self, rows):
+        return self.datamodule._collate(rows, None)
+
+
+class TopKOverlap(Metric):
+    """Micro-averaged precision (hits / selected) and recall (hits / positives) of top-budget selections."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("counts", default=torch.zeros(3), dist_reduce_fx="sum")  # hits, selected, positives
+
+    def update(self, counts: torch.Tensor):
+        self.counts += counts.to(self.counts)
+
+    def compute(self):
+        hits, selected, positives = self.counts
+        return {"precision": hits / selected.clamp(min=1), "recall": hits / positives.clamp(min=1)}
+
+
+class ControllerModule(L.LightningModule):
+    def __init__(
+        self,
+        model: ModelSpec,
+        controller: dict | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        budget: int | None = None,
+        h2o_recent_ratio: float = 0.5,
+    ):
+        super().__init__()
+        embeddings = load_model(model).get_input_embeddings().weight.detach().float().clone()  # (vocab, d_model)
+        self.register_buffer("embeddings", embeddings, persistent=False)  # frozen x_i; never in checkpoints
+        self.controller = Controller(ControllerConfig(d_model=embeddings.shape[1], **(controller or {})))
+        self.lr, self.weight_decay = lr, weight_decay
+        self.budget, self.h2o_recent_ratio = budget, h2o_recent_ratio
+        self.overlap = nn.ModuleDict({name: TopKOverlap() for name in METHODS})
+        self.save_hyperparameters({"controller": controller, "lr": lr, "weight_decay": weight_decay, "budget": budget})
+
+    def setup(self, stage: str):
+        meta = self.trainer.datamodule.meta
+        self.K = meta["K"]
+        self.budget = self.budget or self.K
+        if meta["vocab_size"] != self.embeddings.shape[0] or meta["hidden_size"] != self.embeddings.shape[1]:
+            raise ValueError(
+                f"the labels were made with a model of vocab {meta['vocab_size']} and width {meta['hidden_size']}, "
+                f"but `model` has {tuple(self.embeddings.shape)}: pass the labels run's model ({meta['model']['name_or_path']})"
+            )
+        if self.budget > meta["h2o_k"]:
+            raise ValueError(
+                f"stage.module.budget={self.budget} exceeds the H2O ranking length h2o_k={meta['h2o_k']} of the labels: "
+                f"lower the budget or rerun `python train.py stage=labels stage.module.h2o_k={self.budget}`"
+            )
+
+    def encode(self, batch) -> torch.Tensor:
+        """z: (B, T, width), one GRU pass over each sequence's input embeddings."""
+        embeds = F.embedding(batch["ids"], self.embeddings)  # (B, T, d_model)
+        return self.controller.encode(embeds, batch["valid"])[0]
+
+    def pair_loss(self, batch, z) -> torch.Tensor:
+        z_i = z.gather(1, batch["i"][..., None].expand(-1, -1, z.shape[-1]))  # (B, P, width)
+        logits = self.controller.logits(z_i, batch["i"], batch["t"])  # (B, P)
+        return F.binary_cross_entropy_with_logits(logits[batch["pair"]], batch["y"][batch["pair"]])
+
+    def training_step(self, batch, batch_idx):
+        loss = self.pair_loss(batch, self.encode(batch))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["topk"]))
+        return loss
+
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        """(T, T) controller logits of every key i (columns) for every query t (rows) of one sequence."""
+        T = z.shape[0]
+        pos = torch.arange(T, device=z.device)
+        return self.controller.logits(z[None], pos[None, :], pos[:, None])
+
+    def validation_step(self, batch, batch_idx):
+        z = self.encode(batch)
+        self.log("val/loss", self.pair_loss(batch, z), prog_bar=True, batch_size=len(batch["topk"]))
+        for row, (topk, h2o) in enumerate(zip(batch["topk"], batch["h2o"])):
+            T = len(topk)
+            positive = dense_labels(topk.to(z.device), T)
+            candidates = {
+                "controller": self.scores(z[row, :T]),
+                "recency": recency_scores(T, z.device),
+                "h2o": h2o_scores(h2o.to(z.device), self.budget, self.h2o_recent_ratio),
+            }
+            for name, scores in candidates.items():
+                self.overlap[name].update(selection_counts(scores, positive, self.budget, self.K))
+
+    def on_validation_epoch_end(self):
+        for name, metric in self.overlap.items():
+            for key, value in metric.compute().items():
+                self.log(f"val/{key}_{name}", value, prog_bar=name == "controller" and key == "recall")
+            metric.reset()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.controller.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def export(self, run_dir: str | Path) -> dict:
+        """Write `controller.pt` (`Controller.load` reads it; `method.controller=<run_dir>/controller.pt`)."""
+        path = Path(run_dir) / "controller.pt"
+        self.controller.cpu().save(path)
+        return {"controller": str(path)}

@@ -1,0 +1,120 @@
+"""What `train.py` needs besides instantiation: config checks at start, the logger, the labels location.
+
+`check_config` runs before any model is loaded, so a bad value fails in a second with the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+STAGES = ("finetune", "labels", "controller")
+LATEST = "latest"  # stage.datamodule.labels: the newest outputs/train/labels/*/labels/labels.pt
+LABELS_GLOB = "outputs/train/labels/*/labels/labels.pt"
+CUDA_PRECISIONS = ("16-mixed", "16", 16, "16-true", "transformer-engine")
+
+
+def _fail(message: str):
+    raise ValueError(message)
+
+
+def _build(node):
+    """instantiate, but a ValueError raised by the target surfaces as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError):
+            raise error.__cause__ from None
+        raise
+
+
+def latest_labels(root: str | Path = ".") -> Path | None:
+    found = sorted(Path(root).glob(LABELS_GLOB), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def resolve_labels(path: str | None) -> Path:
+    """The labels file the controller stage reads; a run folder is accepted for its labels/labels.pt."""
+    fix = "run `python train.py stage=labels` first, or pass stage.datamodule.labels=<labels run>/labels/labels.pt"
+    if path in (None, LATEST):
+        found = latest_labels()
+        if found is None:
+            _fail(f"stage.datamodule.labels={path!r}: no labels file matches {LABELS_GLOB} under {Path.cwd()}: {fix}")
+        return found
+    candidate = Path(path)
+    if candidate.is_dir():
+        candidate = candidate / "labels" / "labels.pt" if (candidate / "labels").is_dir() else candidate / "labels.pt"
+    if not candidate.is_file():
+        _fail(f"stage.datamodule.labels={path!r}: {candidate} does not exist: {fix}")
+    return candidate
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run_dir) / "checkpoints"
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast on values that would fail late. Resolves `stage.datamodule.labels` in place."""
+    stage = cfg.stage.name
+    if stage not in STAGES:
+        _fail(f"stage.name={stage!r} is not a training stage: use stage=finetune, stage=labels or stage=controller")
+    if not isinstance(cfg.K, int) or cfg.K < 1:
+        _fail(f"K={cfg.K!r}: top-K keeps K >= 1 keys per query; pass e.g. K=64")
+    _build(cfg.model)  # ModelSpec checks device, quantize (CUDA only) and adapter without loading anything
+    _build(cfg.data)
+    cuda = torch.cuda.is_available()
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if not cuda and accelerator in ("gpu", "cuda"):
+        _fail(
+            f"trainer.accelerator={accelerator!r} but CUDA is not available here: use trainer.accelerator=auto or cpu"
+        )
+    precision = cfg.trainer.get("precision", "32-true")
+    if not cuda and precision in CUDA_PRECISIONS:
+        _fail(f"trainer.precision={precision!r} needs CUDA: on CPU use trainer.precision=32-true (or bf16-mixed)")
+    mode = cfg.logger.get("mode", "disabled")
+    if mode not in ("offline", "online", "disabled"):
+        _fail(f"logger.mode={mode!r}: use offline, online or disabled")
+    module = cfg.stage.module
+    if stage == "finetune":
+        r = module.lora.r
+        if not isinstance(r, int) or r < 1:
+            _fail(f"stage.module.lora.r={r!r}: the LoRA rank must be an integer >= 1 (e.g. 16)")
+        if cfg.stage.datamodule.max_length < 2:
+            _fail(f"stage.datamodule.max_length={cfg.stage.datamodule.max_length!r}: need at least 2 tokens")
+    if stage == "labels" and module.h2o_k < 1:
+        _fail(f"stage.module.h2o_k={module.h2o_k!r}: the H2O ranking keeps >= 1 keys (default 2*K)")
+    if stage == "controller":
+        labels = resolve_labels(cfg.stage.datamodule.labels)
+        with open_dict(cfg):
+            cfg.stage.datamodule.labels = str(labels)
+        if module.budget is not None and module.budget < 1:
+            _fail(f"stage.module.budget={module.budget!r}: the evaluated budget must be >= 1 (null = the labels' K)")
+    if cfg.train.resume and not (checkpoint_dir(cfg) / "last.ckpt").exists():
+        _fail(
+            f"train.resume=true but {checkpoint_dir(cfg) / 'last.ckpt'} does not exist: pass the folder of the run to "
+            "continue, hydra.run.dir=<run_dir> (or run_dir=<run_dir>), or drop train.resume"
+        )
+
+
+def make_logger(logger_cfg: DictConfig, run_dir: str | Path, name: str, config: dict):
+    """Lightning's WandbLogger from conf/logger (offline: files under the run dir); a CSVLogger when disabled."""
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    mode = logger_cfg.get("mode", "disabled")
+    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
+        return CSVLogger(save_dir=run_dir, name="csv", version="")
+    return WandbLogger(
+        project=logger_cfg.get("project", "adore"),
+        entity=logger_cfg.get("entity"),
+        tags=list(logger_cfg.get("tags") or []),
+        mode=mode,
+        save_dir=str(run_dir),
+        name=name,
+        job_type="train",
+        config=config,
+    )

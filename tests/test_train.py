@@ -1,0 +1,231 @@
+"""The training stages on the tiny random Llama: the real Hydra config, composed and shrunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from adore.controller import Controller
+from adore.labels import (
+    dense_labels,
+    h2o_scores,
+    load_labels,
+    ranked_keys,
+    recency_scores,
+    sample_pairs,
+    selection_counts,
+)
+from adore.models import ModelSpec, load_model
+from train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+K = 8
+
+
+def make_cfg(stage: str, run_dir: Path, *overrides: str, model_dir: str | None = None):
+    """The shipped config of `stage`, shrunk: tiny model, few short sequences, CSV logging, one thread."""
+    base = [f"stage={stage}", f"run_dir={run_dir}", "logger.mode=disabled", f"K={K}", "train.threads=1"]
+    if model_dir is not None:
+        base.append(f"model.name_or_path={model_dir}")
+    if stage in ("finetune", "labels"):
+        base += ["stage.datamodule.num_train=8", "stage.datamodule.max_length=256", "stage.datamodule.batch_size=2"]
+    if stage == "finetune":
+        base += ["stage.datamodule.num_val=2", "stage.module.lora.r=4"]
+    if stage == "labels":
+        base += ["stage.module.h2o_k=16"]
+    if stage == "controller":
+        base += [
+            "stage.datamodule.num_val=2",
+            "stage.datamodule.batch_size=2",
+            "stage.datamodule.pairs_per_sequence=64",
+        ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=base + list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def labels_run(tmp_path_factory, tiny_model_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("labels_run")
+    train(make_cfg("labels", run_dir, "debug=fdr", "stage.datamodule.batch_size=4", model_dir=tiny_model_dir))
+    return run_dir
+
+
+# --- the pure parts (adore.labels) ---
+
+
+def test_ranked_keys_are_causal_best_first_and_padded():
+    scores = torch.tensor([[[1.0, 9, 9], [2, 5, 9], [3, 1, 2]]])  # (1, T=3, T): upper triangle must be ignored
+    index = ranked_keys(scores, torch.ones(1, 3, dtype=torch.bool), k=2)
+    assert index[0].tolist() == [[0, -1], [1, 0], [0, 2]]
+    assert dense_labels(index[0], 3).tolist() == [[True, False, False], [True, True, False], [True, False, True]]
+
+
+def test_sample_pairs_respects_causality_min_query_and_balance():
+    T = 40
+    topk = ranked_keys(torch.rand(1, T, T), torch.ones(1, T, dtype=torch.bool), K)[0]
+    t, i, y = sample_pairs(topk, 200, 0.25, K, torch.Generator().manual_seed(0))
+    assert len(t) == 200 and (i <= t).all() and (t >= K).all()
+    assert y.sum() == 50
+    positive = dense_labels(topk, T)
+    assert torch.equal(positive[t, i].float(), y)
+    assert len(sample_pairs(topk[:K], 10, 0.5, K)[0]) == 0  # no query t >= K: nothing to learn
+
+
+def test_selections_recency_and_h2o():
+    T, budget = 12, 4
+    positive = torch.zeros(T, T, dtype=torch.bool)
+    for t in range(T):
+        positive[t, max(0, t - budget + 1) : t + 1] = True  # the labels are exactly the recent window
+    assert selection_counts(recency_scores(T), positive, budget, budget)[0] == budget * (T - budget)
+    # H2O, half recent: the last 2 keys, then the two best of the ranking that are not recent
+    ranking = torch.arange(T).expand(T, T).clone()  # key 0 best, then 1, ...
+    ranking = ranking.masked_fill(ranking > torch.arange(T)[:, None], -1)
+    scores = h2o_scores(ranking, budget, 0.5)
+    chosen = scores[T - 1].topk(budget).indices.sort().values.tolist()
+    assert chosen == [0, 1, T - 2, T - 1]
+    hits, selected, positives = selection_counts(scores, positive, budget, budget)
+    assert selected == positives == budget * (T - budget)
+    assert hits == 2 * (T - budget) + 1  # the two recent keys, plus heavy hitter 1 while it is still recent-ish (t=4)
+
+
+# --- the stages ---
+
+
+def test_finetune_fast_dev_run_writes_a_loadable_adapter(tmp_path, tiny_model_dir):
+    metrics, objects = train(make_cfg("finetune", tmp_path, "debug=fdr", model_dir=tiny_model_dir))
+    for key in ("val/loss_sparse", "val/ppl_sparse", "val/loss_full", "val/ppl_full", "before/val/loss_sparse"):
+        assert key in metrics
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    tuned = load_model(ModelSpec(name_or_path=tiny_model_dir, adapter=str(tmp_path / "adapter")))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    peft_model = objects["module"].model  # the trained PEFT model, adapter not merged
+    peft_model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(ids).logits, peft_model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_labels_fast_dev_run_writes_top_k_indices(labels_run):
+    blob = load_labels(labels_run / "labels" / "labels.pt")
+    assert blob["meta"]["K"] == K and blob["meta"]["num_sequences"] == len(blob["ids"]) == 4
+    for ids, topk, h2o in zip(blob["ids"], blob["topk"], blob["h2o"]):
+        T = len(ids)
+        assert topk.shape == (T, K) and h2o.shape == (T, 16) and topk.dtype == torch.int16
+        t = torch.arange(T)[:, None]
+        assert ((topk <= t) & (topk >= -1)).all()
+        assert ((topk >= 0).sum(1) == (t[:, 0] + 1).clamp(max=K)).all()  # t < K: every key i <= t is a positive
+
+
+def test_controller_fast_dev_run_and_checkpoint_round_trip(tmp_path, tiny_model_dir, labels_run):
+    cfg = make_cfg(
+        "controller", tmp_path, "debug=fdr", f"stage.datamodule.labels={labels_run}", model_dir=tiny_model_dir
+    )
+    metrics, objects = train(cfg)
+    for method in ("controller", "recency", "h2o"):
+        assert 0 <= metrics[f"val/recall_{method}"] <= 1 and 0 <= metrics[f"val/precision_{method}"] <= 1
+    loaded = Controller.load(tmp_path / "controller.pt")
+    trained = objects["module"].controller.eval()
+    embeds, valid = torch.randn(2, 9, loaded.config.d_model), torch.ones(2, 9, dtype=torch.bool)
+    with torch.no_grad():
+        z_a, z_b = loaded.encode(embeds, valid)[0], trained.encode(embeds, valid)[0]
+        pos = torch.arange(9)
+        torch.testing.assert_close(loaded.logits(z_a, pos, torch.tensor(8)), trained.logits(z_b, pos, torch.tensor(8)))
+
+
+def test_overfit_a_few_batches_lowers_the_loss(tmp_path, tiny_model_dir):
+    overrides = (
+        "debug=overfit",
+        "trainer.max_steps=16",
+        "trainer.check_val_every_n_epoch=8",
+        "stage.validate_before=false",
+        "stage.module.lr=1e-2",
+        "stage.module.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+    )
+    train(make_cfg("finetune", tmp_path, *overrides, model_dir=tiny_model_dir))
+    import csv
+
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
+
+
+def test_resume_continues_from_the_saved_step(tmp_path, tiny_model_dir):
+    # 3 steps with a periodic save every 2: the final step must still be saved, and resumed from
+    common = ("trainer.callbacks.0.every_n_train_steps=2", "stage.validate_after=false")
+    first, _ = train(make_cfg("finetune", tmp_path, "trainer.max_steps=3", *common, model_dir=tiny_model_dir))
+    assert first["trainer/global_step"] == 3
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3 and all("lora_" in k for k in checkpoint["state_dict"])  # adapter only
+    cfg = make_cfg("finetune", tmp_path, "trainer.max_steps=5", "train.resume=true", *common, model_dir=tiny_model_dir)
+    resumed, _ = train(cfg)
+    assert resumed["trainer/global_step"] == 5 and "before/val/loss_sparse" not in resumed
+
+
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [
+        ("finetune", "K=0", "K=0"),
+        ("finetune", "stage.module.lora.r=0", "lora.r=0"),
+        ("finetune", "trainer.precision=16-mixed", "trainer.precision='16-mixed' needs CUDA"),
+        ("finetune", "trainer.accelerator=gpu", "trainer.accelerator='gpu'"),
+        ("finetune", "model.device=cuda", "model.device='cuda'"),
+        ("finetune", "model.quantize=4bit", "QLoRA"),
+        ("finetune", "train.resume=true", "last.ckpt does not exist"),
+        ("labels", "model.adapter=/nowhere", "model.adapter='/nowhere'"),
+        ("controller", "stage.datamodule.labels=/nowhere/labels.pt", "python train.py stage=labels"),
+        ("finetune", "stage.name=typo", "stage.name='typo'"),
+    ],
+)
+def test_bad_configs_fail_at_start(tmp_path, monkeypatch, stage, override, message):
+    if torch.cuda.is_available() and any(s in override for s in ("16-mixed", "gpu", "cuda", "4bit")):
+        pytest.skip("valid where CUDA is present")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    for module in ("finetune", "labels", "controller"):
+        monkeypatch.setattr(f"adore.lit.{module}.load_model", no_model)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        train(make_cfg(stage, tmp_path, override))
+
+
+def test_a_stage_overrides_trainer_and_train_defaults(tmp_path):
+    cfg = make_cfg("controller", tmp_path)
+    assert cfg.trainer.max_steps == 1000  # conf/stage/controller.yaml over conf/trainer/default.yaml
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert compose("train", overrides=["stage=controller"]).train.threads == 1  # ... and over conf/train.yaml
+
+
+def test_unknown_stage_is_refused_by_the_config(tmp_path):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="stage"):
+        make_cfg("typo", tmp_path)
+
+
+@pytest.mark.slow
+def test_packaged_model_finetunes_with_lora_on_cpu(tmp_path):
+    """peft on the de-quantised packaged GGUF backbone: one step, adapter saved, loadable by ModelSpec."""
+    overrides = (
+        "debug=fdr",
+        "stage.datamodule.num_train=2",
+        "stage.datamodule.max_length=512",
+        "stage.datamodule.num_val=1",
+        "stage.datamodule.batch_size=1",
+        "stage.validate_before=false",
+    )
+    metrics, _ = train(make_cfg("finetune", tmp_path, *overrides))
+    assert metrics["val/loss_full"] < 5 and metrics["val/loss_sparse"] < 5  # a trained LM, not a random one
+    tuned = load_model(ModelSpec(adapter=str(tmp_path / "adapter")))
+    assert tuned.config.hidden_size == 576
