@@ -178,6 +178,9 @@ class Adore(Method):
         if self.controller is not None:
             from pathlib import Path
 
+            project_path = Path(__file__).resolve().parents[1] / self.controller
+            if not Path(self.controller).is_file() and project_path.is_file():
+                self.controller = str(project_path)
             if not Path(self.controller).is_file():
                 raise ValueError(
                     f"method.controller={self.controller!r} does not exist: pass controller.pt from a "
