@@ -21,14 +21,10 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 from adore.data import data_root
+from adore.generate import synchronize
 from adore.io import write_json
 from adore.methods import H2O, Adore, Full, Oracle, Random, Streaming, Window
 from adore.session import Session
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_model(name: str, dtype: torch.dtype, device: str):
@@ -62,10 +58,10 @@ def run_method(model, method, ids: torch.Tensor, new_tokens: int, progress: bool
     device = model.device
     B, L = ids.shape
     session = Session(model, method, B, L + new_tokens, cuda_graphs=cuda_graphs)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     logits = session.feed(ids)
-    _sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
     kv_bytes = session.cache.nbytes
     latencies = []
@@ -73,7 +69,7 @@ def run_method(model, method, ids: torch.Tensor, new_tokens: int, progress: bool
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         logits = session.feed(nxt)
-        _sync(device)
+        synchronize(device)
         latencies.append(time.perf_counter() - start)
     decode_s = sum(latencies)
     return {
@@ -97,10 +93,10 @@ def run_hf_generate(model, ids: torch.Tensor, new_tokens: int) -> dict:
     kwargs = dict(do_sample=False, attention_mask=mask, pad_token_id=0, eos_token_id=None)
     times = {}
     for n in (1, new_tokens):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        _sync(device)
+        synchronize(device)
         times[n] = time.perf_counter() - start
     decode_s = times[new_tokens] - times[1]
     steps = new_tokens - 1

@@ -172,7 +172,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
             "data": data_spec.name,
             "model": model_spec.name_or_path,
             "adapter": model_spec.adapter,
-            **{k: method_cfg.get(k, getattr(method, k, None) if k == "R" and method.R else None) for k in RUN_FIELDS},
+            **{k: method_cfg.get(k) for k in RUN_FIELDS},
             "num_examples": len(records),
             "max_new_tokens": cfg.eval.max_new_tokens,
             "batch_size": cfg.eval.batch_size,

@@ -50,7 +50,8 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
-def _sync(device) -> None:
+def synchronize(device) -> None:
+    """Wait for queued GPU work before reading a clock (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -79,12 +80,12 @@ def generate(
     input_ids = input_ids.to(device)
     eos = torch.tensor(eos_token_ids, device=device)
 
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     chunk = prefill_chunk or L
     for s in range(0, L, chunk):
         logits = session.feed(input_ids[:, s : s + chunk], valid[:, s : s + chunk])
-    _sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
 
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -101,7 +102,7 @@ def generate(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = session.feed(nxt[:, None], ~done[:, None])
-    _sync(device)
+    synchronize(device)
     decode_s = time.perf_counter() - start
     generated = int(lengths.sum())
     stats = {

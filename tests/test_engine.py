@@ -155,7 +155,7 @@ def test_controller_checkpoint_round_trip(tmp_path, tiny):
 
 
 def test_rebuilt_tokens_attend_causally(tiny):
-    """A rebuilt token's fresh KV equals the KV it would get from the cache it now sees, at its own position."""
+    """Rebuilt tokens come back at their original (earlier) positions, never at the current query's."""
     model, _ = tiny
     ids, mask = prompts(batch=1, length=14)
     session = Session(model, Adore(m=5, R=2), 1, 64)
