@@ -69,32 +69,68 @@ def generate(
     prefill_chunk: int | None = None,
     progress: bool = False,
     cuda_graphs: bool = False,
+    suppress_token_ids: list[int] | None = None,
 ) -> Generation:
     """Decode B left-padded prompts. Prefill is timed apart from decode (ADORE's gains are in decode)."""
-    sampling = sampling or Sampling()
     B, L = input_ids.shape
-    device = model.device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.do_sample else None
     session = Session(model, method, B, L + max_new_tokens, cuda_graphs=cuda_graphs)
-    valid = attention_mask.bool().to(device)
-    input_ids = input_ids.to(device)
-    eos = torch.tensor(eos_token_ids, device=device)
-
-    synchronize(device)
+    valid = attention_mask.bool()
+    synchronize(session.device)
     start = time.perf_counter()
-    chunk = prefill_chunk or L
+    logits = prefill(session, input_ids, valid, prefill_chunk)
+    synchronize(session.device)
+    prefill_s = time.perf_counter() - start
+    gen = decode(session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, progress, suppress_token_ids)
+    gen.stats.update(prefill_s=prefill_s, prompt_tokens=int(valid.sum()), peak_kv_bytes=session.peak_kv_bytes)
+    return gen
+
+
+def prefill(session: Session, input_ids: torch.Tensor, valid: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Feed (B, L) tokens in chunks of `chunk` (None: at once), releasing to m between chunks; last logits."""
+    L = input_ids.shape[1]
+    chunk = chunk or max(L, 1)
+    logits = None
     for s in range(0, L, chunk):
         logits = session.feed(input_ids[:, s : s + chunk], valid[:, s : s + chunk])
-    synchronize(device)
-    prefill_s = time.perf_counter() - start
+    return logits
 
+
+@torch.no_grad()
+def decode(
+    session: Session,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    sampling: Sampling | None = None,
+    progress: bool = False,
+    suppress_token_ids: list[int] | None = None,
+    active: torch.Tensor | None = None,
+) -> Generation:
+    """Generate up to `max_new_tokens` per row from the logits of the last feed, one `feed` per token.
+
+    The last token of a row (its eos, or the last of the budget) is not fed, as in `generate`: a stream
+    that goes on feeds it with its next turn. Rows with `active` False generate nothing.
+    """
+    sampling = sampling or Sampling()
+    device, B = session.device, session.batch_size
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.do_sample else None
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    suppress = torch.tensor(suppress_token_ids or [], dtype=torch.long, device=device)
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device) if active is None else ~active.to(device).bool()
     lengths = torch.zeros(B, dtype=torch.long, device=device)
+    rebuilt_before = session.rebuilt
+    synchronize(device)
     start = time.perf_counter()
     steps = 0
-    for step in tqdm(range(max_new_tokens), desc=f"decode {method.tag}", disable=not progress, leave=False):
-        nxt = torch.where(done, pad_token_id, sampling.pick(logits[:, -1], generator))
+    for step in tqdm(range(max_new_tokens), desc=f"decode {session.method.tag}", disable=not progress, leave=False):
+        if bool(done.all()):
+            break
+        last = logits[:, -1]
+        if len(suppress):
+            last = last.index_fill(-1, suppress, float("-inf"))
+        nxt = torch.where(done, pad_token_id, sampling.pick(last, generator))
         tokens[:, step] = nxt
         lengths += ~done
         done |= torch.isin(nxt, eos)
@@ -106,13 +142,11 @@ def generate(
     decode_s = time.perf_counter() - start
     generated = int(lengths.sum())
     stats = {
-        "prefill_s": prefill_s,
         "decode_s": decode_s,
         "decode_steps": steps,
-        "prompt_tokens": int(valid.sum()),
         "generated_tokens": generated,
-        "decode_tokens": generated - int((lengths > 0).sum()),  # the first token of a row comes from prefill
-        "rebuilt_tokens": session.rebuilt,
+        "decode_tokens": generated - int((lengths > 0).sum()),  # the first token of a row comes from the last feed
+        "rebuilt_tokens": session.rebuilt - rebuilt_before,
         "peak_kv_bytes": session.peak_kv_bytes,
     }
     return Generation(tokens[:, :steps], lengths, stats)

@@ -124,3 +124,15 @@ def load_model(spec: ModelSpec) -> PreTrainedModel:
 def load(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load backbone and tokenizer (left padding, pad token set)."""
     return load_model(spec), load_tokenizer(spec)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights (a sample of every tensor): stored outputs of a model are reused only
+    by the same weights, even when a folder is overwritten under the same path."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        sample = param.detach().flatten()[:1024].float().cpu().numpy()
+        digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.tobytes())
+    return digest.hexdigest()[:16]

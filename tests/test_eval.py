@@ -23,7 +23,8 @@ def eval_cfg(*overrides):
 
 
 def tiny_overrides(tiny_model_dir, *more):
-    return [f"model.name_or_path={tiny_model_dir}", "eval.num_examples=3", "eval.batch_size=2",
+    """The tiny model, a few short examples; stored full-attention outputs go beside the model (per session)."""
+    return [f"model.name_or_path={tiny_model_dir}", f"out_root={Path(tiny_model_dir).parent / 'outputs'}", "eval.num_examples=3", "eval.batch_size=2",
             "eval.max_new_tokens=6", "eval.bertscore_model=null", *more]
 
 
@@ -66,7 +67,6 @@ def test_math_reports_accuracy(tmp_path, tiny_model_dir):
         ("model.dtype=float8", "model.dtype='float8'"),
         ("method=adore method.controller=/nope.pt", "method.controller"),
         ("sampling.temperature=0", "sampling.temperature=0"),
-        ("task=translate", "task='translate'"),
     ],
 )
 def test_bad_values_fail_before_any_model_loads(override, message, monkeypatch):
@@ -76,6 +76,13 @@ def test_bad_values_fail_before_any_model_loads(override, message, monkeypatch):
     monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("model loaded before validation"))
     with pytest.raises(ValueError, match=message.replace("(", "\\(")):
         evaluate.run(eval_cfg(*override.split()), "/tmp/never")
+
+
+def test_unknown_task_names_the_choices():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="generate"):
+        eval_cfg("task=translate")
 
 
 def test_run_directory_names_carry_the_hyper_parameters():
@@ -89,7 +96,7 @@ def test_packaged_model_end_to_end_on_samsum(tmp_path):
     """The real SmolLM2 backbone, 2 SAMSum examples, through `python eval.py` as a user runs it."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     cmd = [sys.executable, "eval.py", "data=samsum", "eval.num_examples=2", "eval.max_new_tokens=24",
-           "logger=none", "eval.progress=false", f"hydra.run.dir={tmp_path}"]
+           "logger=none", "eval.progress=false", f"hydra.run.dir={tmp_path}", f"out_root={tmp_path}"]
     subprocess.run(cmd, cwd=PROJECT, env=env, check=True, timeout=600)
     result = read_json(tmp_path / "results.json")
     for key in ("eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/bertscore_f"):

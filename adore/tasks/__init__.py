@@ -1,0 +1,88 @@
+"""Evaluation tasks: what `eval.py task=<name>` does with a (model, data, method) triple.
+
+Each task is a dataclass chosen by the config's `_target_` (conf/task/): `load` reads its examples (cheap,
+before any model loads, so bad data fails early) and `run` drives the engine's one loop (`Session.feed`)
+and returns metrics, perf numbers and per-example rows. `adore.evaluate` owns everything around it:
+validation, resume, atomic writing and tracking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Context:
+    """What a task gets besides its own settings."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    model_spec: object  # adore.models.ModelSpec
+    data_spec: object  # adore.data.DataSpec
+    run_dir: Path
+    progress: bool = True
+    cuda_graphs: bool = False
+
+
+@dataclass
+class TaskOutput:
+    metrics: dict  # "eval/<name>" (and "fidelity/<name>") -> value; "<key>_ci" -> [low, high]
+    perf: dict  # "perf/<name>" -> value
+    rows: list[dict]  # one per example, written to predictions.jsonl
+    run: dict = field(default_factory=dict)  # extra fields of results.json's "run" (e.g. num_examples)
+
+
+def encode_prompts(tokenizer, records, max_prompt_tokens: int | None) -> list[list[int]]:
+    """Chat-template token ids per record, left-truncated to the last `max_prompt_tokens`."""
+    prompts = []
+    for r in records:
+        ids = tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        prompts.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
+    return prompts
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids and 0/1 mask, padding on the left so every row's last token is its newest."""
+    width = max(len(x) for x in batch)
+    ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], dtype=torch.long)
+    return ids, mask
+
+
+def right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids and bool validity, padding on the right (for tokens fed after a common start)."""
+    width = max([len(x) for x in batch] + [0])
+    ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in batch], dtype=torch.long).reshape(len(batch), width)
+    valid = torch.tensor([[True] * len(x) + [False] * (width - len(x)) for x in batch], dtype=torch.bool).reshape(len(batch), width)
+    return ids, valid
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = model.generation_config.eos_token_id
+    ids.update(gen if isinstance(gen, list) else [gen])
+    return sorted(i for i in ids if i is not None)
+
+
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Example indices grouped so that similar lengths share a batch (less padding), longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def sum_stats(stats: list[dict]) -> dict:
+    """Throughput over all batches of a run (the `perf/*` keys every task reports)."""
+    total = lambda key: sum(s.get(key, 0) for s in stats)  # noqa: E731
+    return {
+        "perf/prefill_s": total("prefill_s"),
+        "perf/decode_s": total("decode_s"),
+        "perf/prompt_tokens": total("prompt_tokens"),
+        "perf/generated_tokens": total("generated_tokens"),
+        "perf/decode_tok_per_s": total("decode_tokens") / max(total("decode_s"), 1e-9),
+        "perf/prefill_tok_per_s": total("prompt_tokens") / max(total("prefill_s"), 1e-9),
+        "perf/rebuilt_tokens": total("rebuilt_tokens"),
+        "perf/peak_kv_bytes": max([s.get("peak_kv_bytes", 0) for s in stats] + [0]),
+    }

@@ -1,0 +1,148 @@
+"""Task generation (`task=generate`): answer each prompt under the method's budget and score the answers.
+
+Reference-based quality (BLEU, ROUGE, BERTScore-F, accuracy for math), fidelity to full attention
+(`adore.fidelity`), a bootstrap interval on every quality number, and decode throughput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from adore.data import load_records
+from adore.fidelity import Fidelity, Reference, build_reference, divergence, first_divergence, load_reference, store_reference
+from adore.generate import Sampling, generate
+from adore.methods import Full
+from adore.metrics import bertscore_f, quality, rouge
+from adore.stats import Bootstrap, corpus_bleu_ci
+from adore.tasks import Context, TaskOutput, batches_by_length, encode_prompts, eos_ids, left_pad, sum_stats
+
+
+@dataclass
+class Generate:
+    name: ClassVar[str] = "generate"
+
+    num_examples: int | None = 20
+    batch_size: int = 4
+    max_new_tokens: int = 64
+    max_prompt_tokens: int | None = 2048
+    prefill_chunk: int | None = None
+    bertscore_model: str | None = None
+    sampling: Sampling | None = None
+    fidelity: Fidelity | None = None
+    bootstrap: Bootstrap | None = None
+
+    def __post_init__(self):
+        for key in ("batch_size", "max_new_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"eval.{key}={value!r} must be a positive integer")
+        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
+            raise ValueError(f"eval.num_examples={self.num_examples!r} must be a positive integer or null (all)")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"eval.max_prompt_tokens={self.max_prompt_tokens!r} must be positive or null")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"eval.prefill_chunk={self.prefill_chunk!r} must be positive or null (whole prompt)")
+        self.sampling = self.sampling or Sampling()
+        self.bootstrap = self.bootstrap or Bootstrap()
+
+    def load(self, data_spec) -> list[dict]:
+        records = load_records(data_spec, self.num_examples)
+        if not records:
+            raise ValueError(f"data={data_spec.name} split={data_spec.split} has no records")
+        return records
+
+    def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
+        model, tok = ctx.model, ctx.tokenizer
+        prompts = encode_prompts(tok, records, self.max_prompt_tokens)
+        batches = batches_by_length([len(p) for p in prompts], self.batch_size)
+        tokens, texts, stats = self._generate(ctx, method, prompts, batches, self.sampling)
+        references = [r["reference"] for r in records]
+        summary, per_example = quality(
+            ctx.data_spec.name, texts, references, [r["answer"] for r in records], self.bertscore_model
+        )
+        metrics = {f"eval/{k}": v for k, v in summary.items()}
+        metrics["eval/bleu_ci"] = corpus_bleu_ci(texts, references, self.bootstrap)
+        for k, values in per_example.items():
+            metrics[f"eval/{k}_ci"] = self.bootstrap.mean_ci(values)
+        if self.fidelity is not None and self.fidelity.enabled:
+            ref = self._reference(ctx, records, prompts, batches)
+            scores = self._fidelity(ctx, method, ref, prompts, batches, tokens, texts)
+            for k, values in scores.items():
+                metrics[f"fidelity/{k}"] = float(np.mean(values))
+                metrics[f"fidelity/{k}_ci"] = self.bootstrap.mean_ci(values)
+            per_example |= {f"fidelity_{k}": v for k, v in scores.items()}
+            per_example["full_output"] = ref.texts
+        rows = [
+            {"id": r["id"], "messages": r["messages"], "reference": r["reference"], "answer": r["answer"], "output": texts[i]}
+            | {k: v[i] for k, v in per_example.items()}
+            for i, r in enumerate(records)
+        ]
+        run = {"num_examples": len(records), "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)
+
+    # ---- steps -------------------------------------------------------------------------------------------
+    def _generate(self, ctx: Context, method, prompts, batches, sampling):
+        tok = ctx.tokenizer
+        eos = eos_ids(ctx.model, tok)
+        tokens: dict[int, list[int]] = {}
+        stats = []
+        for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
+            ids, mask = left_pad([prompts[i] for i in batch], tok.pad_token_id)
+            gen = generate(ctx.model, method, ids, mask, self.max_new_tokens, eos, tok.pad_token_id, sampling,
+                           self.prefill_chunk, cuda_graphs=ctx.cuda_graphs)
+            stats.append(gen.stats)
+            for row, i in enumerate(batch):
+                tokens[i] = gen.tokens[row, : gen.lengths[row]].tolist()
+        tokens = [tokens[i] for i in range(len(prompts))]
+        texts = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
+        return tokens, texts, stats
+
+    def reference_key(self, ctx: Context, records) -> dict:
+        """Everything full attention's stored outputs depend on (greedy: sampling settings do not count)."""
+        from adore.models import model_fingerprint
+
+        data = {k: v for k, v in asdict(ctx.data_spec).items() if k != "root"}  # same data from another folder
+        return {
+            "model": asdict(ctx.model_spec) | {"fingerprint": model_fingerprint(ctx.model)},
+            "data": data,
+            "ids": [r["id"] for r in records],
+            "max_new_tokens": self.max_new_tokens,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "prefill_chunk": self.prefill_chunk,
+            "batch_size": self.batch_size,
+            "source": self.fidelity.source,
+            "top_k": self.fidelity.top_k,
+            "eos": eos_ids(ctx.model, ctx.tokenizer),
+        }
+
+    def _reference(self, ctx: Context, records, prompts, batches) -> Reference:
+        key = self.reference_key(ctx, records)
+        ref = load_reference(self.fidelity, key)
+        if ref is not None:
+            print(f"[reference] reusing full attention's outputs from {self.fidelity.cache_dir}")
+            return ref
+        full = Full()
+        tokens, texts, _ = self._generate(ctx, full, prompts, batches, Sampling())
+        if self.fidelity.source == "full":
+            forced = tokens
+        else:
+            forced = [ctx.tokenizer(r["reference"], add_special_tokens=False)["input_ids"][: self.max_new_tokens] for r in records]
+        ref = build_reference(ctx.model, full, prompts, forced, tokens, texts, batches, ctx.tokenizer.pad_token_id,
+                              self.fidelity, self.prefill_chunk, ctx.progress, key)
+        folder = store_reference(self.fidelity, ref)
+        print(f"[reference] stored full attention's outputs in {folder}")
+        return ref
+
+    def _fidelity(self, ctx: Context, method, ref: Reference, prompts, batches, tokens, texts) -> dict[str, list[float]]:
+        scores = divergence(ref, ctx.model, method, prompts, batches, ctx.tokenizer.pad_token_id, self.prefill_chunk, ctx.progress)
+        scores = {"kl": scores["kl"], "top1": scores["top1"], "rank": scores["rank"], "ref_tail_mass": scores["tail"]}
+        scores["first_divergence"] = [float(first_divergence(a, b)) for a, b in zip(tokens, ref.tokens)]
+        scores["identical"] = [float(a == b) for a, b in zip(tokens, ref.tokens)]
+        scores["rougeL_vs_full"] = rouge(texts, ref.texts)["rougeL"]
+        if self.bertscore_model:
+            scores["bertscore_f_vs_full"] = bertscore_f(texts, ref.texts, self.bertscore_model)
+        return scores
