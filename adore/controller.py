@@ -88,8 +88,13 @@ class Controller(nn.Module):
         p = self.position(bucketize(where, c.num_buckets, c.max_distance))
         return self.mlp(p + z).squeeze(-1)
 
-    def save(self, path) -> None:
-        torch.save({"config": asdict(self.config), "state_dict": self.state_dict()}, path)
+    def save(self, path, meta: dict | None = None) -> None:
+        """`meta`: how it was trained (e.g. the labels' K), read back by `Controller.meta`."""
+        torch.save({"config": asdict(self.config), "state_dict": self.state_dict(), "meta": meta or {}}, path)
+
+    @staticmethod
+    def meta(path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
 
     @classmethod
     def load(cls, path, map_location="cpu") -> Controller:

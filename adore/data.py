@@ -1,5 +1,8 @@
 """Datasets as one record schema: {id, messages, reference, answer}.
 
+Long text (WikiText-2, PG-19) uses the same schema: one document per record, `messages` empty and the
+document in `reference` (the text a language model is scored on).
+
 Offline copies are read from a folder (config `data.root`, env `ADORE_DATA_DIR`, default `../shared/data`
 beside the checkout); `source=hub` loads the same corpora from the dataset hub for online users.
 """
@@ -167,7 +170,40 @@ def _samsum(spec: DataSpec) -> list[dict]:
     ]
 
 
-LOADERS = {"chat": _chat, "math": _math, "gsm8k": _gsm8k, "samsum": _samsum}
+_WIKI_TITLE = re.compile(r" = [^=](.*[^=])? = ")  # top-level heading; sections are " = = Section = = "
+
+
+def split_articles(lines: list[str]) -> list[str]:
+    """WikiText lines -> one text per article, each starting at its ` = Title = ` heading."""
+    articles: list[list[str]] = []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if _WIKI_TITLE.fullmatch(line) or not articles:
+            articles.append([])
+        if line.strip():
+            articles[-1].append(line)
+    return ["\n".join(a) for a in articles if a]
+
+
+def _wikitext2(spec: DataSpec) -> list[dict]:
+    """WikiText-2 raw test articles (offline or `wikitext` on the hub); any other hub id (e.g. PG-19,
+    `deepmind/pg19`) gives one document per row of its `text` column."""
+    if spec.source == "hub":
+        hub_id = spec.hub_id or "wikitext"
+        split = spec.hub_split or ("train" if spec.split == "train" else "test")
+        if "wikitext" in hub_id:
+            texts = split_articles([row["text"] for row in _hub_rows(hub_id, split, "wikitext-2-raw-v1")])
+        else:
+            texts = [row["text"] for row in _hub_rows(hub_id, split)]
+    else:
+        if spec.split != "eval":
+            raise ValueError("data=wikitext2 offline holds only the test split: use data.split=eval (or data.source=hub)")
+        path = _require(data_root(spec.root) / "wikitext-2/wiki.test.raw", "WikiText-2")
+        texts = split_articles(path.read_text(encoding="utf-8").splitlines())
+    return [{"id": f"wikitext2-{i}", "messages": [], "reference": text, "answer": None} for i, text in enumerate(texts)]
+
+
+LOADERS = {"chat": _chat, "math": _math, "gsm8k": _gsm8k, "samsum": _samsum, "wikitext2": _wikitext2}
 
 
 def load_records(spec: DataSpec, num_examples: int | None = None) -> list[dict]:

@@ -10,8 +10,11 @@ unless `eval.overwrite=true`.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import resource
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,9 +45,11 @@ def model_tag(node) -> str:
 
 
 def task_suffix(node) -> str:
-    """"" for task generation, "-<task>" otherwise: runs of other tasks on the same data get their own folder."""
-    name = get_class(node._target_).name
-    return "" if name == "generate" else f"-{name}"
+    """"" for task generation, "-<task>[<task's own suffix>]" otherwise: other tasks on the same data get their own folder."""
+    task = get_class(node._target_)
+    if task.name == "generate":
+        return ""
+    return f"-{task.name}" + (task.dir_suffix(node) if hasattr(task, "dir_suffix") else "")
 
 
 OmegaConf.register_new_resolver("method_tag", method_tag, replace=True)
@@ -101,6 +106,52 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
             )
 
     items = task.load(data_spec)
+    with claim(run_dir) as mine:
+        if not mine:
+            print(f"[busy] {run_dir} is being run by another process (parallel sweep jobs); left to it")
+            return {"metrics": {}, "busy": True}
+        return _run(cfg, run_dir, model_spec, data_spec, method, task, items)
+
+
+@contextmanager
+def claim(run_dir: Path):
+    """Yield True when this process may run in `run_dir`: parallel sweep jobs (joblib, SLURM) that map to
+    one directory (e.g. full attention in a budget sweep) then run it once. A lock left by a dead process
+    on this host is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            yield False
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load(model_spec)
     ctx = Context(model, tokenizer, model_spec, data_spec, run_dir, cfg.eval.progress, cfg.eval.cuda_graphs)
@@ -119,6 +170,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
             "model": model_spec.name_or_path,
             "adapter": model_spec.adapter,
             **{k: method_cfg.get(k) for k in RUN_FIELDS},
+            "K": getattr(method, "K", None) or method_cfg.get("K"),  # ADORE: the K its controller was trained with
             **out.run,
         },
         "metrics": out.metrics,
@@ -135,7 +187,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
         "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
     }
     write_jsonl(run_dir / "predictions.jsonl", out.rows)
-    write_json(results_path, result)  # last: its presence marks the run as finished
+    write_json(run_dir / "results.json", result)  # last: its presence marks the run as finished
     scalars = {k: v for k, v in (out.metrics | perf).items() if isinstance(v, int | float)}
     with wandb_run(OmegaConf.to_container(cfg.logger), str(run_dir), run_dir.name, result["config"], "eval") as wb:
         if wb is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import prefill
+from adore.generate import prefill, teacher_force
 from adore.io import read_json, save_torch, write_json
 from adore.session import Session
 
@@ -83,7 +83,7 @@ def store_reference(fidelity: Fidelity, ref: Reference) -> Path:
 
 
 @torch.no_grad()
-def teacher_force(model, method, prompts: list[list[int]], forced: list[list[int]], batches: list[list[int]],
+def forced_logits(model, method, prompts: list[list[int]], forced: list[list[int]], batches: list[list[int]],
                   pad_id: int, prefill_chunk: int | None, progress: bool, visit) -> None:
     """Feed each prompt, then its forced tokens one `feed` at a time under `method`'s budget.
 
@@ -96,12 +96,10 @@ def teacher_force(model, method, prompts: list[list[int]], forced: list[list[int
         cont, cont_valid = right_pad([forced[i] for i in batch], pad_id)
         session = Session(model, method, len(batch), ids.shape[1] + cont.shape[1])
         logits = prefill(session, ids, mask.bool(), prefill_chunk)
-        for j in range(cont.shape[1]):
+        for j, step_logits in teacher_force(session, logits, cont.to(session.device), cont_valid.to(session.device)):
             for row, i in enumerate(batch):
                 if cont_valid[row, j]:
-                    visit(i, j, logits[row, -1].float())
-            if j + 1 < cont.shape[1] and bool(cont_valid[:, j + 1].any()):
-                logits = session.feed(cont[:, j : j + 1], cont_valid[:, j + 1 : j + 2])
+                    visit(i, j, step_logits[row].float())
 
 
 def build_reference(model, full_method, prompts, forced, tokens, texts, batches, pad_id, fidelity: Fidelity,
@@ -114,7 +112,7 @@ def build_reference(model, full_method, prompts, forced, tokens, texts, batches,
         top = logits.log_softmax(-1).topk(top_logp[i].shape[1])
         top_logp[i][j], top_ids[i][j] = top.values.cpu(), top.indices.cpu()
 
-    teacher_force(model, full_method, prompts, forced, batches, pad_id, prefill_chunk, progress, visit)
+    forced_logits(model, full_method, prompts, forced, batches, pad_id, prefill_chunk, progress, visit)
     return Reference(tokens=tokens, texts=texts, forced=forced, top_logp=top_logp, top_ids=top_ids, key=key)
 
 
@@ -132,7 +130,7 @@ def divergence(ref: Reference, model, method, prompts, batches, pad_id, prefill_
         sums["rank"][i] += float((logq > logq[best]).sum()) + 1
         sums["tail"][i] += float(p_tail)
 
-    teacher_force(model, method, prompts, ref.forced, batches, pad_id, prefill_chunk, progress, visit)
+    forced_logits(model, method, prompts, ref.forced, batches, pad_id, prefill_chunk, progress, visit)
     counts = [max(len(f), 1) for f in ref.forced]
     return {k: [s / c for s, c in zip(v, counts)] for k, v in sums.items()}
 

@@ -95,6 +95,18 @@ def prefill(session: Session, input_ids: torch.Tensor, valid: torch.Tensor, chun
     return logits
 
 
+def teacher_force(session: Session, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
+    """Yield (t, (B, vocab) logits predicting ids[:, t]) for every column t of right-padded (B, T) `ids`.
+
+    ids[:, t-1] is fed before step t, one `feed` per token, so the method releases between any two
+    predictions; `logits` are the last feed's (the context's). Perplexity and fidelity both read this.
+    """
+    for t in range(ids.shape[1]):
+        if t > 0:
+            logits = session.feed(ids[:, t - 1 : t], valid[:, t - 1 : t])
+        yield t, logits[:, -1]
+
+
 @torch.no_grad()
 def decode(
     session: Session,

@@ -187,6 +187,7 @@ class Adore(Method):
                     "`python train.py stage=controller` run, or null for an untrained controller"
                 )
         self.net: Controller | None = None
+        self.K = Controller.meta(self.controller).get("K") if self.controller is not None else None  # labels' top-K
 
     def reset(self, session):
         if self.net is None:

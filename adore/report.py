@@ -47,6 +47,30 @@ QUALITY = {
 }
 ACCURACY_DATASETS = ("math", "gsm8k")
 DECODE = "perf/decode_tok_per_s"
+# Distance to full attention (adore/fidelity.py); digits shown per metric.
+FIDELITY = {
+    "fidelity/kl": ("KL", 3),
+    "fidelity/top1": ("top-1", 2),
+    "fidelity/identical": ("identical", 2),
+    "fidelity/first_divergence": ("1st div.", 1),
+    "fidelity/rougeL_vs_full": ("ROUGE-L vs full", 2),
+    "fidelity/bertscore_f_vs_full": ("BERT-F vs full", 2),
+}
+STREAM = {"eval/bleu": ("BLEU", 2), "eval/rougeL": ("ROUGE-L", 2), "eval/bertscore_f": ("BERT-F", 2), DECODE: ("tok/s", 1)}
+LONG = {"eval/repeated_ngram_fraction": ("rep. n-gram", 3), DECODE: ("tok/s", 1)}
+# Perplexity of chat data (the reference answers given their prompts) is the paper's "natural language modelling".
+CHAT_DATASETS = ("chat", "math", "gsm8k", "samsum")
+BASELINES = ("window", "streaming", "h2o", "random")
+# Per-example scores (predictions.jsonl) tested in pairs: key -> (label, +1 if higher is better, tested against full).
+TESTS = {
+    "rougeL": ("ROUGE-L", 1, True),
+    "bertscore_f": ("BERT-F", 1, True),
+    "accuracy": ("Acc", 1, True),
+    "fidelity_kl": ("KL", -1, False),
+    "fidelity_top1": ("top-1", 1, False),
+}
+# Two runs are compared only when they share these (and the baseline the cache size m).
+PAIRED = ("data", "model", "adapter", "max_new_tokens")
 RUN_FIELDS = (
     "task",
     "method",
@@ -131,6 +155,9 @@ def _flatten(result: dict, run_dir: Path) -> dict:
     if not isinstance(result, dict) or not isinstance(result.get("run"), dict):
         raise ValueError("no 'run' section (partial file?)")
     row = {k: (v if v is None or isinstance(v, str | int | float) else str(v)) for k, v in result["run"].items()}
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    if row.get("K") is None and _is_number(config.get("K")):  # experiment=ablation_K: the controller's K is top-level
+        row["K"] = config["K"]
     for section, values in result.items():
         if section in ("run", "config", "versions") or not isinstance(values, dict):
             continue
@@ -157,8 +184,8 @@ def _metric_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith(METRIC_PREFIXES) and pd.api.types.is_numeric_dtype(df[c])]
 
 
-def _variants(df: pd.DataFrame, keys: tuple[str, ...], split_r0: bool = True) -> pd.DataFrame:
-    """Mean of every metric per (method family, variant keys, dataset), in the paper's row order."""
+def _with_family(df: pd.DataFrame, split_r0: bool = True) -> pd.DataFrame:
+    """A copy with `family` (the method, ADORE with R = 0 as adore_r0) and full attention's m, R, sinks cleared."""
     d = df.copy()
     d["family"] = d["method"].astype(object).where(d["method"].notna(), "?")
     d["data"] = d["data"].astype(object).where(d["data"].notna(), "?")
@@ -166,12 +193,22 @@ def _variants(df: pd.DataFrame, keys: tuple[str, ...], split_r0: bool = True) ->
         d.loc[(d["family"] == "adore") & (d["R"] == 0), "family"] = "adore_r0"
     # full attention has no budget: an m or R recorded by a shared config would only split its row
     d.loc[d["family"] == "full", ["m", "R", "sinks"]] = math.nan
-    groups = ["family", *keys, "data"]
-    v = d.groupby(groups, dropna=False, sort=False)[_metric_columns(d)].mean().reset_index()
+    return d
+
+
+def _in_paper_order(v: pd.DataFrame, keys) -> pd.DataFrame:
     rank = {f: i for i, f in enumerate(METHODS)}
-    v["_rank"] = v["family"].map(lambda f: rank.get(f, len(rank)))
+    v = v.assign(_rank=v["family"].map(lambda f: rank.get(f, len(rank))))
     v = v.sort_values(["_rank", "family", *keys], na_position="first", kind="stable", key=_sort_key)
     return v.drop(columns="_rank").reset_index(drop=True)
+
+
+def _variants(df: pd.DataFrame, keys: tuple[str, ...], split_r0: bool = True) -> pd.DataFrame:
+    """Mean of every metric per (method family, variant keys, dataset), in the paper's row order."""
+    d = _with_family(df, split_r0)
+    groups = ["family", *keys, "data"]
+    v = d.groupby(groups, dropna=False, sort=False)[_metric_columns(d)].mean().reset_index()
+    return _in_paper_order(v, keys)
 
 
 def _sort_key(s: pd.Series) -> pd.Series:
@@ -230,6 +267,43 @@ def _models(df: pd.DataFrame) -> str:
 # ------------------------------------------------------------------------------------------------------------ tables
 
 
+def _grid(v: pd.DataFrame, columns: list[tuple[str, str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Values and CI half-widths, labels x (dataset, name), of `columns` = [(dataset, name, metric column)]."""
+    mi = pd.MultiIndex.from_tuples([(d, n) for d, n, _ in columns], names=["data", "metric"])
+    values = pd.DataFrame(math.nan, index=pd.Index(list(dict.fromkeys(v["label"])), name="Method"), columns=mi)
+    half = values.copy()
+    for _, r in v.iterrows():
+        for data, name, col in columns:
+            if data != r["data"]:
+                continue
+            values.loc[r["label"], (data, name)] = r.get(col, math.nan)
+            low, high = r.get(f"{col}_ci_low", math.nan), r.get(f"{col}_ci_high", math.nan)
+            half.loc[r["label"], (data, name)] = (high - low) / 2
+    return values, half
+
+
+def _present(v: pd.DataFrame, metrics) -> list[tuple[str, str, str]]:
+    """(dataset, label, column) for every metric some run of that dataset reports."""
+    return [
+        (data, name, col)
+        for data in _datasets(v)
+        for col, name in metrics.items()
+        if col in v and v.loc[v["data"] == data, col].notna().any()
+    ]
+
+
+def _with_ci(values: pd.DataFrame, half: pd.DataFrame, digits: dict | int = 2) -> pd.DataFrame:
+    """Formatted cells: "mean ± half-width" where there is an interval, "—" where there is no value."""
+    out = values.astype(object).copy()
+    for j, col in enumerate(values.columns):
+        d = digits if isinstance(digits, int) else digits.get(col[1], 2)
+        out[col] = [
+            _fmt(x, d) if pd.isna(h) or pd.isna(x) else f"{_fmt(x, d)} ± {h:.{d}f}"
+            for x, h in zip(values.iloc[:, j], half.iloc[:, j])
+        ]
+    return out
+
+
 def _quality(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     """Numeric quality table, the half-widths of the metrics that carry a `_ci`, and each row's family."""
     runs = _generate_runs(df)
@@ -241,17 +315,7 @@ def _quality(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
         for col, name in QUALITY.items():
             if name != "Acc" or data in ACCURACY_DATASETS or (col in has and has[col].notna().any()):
                 columns.append((data, name, col))
-    index = list(dict.fromkeys(v["label"]))
-    mi = pd.MultiIndex.from_tuples([(d, n) for d, n, _ in columns], names=["data", "metric"])
-    values = pd.DataFrame(math.nan, index=pd.Index(index, name="Method"), columns=mi)
-    half = values.copy()
-    for _, r in v.iterrows():
-        for data, name, col in columns:
-            if data != r["data"]:
-                continue
-            values.loc[r["label"], (data, name)] = r.get(col, math.nan)
-            low, high = r.get(f"{col}_ci_low", math.nan), r.get(f"{col}_ci_high", math.nan)
-            half.loc[r["label"], (data, name)] = (high - low) / 2
+    values, half = _grid(v, columns)
     return values, half, v.drop_duplicates("label").set_index("label")["family"]
 
 
@@ -302,14 +366,7 @@ def _fmt(x, digits: int = 2, suffix: str = "") -> str:
 def quality_table(df: pd.DataFrame, paper: bool = False) -> pd.DataFrame:
     """The formatted quality table: "—" where missing, "mean ± half-width" where the metric has a `_ci`."""
     values, half, family = _quality(df)
-    out = pd.DataFrame(
-        [
-            [_fmt(v) if pd.isna(h) else f"{_fmt(v)} ± {h:.2f}" for v, h in zip(vr, hr)]
-            for vr, hr in zip(values.values, half.values)
-        ],
-        index=values.index,
-        columns=values.columns,
-    )
+    out = _with_ci(values, half)
     if paper and PAPER["quality"]:
         for data, name in list(values.columns)[::-1]:
             cells = [PAPER["quality"].get((family[label], data, name)) for label in out.index]
@@ -332,6 +389,189 @@ def throughput_table(df: pd.DataFrame, paper: bool = False) -> pd.DataFrame:
     return out
 
 
+def _metric_table(runs: pd.DataFrame, metrics: dict[str, tuple[str, int]], drop_full: bool = False) -> pd.DataFrame:
+    """Formatted methods x (dataset, metric) table of `metrics` = {column: (label, digits)}; empty if none is present."""
+    v = _variants(runs, VARIANT)
+    if drop_full:
+        v = v[v["family"] != "full"].reset_index(drop=True)
+    v["label"] = _labels(v, VARIANT)
+    columns = _present(v, {col: name for col, (name, _) in metrics.items()})
+    values, half = _grid(v, columns)
+    return _with_ci(values, half, {name: digits for name, digits in metrics.values()})
+
+
+def fidelity_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Bounded methods x (dataset, KL | top-1 | identical | 1st div. | ROUGE-L vs full ...): distance to full attention."""
+    return _metric_table(_generate_runs(df), FIDELITY, drop_full=True)
+
+
+def _perplexity(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """PPL, its CI half-width and its ratio to full attention: methods x (dataset, "m=<m>")."""
+    keys = tuple(k for k in VARIANT if k not in ("m", "num_examples", "max_new_tokens"))
+    v = _variants(runs, (*keys, "m"))
+    if "eval/ppl" not in v:
+        v["eval/ppl"] = math.nan
+    v["label"] = _labels(v, keys)
+
+    def ref_key(r, cols) -> tuple:
+        return tuple("∅" if pd.isna(r[c]) else str(r[c]) for c in cols)
+
+    full = v[(v["family"] == "full") & v["eval/ppl"].notna()]
+    exact = {ref_key(r, ("data", "model", "adapter")): r["eval/ppl"] for _, r in full.iterrows()}
+    loose = {ref_key(r, ("data", "model")): r["eval/ppl"] for _, r in full.iterrows()}
+    columns = []
+    for data in _datasets(v):
+        ms = sorted(v.loc[(v["data"] == data) & v["m"].notna(), "m"].unique())
+        columns += [(data, f"m={_fmt_value(float(m))}", m) for m in ms] or [(data, "PPL", math.nan)]
+    mi = pd.MultiIndex.from_tuples([(d, n) for d, n, _ in columns], names=["data", "metric"])
+    index = pd.Index(list(dict.fromkeys(v["label"])), name="Method")
+    ppl, half, ratio = (pd.DataFrame(math.nan, index=index, columns=mi) for _ in range(3))
+    for _, r in v.iterrows():
+        ref = exact.get(ref_key(r, ("data", "model", "adapter")), loose.get(ref_key(r, ("data", "model"))))
+        for data, name, m in columns:
+            # full attention has no budget: its perplexity stands in every column, as the reference of that column
+            if data == r["data"] and (pd.isna(r["m"]) or r["m"] == m):
+                ppl.loc[r["label"], (data, name)] = r["eval/ppl"]
+                half.loc[r["label"], (data, name)] = (r.get("eval/ppl_ci_high", math.nan) - r.get("eval/ppl_ci_low", math.nan)) / 2
+                ratio.loc[r["label"], (data, name)] = r["eval/ppl"] / ref if ref else math.nan
+    return ppl, half, ratio
+
+
+def perplexity_values(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Perplexity runs: PPL and its ratio to full attention (same data and model), methods x (dataset, m=<m>)."""
+    runs = df[df["task"] == "perplexity"] if "task" in df else df.iloc[:0]
+    ppl, _, ratio = _perplexity(runs)
+    return ppl, ratio
+
+
+def perplexity_table(df: pd.DataFrame, chat: bool | None = None) -> pd.DataFrame:
+    """Formatted "PPL ± half-width (ratio× full)"; chat=True keeps chat datasets, False the others, None all."""
+    runs = df[df["task"] == "perplexity"] if "task" in df else df.iloc[:0]
+    if chat is not None:
+        runs = runs[runs["data"].isin(CHAT_DATASETS) == chat]
+    ppl, half, ratio = _perplexity(runs)
+    out = ppl.astype(object).copy()
+    for j, col in enumerate(ppl.columns):
+        cells = []
+        for x, h, q in zip(ppl.iloc[:, j], half.iloc[:, j], ratio.iloc[:, j]):
+            cell = _fmt(x) if pd.isna(h) or pd.isna(x) else f"{_fmt(x)} ± {h:.2f}"
+            cells.append(cell if pd.isna(x) or pd.isna(q) else f"{cell} ({q:.2f}×)")
+        out[col] = cells
+    return out
+
+
+def _task_runs(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    return df[df["task"] == task] if "task" in df else df.iloc[:0]
+
+
+def stream_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Stream generation (task=stream): methods x (dataset, BLEU | ROUGE-L | BERT-F | decode tok/s)."""
+    return _metric_table(_task_runs(df, "stream"), STREAM)
+
+
+def long_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Long generation (task=long): methods x (dataset, repeated n-gram fraction | decode tok/s)."""
+    return _metric_table(_task_runs(df, "long"), LONG)
+
+
+# ------------------------------------------------------------------------------------------------- paired tests
+
+
+def _scores(path: str, cache: dict) -> dict[str, dict]:
+    """id -> predictions.jsonl row of a run ({} when the file is missing or unreadable)."""
+    if path not in cache:
+        from adore.io import read_jsonl
+
+        try:
+            cache[path] = {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl") if "id" in r}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if not isinstance(err, FileNotFoundError):
+                warnings.warn(f"skipping {path}/predictions.jsonl: {err}", stacklevel=3)
+            cache[path] = {}
+    return cache[path]
+
+
+def _per_example(rows: dict[str, dict], key: str) -> dict[str, float]:
+    return {i: float(r[key]) for i, r in rows.items() if _is_number(r.get(key))}
+
+
+def _aligned(a: dict[str, float], b: dict[str, float]) -> tuple[list[float], list[float]]:
+    ids = sorted(set(a) & set(b))
+    return [a[i] for i in ids], [b[i] for i in ids]
+
+
+def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
+    """Paired bootstrap tests on per-example scores (predictions.jsonl, aligned by id), one row per test.
+
+    Every bounded method against full attention (quality metrics; full attention is the fidelity reference) and
+    every method that is not a baseline against the best baseline (window, StreamingLLM, H2O, random; highest
+    mean ROUGE-L) at the same dataset, model, adapter, max_new_tokens and cache size m. Columns: data, method
+    (row label), family, vs, metric, diff (method - other), low, high, significant, n.
+    """
+    from adore.stats import Bootstrap
+
+    bootstrap = bootstrap or Bootstrap()
+    runs = _with_family(_generate_runs(df))
+    columns = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
+    if runs.empty or "path" not in runs:
+        return pd.DataFrame(columns=columns)
+    runs = runs.assign(label=_labels(runs, VARIANT).values)
+    runs = _in_paper_order(runs.drop_duplicates(["label", "data"]), VARIANT)
+    cache: dict = {}
+
+    def same(r, cols) -> pd.Series:
+        mask = pd.Series(True, index=runs.index)
+        for c in cols:
+            mask &= runs[c].isna() if pd.isna(r[c]) else runs[c] == r[c]
+        return mask
+
+    def mean_rouge(row) -> float:
+        values = list(_per_example(_scores(row["path"], cache), "rougeL").values())
+        return sum(values) / len(values) if values else -math.inf
+
+    out = []
+    for _, r in runs[runs["family"] != "full"].iterrows():
+        mine = _scores(r["path"], cache)
+        if not mine:
+            continue
+        others = []
+        full = runs[same(r, PAIRED) & (runs["family"] == "full")]
+        if len(full):
+            others.append(("full", full.iloc[0], [k for k, (_, _, vs_full) in TESTS.items() if vs_full]))
+        baselines = runs[same(r, (*PAIRED, "m")) & runs["family"].isin(BASELINES)]
+        if r["family"] not in BASELINES and len(baselines):
+            best = max((b for _, b in baselines.iterrows()), key=mean_rouge)
+            others.append((f"best baseline: {best['label']}", best, list(TESTS)))
+        for vs, other, keys in others:
+            theirs = _scores(other["path"], cache)
+            for key in keys:
+                a, b = _aligned(_per_example(mine, key), _per_example(theirs, key))
+                if not a:
+                    continue
+                t = bootstrap.paired(a, b)
+                out.append([r["data"], r["label"], r["family"], vs, TESTS[key][0], t["diff"], *t["ci"], t["significant"], t["n"]])
+    return pd.DataFrame(out, columns=columns)
+
+
+def significance_table(tests: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, dataset, comparison); cells "diff [low, high] ✓|✗" per metric ("—": not tested)."""
+    if tests.empty:
+        return pd.DataFrame()
+    metrics = [name for name, _, _ in TESTS.values() if name in set(tests["metric"])]
+    rows = {}
+    for _, t in tests.iterrows():
+        key = (t["method"], t["data"], t["vs"])
+        d = 3 if t["metric"] == "KL" else 2
+        cell = f"{t['diff']:+.{d}f} [{t['low']:.{d}f}, {t['high']:.{d}f}] {'✓' if t['significant'] else '✗'}"
+        rows.setdefault(key, {})[t["metric"]] = cell
+    out = pd.DataFrame(
+        [[data, vs, *(cells.get(m, MISSING) for m in metrics)] for (_, data, vs), cells in rows.items()],
+        index=pd.Index([k[0] for k in rows], name="Method"),
+        columns=["data", "vs", *metrics],
+    )
+    return out
+
+
 def _other_task_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Methods x (dataset, metric) for any task but generate (e.g. perplexity): every eval/ metric it has."""
     v = _variants(runs, VARIANT)
@@ -351,8 +591,9 @@ def _other_task_table(runs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def build_tables(df: pd.DataFrame, paper: bool = False) -> list[Table]:
-    """Every table of the report, formatted; empty when the sweep has no runs."""
+def build_tables(df: pd.DataFrame, paper: bool = False, tests: bool = True) -> list[Table]:
+    """Every table of the report, formatted; empty when the sweep has no runs. `tests`: the paired bootstrap tests
+    (they read each run's predictions.jsonl)."""
     tables = []
     runs = _generate_runs(df)
     paper_note = (
@@ -384,7 +625,51 @@ def build_tables(df: pd.DataFrame, paper: bool = False) -> list[Table]:
                 paper_note + " The paper's figure is its headline: 221.8 % higher throughput than full attention."
             )
         tables.append(Table("throughput", "Throughput", caption, frame))
-    others = df[df["task"].notna() & (df["task"] != "generate")] if "task" in df else df.iloc[:0]
+    if len(runs) and any(c in runs and runs[c].notna().any() for c in FIDELITY):
+        tables.append(Table("fidelity", "Fidelity to full attention", (
+            "Distance of each bounded method to full attention on the same prompts (adore/fidelity.py): KL(full || "
+            "method) in nats and top-1 agreement of the next-token distributions with full attention's output "
+            "teacher-forced; identical: share of outputs equal to full attention's; 1st div.: tokens generated "
+            "before the first difference; ROUGE-L / BERT-F vs full: the two outputs scored against each other (%). "
+            f"mean ± half-width of the bootstrap interval; {MISSING} where a run or metric is missing."
+        ), fidelity_table(df)))
+    if tests:
+        frame = significance_table(paired_tests(df))
+        if len(frame):
+            tables.append(Table("significance", "Paired bootstrap tests", (
+                "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval "
+                "over the examples both runs scored (aligned by id), and ✓ when the interval excludes 0. vs full: "
+                "full attention on the same data, model and generation length (quality only: full attention is the "
+                "fidelity reference). vs best baseline: the window / StreamingLLM / H2O / random run with the "
+                f"highest mean ROUGE-L at the same cache size m. KL: lower is better. {MISSING}: not tested."
+            ), frame))
+    ppl_note = (
+        "Teacher-forced perplexity under each method's cache, one token per step (task=perplexity), "
+        "mean ± half-width of its bootstrap interval, and in brackets its ratio to full attention's perplexity on the "
+        "same data and model. Full attention has no budget: its perplexity stands in every m column."
+    )
+    for chat, name, title, what in (
+        (False, "perplexity", "Language modelling (perplexity)", " Long documents (e.g. WikiText-2), each one stream."),
+        (True, "nlm", "Natural language modelling", " Chat data: perplexity of the reference answers given their prompts, "
+         "the paper's natural-language-modelling task (CNN/DailyMail, SAMSum)."),
+    ):
+        frame = perplexity_table(df, chat=chat)
+        if frame.shape[0] and frame.shape[1]:
+            tables.append(Table(name, title, ppl_note + what, frame))
+    for task, frame, title, caption in (
+        ("stream", stream_table(df), "Stream generation", (
+            "Each multi-turn dialogue as one stream with a bounded cache (task=stream): every reply scored against the "
+            f"dataset's reply (BLEU, ROUGE-L, BERT-F in %, mean ± half-width), and decode tokens/s; {MISSING} where missing."
+        )),
+        ("long", long_table(df), "Long generation", (
+            "Generations several times longer than the cache (task=long): share of repeated n-grams (degeneration, "
+            f"lower is better; mean ± half-width) and decode tokens/s; {MISSING} where missing."
+        )),
+    ):
+        if frame.shape[0] and frame.shape[1]:
+            tables.append(Table(task, title, caption, frame))
+    known = ("generate", "perplexity", "stream", "long")
+    others = df[df["task"].notna() & ~df["task"].isin(known)] if "task" in df else df.iloc[:0]
     for task in sorted(set(others["task"].astype(str))):
         frame = _other_task_table(others[others["task"] == task])
         if frame.shape[1]:
@@ -399,7 +684,7 @@ def to_markdown(tables: list[Table], notes: list[str] = (), plots: list[str] = (
     parts = [f"# {title}", ""]
     for t in tables:
         flat = t.frame.copy()
-        flat.columns = [" ".join(c) for c in flat.columns]
+        flat.columns = [" ".join(c) if isinstance(c, tuple) else c for c in flat.columns]
         # disable_numparse: tabulate would otherwise reprint "25.00" as "25"
         parts += [f"## {t.title}", "", t.caption, "", flat.to_markdown(disable_numparse=True), ""]
     if not tables:
@@ -418,19 +703,23 @@ def _tex_escape(s: str) -> str:
 
 
 def _tex_symbols(s: str) -> str:
-    return s.replace("±", r"$\pm$").replace("×", r"$\times$").replace("—", "--")
+    s = s.replace("±", r"$\pm$").replace("×", r"$\times$").replace("—", "--")
+    return s.replace("✓", r"$\checkmark$").replace("✗", "--")
 
 
 def to_latex(tables: list[Table]) -> str:
-    parts = ["% Generated by `python -m adore.report`; needs \\usepackage{booktabs}.", ""]
+    parts = ["% Generated by `python -m adore.report`; needs \\usepackage{booktabs} (and amssymb for \\checkmark).", ""]
     for t in tables:
         # the column levels' names head the label column, so no extra header row holds the index name
-        tex = t.frame.rename_axis(index=None, columns=[None, "Method"]).to_latex(
+        multi = isinstance(t.frame.columns, pd.MultiIndex)
+        frame = t.frame.rename_axis(index=None, columns=[None, "Method"]) if multi else t.frame.reset_index()
+        tex = frame.to_latex(
+            index=multi,
             caption=_tex_escape(t.caption).replace("×", r"$\times$"),
             label=f"tab:{t.name}",
             multicolumn=True,
             multicolumn_format="c",
-            column_format="l" + "r" * t.frame.shape[1],
+            column_format="l" * (1 if multi else 3) + "r" * (t.frame.shape[1] - (0 if multi else 2)),
             escape=True,
         )
         parts += [_tex_symbols(tex), ""]
@@ -524,13 +813,14 @@ def plot_throughput_vs_m(df: pd.DataFrame) -> Figure:
 
 
 def plot_R_tradeoff(df: pd.DataFrame, metric: str = "eval/rougeL") -> Figure:
-    """ADORE's rebuild trade-off: ROUGE-L (solid, left axis) and decode tok/s (dashed, right axis) against R."""
+    """The rebuild trade-off of ADORE (and the oracle): ROUGE-L (solid, left axis) and decode tok/s (dashed, right
+    axis) against R."""
     from matplotlib.lines import Line2D
 
     runs = _generate_runs(df)
-    runs = runs[runs["method"] == "adore"]
-    if runs["R"].dropna().nunique() < 2:
-        raise NoAxis("the sweep has fewer than two values of R for adore")
+    runs = runs[runs["method"].isin(["adore", "oracle"])]
+    if runs.groupby("method")["R"].nunique().max(skipna=True) < 2 if len(runs) else True:
+        raise NoAxis("the sweep has fewer than two values of R for adore or oracle")
     v = _variants(runs, THROUGHPUT_VARIANT, split_r0=False).dropna(subset=["R"])
     for col in (metric, DECODE):
         if col not in v:
@@ -613,6 +903,11 @@ def write_report(
     with _atomic(out / "summary.csv") as tmp:
         df.to_csv(tmp, index=False)
     files.append(out / "summary.csv")
+    tests = paired_tests(df)
+    if len(tests):
+        with _atomic(out / "significance.csv") as tmp:
+            tests.to_csv(tmp, index=False)
+        files.append(out / "significance.csv")
     return markdown, files
 
 

@@ -115,3 +115,15 @@ def test_bench_runs_every_method(tmp_path, tiny_model_dir):
     assert [r["method"] for r in rows][:2] == ["hf_generate_full", "full"]
     assert all(r["decode_tok_per_s"] > 0 for r in rows)
     assert read_json(tmp_path / "bench.json")["rows"][1]["x_full"] == pytest.approx(1.0)
+
+
+def test_a_run_directory_held_by_a_live_process_is_left_to_it(tmp_path, tiny_model_dir, capsys):
+    import socket
+
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 1")  # pid 1 is alive
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8"))
+    assert evaluate.run(cfg, str(tmp_path)).get("busy") and "[busy]" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999999")  # a dead process: taken over
+    assert "eval/rougeL" in evaluate.run(cfg, str(tmp_path))["metrics"]
+    assert not (tmp_path / ".lock").exists()

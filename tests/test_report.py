@@ -176,8 +176,9 @@ def test_paper_numbers_only_where_the_paper_gives_one(df):
     tables = {t.name: t for t in report.build_tables(df, paper=True)}
     assert "Llama-2-7B" in tables["throughput"].caption and "packaged:smollm2" in tables["throughput"].caption
     assert "Llama-2-7B" not in tables["quality"].caption  # the paper's quality numbers are not in PAPER yet
-    assert set(tables) == {"quality", "throughput", "task_perplexity"}
-    assert tables["task_perplexity"].frame.loc["Full attention", ("samsum", "ppl")] == "12.50"
+    assert set(tables) == {"quality", "throughput", "fidelity", "nlm"}  # no predictions.jsonl: no paired tests
+    assert tables["nlm"].frame.loc["Full attention", ("samsum", "PPL")] == "12.50 (1.00×)"
+    assert tables["fidelity"].frame.loc["ADORE (m=128, R=4)", ("samsum", "KL")] == "0.050"
 
 
 def test_paper_quality_numbers_sit_beside_ours(df, monkeypatch):
@@ -249,6 +250,154 @@ def test_cli_default_out_and_wandb_offline(sweep, tmp_path):
     assert "skipped" in (out / "tables.md").read_text()  # a single m and R: no plot
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+# ------------------------------------------------------------------ paired tests, fidelity and the other tasks
+
+IDS = [f"samsum-{i}" for i in range(20)]
+
+
+def rows(rougeL, bertscore, kl=None, drop=None, phase=0) -> list[dict]:
+    """predictions.jsonl rows, written in reverse id order (the report aligns by id, not by position)."""
+    out = []
+    for i, id_ in enumerate(IDS):
+        if id_ == drop:
+            continue
+        noise = ((i + phase) * 7 % 5) - 2  # mean 0 over 20 examples, a different order per method
+        row = {"id": id_, "output": "x", "reference": "y", "rougeL": rougeL + noise, "bertscore_f": bertscore + (-1) ** (i + phase)}
+        if kl is not None:
+            row |= {"fidelity_kl": kl + 0.01 * (i % 3), "fidelity_top1": 1 - kl}
+        out.append(row)
+    return out[::-1]
+
+
+def run_result(task, method, data, m=None, R=None, metrics=None, perf=None, K=None) -> dict:
+    run = {"task": task, "method": method, "data": data, "model": "packaged:smollm2", "adapter": None, "m": m, "R": R,
+           "K": None, "sinks": None, "num_examples": 20, "max_new_tokens": 64, "batch_size": 4}  # fmt: skip
+    return {"run": run, "metrics": metrics or {}, "perf": perf or {}, "config": {"K": K} if K else {}}
+
+
+def make_rich_sweep(root: Path) -> Path:
+    """Generation runs with predictions.jsonl, and perplexity, stream and long runs."""
+    from adore.io import write_jsonl
+
+    generate = {  # name: (method, m, R, rougeL, bertscore_f, kl, dropped id)
+        "full": ("full", None, None, 30, 60, None, None),
+        "window": ("window", 64, None, 20, 55, 0.5, None),
+        "h2o": ("h2o", 64, None, 24, 58, 0.3, None),
+        "adore": ("adore", 64, 4, 28, 58, 0.1, "samsum-3"),
+        "random": ("random", 64, None, 26, 50, 0.2, None),  # no predictions.jsonl: never a baseline
+    }
+    for phase, (name, (method, m, R, rl, bs, kl, drop)) in enumerate(generate.items()):
+        metrics = {"eval/rougeL": rl, "eval/rougeL_ci": [rl - 1, rl + 1], "eval/bertscore_f": bs}
+        if kl is not None:
+            metrics |= {"fidelity/kl": kl, "fidelity/kl_ci": [kl - 0.01, kl + 0.01], "fidelity/top1": 1 - kl,
+                        "fidelity/identical": 0.25, "fidelity/first_divergence": 7.5, "fidelity/rougeL_vs_full": 60.0}  # fmt: skip
+        write_json(root / "gen" / name / "results.json", run_result("generate", method, "samsum", m, R, metrics))
+        if name != "random":
+            write_jsonl(root / "gen" / name / "predictions.jsonl", rows(rl, bs, kl, drop, phase))
+    ppl = {  # (data, method, m, R): ppl
+        ("wikitext2", "full", None, None): 20.0,
+        ("wikitext2", "window", 64, None): 30.0,
+        ("wikitext2", "window", 128, None): 25.0,
+        ("wikitext2", "adore", 64, 4): 22.0,
+        ("samsum", "full", None, None): 10.0,
+        ("samsum", "window", 64, None): 12.0,
+    }
+    for i, ((data, method, m, R), value) in enumerate(ppl.items()):
+        metrics = {"eval/ppl": value, "eval/nll": math.log(value), "eval/ppl_ci": [value - 0.5, value + 0.5], "eval/tokens": 512}
+        write_json(root / "ppl" / str(i) / "results.json", run_result("perplexity", method, data, m, R, metrics))
+    for method, m, bleu, tok_s in (("full", None, 10.0, 40.0), ("window", 64, 6.0, 90.0)):
+        metrics = {"eval/bleu": bleu, "eval/bleu_ci": [bleu - 2, bleu + 2], "eval/rougeL": 3 * bleu, "eval/bertscore_f": 50 + bleu}
+        write_json(root / "stream" / method / "results.json",
+                   run_result("stream", method, "chat", m, None, metrics, {"perf/decode_tok_per_s": tok_s}))  # fmt: skip
+    for method, R, rep in (("window", None, 0.3), ("adore", 4, 0.1)):
+        metrics = {"eval/repeated_ngram_fraction": rep, "eval/repeated_ngram_fraction_ci": [rep - 0.05, rep + 0.05]}
+        write_json(root / "long" / method / "results.json",
+                   run_result("long", method, "chat", 64, R, metrics, {"perf/decode_tok_per_s": 50.0}))  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory) -> pd.DataFrame:
+    return report.collect(make_rich_sweep(tmp_path_factory.mktemp("rich")))
+
+
+def test_paired_tests_against_full_and_the_best_baseline(rich):
+    tests = report.paired_tests(rich).set_index(["method", "vs", "metric"])
+    # m and R are shared by every run, so not in the labels; H2O has the best ROUGE-L of the baselines
+    adore, best = "ADORE", "best baseline: H2O"
+    t = tests.loc[(adore, "full", "ROUGE-L")]
+    assert t["diff"] == pytest.approx(-2 - 1 / 19) and t["significant"] and t["n"] == 19  # aligned by id, one missing
+    t = tests.loc[(adore, best, "ROUGE-L")]
+    assert t["diff"] == pytest.approx(4 - 2 / 19) and t["significant"] and t["low"] <= 4 <= t["high"]
+    assert not tests.loc[(adore, best, "BERT-F")]["significant"]  # same mean, per-example noise of opposite sign
+    assert tests.loc[(adore, best, "KL")]["diff"] == pytest.approx(-0.2)
+    assert (adore, "full", "KL") not in tests.index  # full attention is the fidelity reference, not a competitor
+    assert ("Window", "full", "ROUGE-L") in tests.index
+    best_tested = {m for m, vs, _ in tests.index if vs.startswith("best")}
+    assert best_tested == {adore}  # baselines are not tested against the best baseline
+    assert "Random" not in tests.index.get_level_values("method")  # no predictions.jsonl: never tested
+
+
+def test_significance_table_marks_significance(rich, tmp_path):
+    table = report.significance_table(report.paired_tests(rich))
+    row = table[(table.index == "ADORE") & (table["vs"] == "best baseline: H2O")].iloc[0]
+    assert row["ROUGE-L"].startswith("+3.89 [") and row["ROUGE-L"].endswith("✓")
+    assert row["BERT-F"].endswith("✗")
+    full_row = table[(table.index == "ADORE") & (table["vs"] == "full")].iloc[0]
+    assert full_row["KL"] == "—"
+    markdown, files = report.write_report(rich, tmp_path)
+    assert "## Paired bootstrap tests" in markdown and "✓" in markdown
+    assert r"$\checkmark$" in (tmp_path / "tables.tex").read_text()
+    assert len(pd.read_csv(tmp_path / "significance.csv")) == len(report.paired_tests(rich))
+
+
+def test_fidelity_table(rich):
+    table = report.fidelity_table(rich)
+    assert "Full attention" not in table.index  # the reference itself
+    assert table.loc["ADORE", ("samsum", "KL")] == "0.100 ± 0.010"
+    assert table.loc["Window", ("samsum", "1st div.")] == "7.5"
+    assert ("samsum", "BERT-F vs full") not in table.columns  # no run reports it
+
+
+def test_perplexity_tables_ratio_to_full_attention(rich):
+    ppl, ratio = report.perplexity_values(rich)
+    assert ppl.loc["Window", ("wikitext2", "m=64")] == 30 and ratio.loc["Window", ("wikitext2", "m=64")] == 1.5
+    assert ppl.loc["Full attention", ("wikitext2", "m=128")] == 20  # no budget: the reference of every column
+    lm = report.perplexity_table(rich, chat=False)
+    assert lm.loc["ADORE", ("wikitext2", "m=64")] == "22.00 ± 0.50 (1.10×)"
+    assert lm.loc["ADORE", ("wikitext2", "m=128")] == "—"
+    assert "samsum" not in lm.columns.get_level_values(0)
+    nlm = report.perplexity_table(rich, chat=True)
+    assert nlm.loc["Window", ("samsum", "m=64")] == "12.00 ± 0.50 (1.20×)"
+    tables = {t.name: t for t in report.build_tables(rich)}
+    assert {"perplexity", "nlm", "stream", "long", "significance", "fidelity"} <= set(tables)
+
+
+def test_stream_and_long_tables(rich):
+    stream = report.stream_table(rich)
+    assert stream.loc["Window", ("chat", "BLEU")] == "6.00 ± 2.00"
+    assert stream.loc["Window", ("chat", "tok/s")] == "90.0"
+    assert stream.loc["Full attention", ("chat", "ROUGE-L")] == "30.00"
+    long = report.long_table(rich)
+    assert long.loc["ADORE", ("chat", "rep. n-gram")] == "0.100 ± 0.050"
+    assert long.loc["Window", ("chat", "tok/s")] == "50.0"
+
+
+def test_K_comes_from_the_config_when_the_run_has_none(tmp_path):
+    for K in (8, 16):
+        res = run_result("generate", "adore", "samsum", 32, 4, {"eval/rougeL": K}, K=K)
+        write_json(tmp_path / f"K{K}" / "results.json", res)
+    df = report.collect(tmp_path)
+    assert sorted(df["K"]) == [8, 16]
+    assert report.quality_values(df).index.tolist() == ["ADORE (K=8)", "ADORE (K=16)"]
+
+
+def test_missing_tasks_give_no_table_and_no_crash(sweep, rich):
+    only_generate = rich[rich["task"] == "generate"]
+    assert report.perplexity_table(only_generate).empty and report.stream_table(only_generate).shape[1] == 0
+    assert report.significance_table(report.paired_tests(rich.iloc[:0])).empty
 
 
 def test_notebook_executes(sweep, monkeypatch):

@@ -203,5 +203,5 @@ class ControllerModule(L.LightningModule):
     def export(self, run_dir: str | Path) -> dict:
         """Write `controller.pt` (`Controller.load` reads it; `method.controller=<run_dir>/controller.pt`)."""
         path = Path(run_dir) / "controller.pt"
-        self.controller.cpu().save(path)
+        self.controller.cpu().save(path, meta={"K": self.K})
         return {"controller": str(path)}

@@ -13,7 +13,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from adore.data import load_records
-from adore.fidelity import Fidelity, Reference, build_reference, divergence, first_divergence, load_reference, store_reference
+from adore.fidelity import (
+    Fidelity,
+    Reference,
+    build_reference,
+    divergence,
+    first_divergence,
+    load_reference,
+    store_reference,
+)
 from adore.generate import Sampling, generate
 from adore.methods import Full
 from adore.metrics import bertscore_f, quality, rouge
@@ -56,8 +64,7 @@ class Generate:
         return records
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
-        model, tok = ctx.model, ctx.tokenizer
-        prompts = encode_prompts(tok, records, self.max_prompt_tokens)
+        prompts = encode_prompts(ctx.tokenizer, records, self.max_prompt_tokens)
         batches = batches_by_length([len(p) for p in prompts], self.batch_size)
         tokens, texts, stats = self._generate(ctx, method, prompts, batches, self.sampling)
         references = [r["reference"] for r in records]
@@ -69,7 +76,8 @@ class Generate:
         for k, values in per_example.items():
             metrics[f"eval/{k}_ci"] = self.bootstrap.mean_ci(values)
         if self.fidelity is not None and self.fidelity.enabled:
-            ref = self._reference(ctx, records, prompts, batches)
+            own = (tokens, texts) if isinstance(method, Full) and not self.sampling.do_sample else None
+            ref = self._reference(ctx, records, prompts, batches, own)
             scores = self._fidelity(ctx, method, ref, prompts, batches, tokens, texts)
             for k, values in scores.items():
                 metrics[f"fidelity/{k}"] = float(np.mean(values))
@@ -119,14 +127,15 @@ class Generate:
             "eos": eos_ids(ctx.model, ctx.tokenizer),
         }
 
-    def _reference(self, ctx: Context, records, prompts, batches) -> Reference:
+    def _reference(self, ctx: Context, records, prompts, batches, full_outputs=None) -> Reference:
+        """Full attention's stored outputs, or computed now (`full_outputs`: a greedy full run's own, reused)."""
         key = self.reference_key(ctx, records)
         ref = load_reference(self.fidelity, key)
         if ref is not None:
             print(f"[reference] reusing full attention's outputs from {self.fidelity.cache_dir}")
             return ref
         full = Full()
-        tokens, texts, _ = self._generate(ctx, full, prompts, batches, Sampling())
+        tokens, texts = full_outputs or self._generate(ctx, full, prompts, batches, Sampling())[:2]
         if self.fidelity.source == "full":
             forced = tokens
         else:

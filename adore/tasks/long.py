@@ -1,0 +1,100 @@
+"""Task long (`task=long`): generate far past the budget (length_factor x m tokens, eos suppressed) and
+measure how much of the output degenerates into repeating itself, and the decode throughput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from adore.data import load_records
+from adore.generate import Sampling, generate
+from adore.stats import Bootstrap
+from adore.tasks import Context, TaskOutput, batches_by_length, encode_prompts, eos_ids, left_pad, sum_stats
+
+
+def repeated_ngram_fraction(tokens: list, n: int) -> float:
+    """Fraction of the n-grams of `tokens` that repeat an earlier n-gram of the same sequence (0 if none).
+
+    Equals 1 - distinct-n: each distinct n-gram's first occurrence is new, every later one a repeat.
+    """
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass
+class Long:
+    name: ClassVar[str] = "long"
+
+    length_factor: float = 4
+    reference_m: int = 128
+    ngram: int = 4
+    num_examples: int | None = 20
+    batch_size: int = 4
+    max_prompt_tokens: int | None = 2048
+    prefill_chunk: int | None = None
+    sampling: Sampling | None = None
+    bootstrap: Bootstrap | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.length_factor, int | float) or self.length_factor <= 0:
+            raise ValueError(f"task.length_factor={self.length_factor!r} must be > 0 (tokens generated = length_factor x m)")
+        for key in ("reference_m", "ngram", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"task.{key}={value!r} must be a positive integer")
+        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
+            raise ValueError(f"eval.num_examples={self.num_examples!r} must be a positive integer or null (all)")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"eval.max_prompt_tokens={self.max_prompt_tokens!r} must be positive or null")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"eval.prefill_chunk={self.prefill_chunk!r} must be positive or null (whole prompt)")
+        self.sampling = self.sampling or Sampling()
+        self.bootstrap = self.bootstrap or Bootstrap()
+
+    @staticmethod
+    def dir_suffix(node) -> str:
+        """Run folders say how long the generation was: full attention's length depends on `reference_m`."""
+        return f"{node.length_factor:g}x{node.reference_m}"
+
+    def new_tokens(self, method) -> int:
+        """length_factor x m; full attention (m = None) generates as many as a method at `reference_m`."""
+        return max(1, round(self.length_factor * (method.m or self.reference_m)))
+
+    def load(self, data_spec) -> list[dict]:
+        records = [r for r in load_records(data_spec, self.num_examples) if r["messages"]]
+        if not records:
+            raise ValueError(f"data={data_spec.name} has no prompts: use data=chat, samsum or math")
+        return records
+
+    def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
+        tok = ctx.tokenizer
+        new = self.new_tokens(method)
+        eos = eos_ids(ctx.model, tok)
+        prompts = encode_prompts(tok, records, self.max_prompt_tokens)
+        tokens: dict[int, list[int]] = {}
+        stats = []
+        for batch in tqdm(batches_by_length([len(p) for p in prompts], self.batch_size), desc=f"long {method.tag}",
+                          disable=not ctx.progress):
+            ids, mask = left_pad([prompts[i] for i in batch], tok.pad_token_id)
+            gen = generate(ctx.model, method, ids, mask, new, [], tok.pad_token_id, self.sampling, self.prefill_chunk,
+                           cuda_graphs=ctx.cuda_graphs, suppress_token_ids=eos)
+            stats.append(gen.stats)
+            for row, i in enumerate(batch):
+                tokens[i] = gen.tokens[row, : gen.lengths[row]].tolist()
+        repeated = [repeated_ngram_fraction(tokens[i], self.ngram) for i in range(len(records))]
+        metrics = {
+            "eval/repeated_ngram_fraction": float(np.mean(repeated)),
+            "eval/repeated_ngram_fraction_ci": self.bootstrap.mean_ci(repeated),
+            "eval/new_tokens": float(np.mean([len(tokens[i]) for i in range(len(records))])),
+        }
+        rows = [
+            {"id": r["id"], "output": tok.decode(tokens[i], skip_special_tokens=True), "new_tokens": len(tokens[i]),
+             "repeated_ngram_fraction": repeated[i]}
+            for i, r in enumerate(records)
+        ]
+        run = {"num_examples": len(records), "max_new_tokens": new, "length_factor": self.length_factor,
+               "reference_m": self.reference_m, "ngram": self.ngram, "batch_size": self.batch_size}
+        return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)

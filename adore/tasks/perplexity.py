@@ -1,0 +1,143 @@
+"""Task perplexity (`task=perplexity`): language modelling with at most m cached tokens (ADORE.md §4).
+
+Each text is read as one stream, teacher-forced one token per `Session.feed`, so the method releases down
+to m between tokens and every token is predicted from at most m cached tokens (+ R rebuilt for ADORE).
+Long text (data=wikitext2): every document is a stream, its first token (a BOS when the tokenizer adds
+one) is fed unscored and every later token scored. Chat data (samsum, chat, math, gsm8k): the chat-template
+prompt is prefilled and the tokens of the reference answer are scored — the paper's "natural language
+modelling" of each dataset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from adore.data import load_records
+from adore.generate import prefill, synchronize, teacher_force
+from adore.session import Session
+from adore.stats import Bootstrap
+from adore.tasks import Context, TaskOutput, batches_by_length, encode_prompts, left_pad, right_pad, sum_stats
+
+
+@dataclass
+class Perplexity:
+    name: ClassVar[str] = "perplexity"
+
+    num_tokens: int = 8192
+    max_doc_tokens: int = 2048
+    num_examples: int | None = None
+    batch_size: int = 4
+    max_prompt_tokens: int | None = 2048
+    prefill_chunk: int | None = None
+    bootstrap: Bootstrap | None = None
+
+    def __post_init__(self):
+        for key in ("num_tokens", "max_doc_tokens", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"task.{key}={value!r} must be a positive integer")
+        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
+            raise ValueError(f"task.num_examples={self.num_examples!r} must be a positive integer or null (all)")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"eval.max_prompt_tokens={self.max_prompt_tokens!r} must be positive or null")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"eval.prefill_chunk={self.prefill_chunk!r} must be positive or null (whole prompt)")
+        self.bootstrap = self.bootstrap or Bootstrap()
+
+    def load(self, data_spec) -> list[dict]:
+        records = load_records(data_spec, self.num_examples)
+        if not records:
+            raise ValueError(f"data={data_spec.name} split={data_spec.split} has no records")
+        return records
+
+    def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
+        kept, contexts, targets = self.texts(ctx.tokenizer, records)
+        records = [records[i] for i in kept]
+        nll, count, stats = [0.0] * len(targets), [0] * len(targets), []
+        batches = batches_by_length([len(c) + len(t) for c, t in zip(contexts, targets)], self.batch_size)
+        for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
+            sums, counts, st = forced_nll(ctx.model, method, [contexts[i] for i in batch], [targets[i] for i in batch],
+                                             ctx.tokenizer.pad_token_id, self.prefill_chunk)
+            stats.append(st)
+            for row, i in enumerate(batch):
+                nll[i], count[i] = sums[row], counts[row]
+        nll_np, count_np = np.array(nll), np.array(count, dtype=float)
+        mean_nll = float(nll_np.sum() / count_np.sum())
+        metrics = {
+            "eval/ppl": math.exp(mean_nll),
+            "eval/nll": mean_nll,
+            "eval/ppl_ci": self.bootstrap.statistic_ci(len(nll), lambda idx: math.exp(nll_np[idx].sum() / count_np[idx].sum())),
+            "eval/tokens": int(count_np.sum()),
+        }
+        rows = [
+            {"id": r["id"], "context_tokens": len(contexts[i]), "tokens": count[i], "nll": nll[i],
+             "ppl": math.exp(nll[i] / max(count[i], 1))}
+            for i, r in enumerate(records)
+        ]
+        run = {"num_examples": len(records), "num_tokens": int(count_np.sum()), "max_doc_tokens": self.max_doc_tokens,
+               "batch_size": self.batch_size}
+        return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)
+
+    def texts(self, tokenizer, records: list[dict]) -> tuple[list[int], list[list[int]], list[list[int]]]:
+        """Records used, and their (context, scored target) token ids, in order until `num_tokens` targets in all."""
+        kept, contexts, targets, left = [], [], [], self.num_tokens
+        for i, r in enumerate(records):
+            if left <= 0:
+                break
+            if r["messages"]:  # chat data: the prompt is context, the reference answer is scored
+                context = encode_prompts(tokenizer, [r], self.max_prompt_tokens)[0]
+                target = tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
+            else:  # a document: its first token (a BOS if the tokenizer adds one) is context, the rest is scored
+                ids = tokenizer(r["reference"])["input_ids"]
+                context, target = ids[:1], ids[1:]
+            target = target[: min(self.max_doc_tokens, left)]
+            if target:
+                kept.append(i)
+                contexts.append(context)
+                targets.append(target)
+                left -= len(target)
+        return kept, contexts, targets
+
+
+@torch.no_grad()
+def forced_nll(model, method, contexts: list[list[int]], targets: list[list[int]], pad_id: int,
+                  prefill_chunk: int | None = None) -> tuple[list[float], list[int], dict]:
+    """Summed NLL and token count of each row's targets, one `Session.feed` per target token.
+
+    Contexts are left-padded and prefilled (so every row's last context token is the newest); targets are
+    right-padded, and a row whose text has ended feeds padding (valid False) until the longest ends.
+    """
+    B = len(contexts)
+    ctx_ids, ctx_mask = left_pad(contexts, pad_id)  # (B, Lc)
+    tgt_ids, tgt_valid = right_pad(targets, pad_id)  # (B, T)
+    session = Session(model, method, B, ctx_ids.shape[1] + tgt_ids.shape[1])
+    device = session.device
+    tgt_ids, tgt_valid = tgt_ids.to(device), tgt_valid.to(device)
+    nll = torch.zeros(B, dtype=torch.float64, device=device)
+    synchronize(device)
+    start = time.perf_counter()
+    logits = prefill(session, ctx_ids, ctx_mask.bool(), prefill_chunk)
+    synchronize(device)
+    prefill_s = time.perf_counter() - start
+    for t, step_logits in teacher_force(session, logits, tgt_ids, tgt_valid):
+        logp = step_logits.float().log_softmax(-1).gather(1, tgt_ids[:, t : t + 1])[:, 0]
+        nll -= torch.where(tgt_valid[:, t], logp, 0).double()
+    synchronize(device)
+    forced_s = time.perf_counter() - start - prefill_s
+    counts = tgt_valid.sum(1)
+    stats = {
+        "prefill_s": prefill_s,
+        "prompt_tokens": int(ctx_mask.sum()),
+        "decode_s": forced_s,
+        "decode_tokens": int((counts - 1).clamp(min=0).sum()),  # target tokens fed one at a time (the last is not fed)
+        "rebuilt_tokens": session.rebuilt,
+        "peak_kv_bytes": session.peak_kv_bytes,
+    }
+    return nll.tolist(), counts.tolist(), stats
