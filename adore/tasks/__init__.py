@@ -35,6 +35,33 @@ class TaskOutput:
     run: dict = field(default_factory=dict)  # extra fields of results.json's "run" (e.g. num_examples)
 
 
+EVAL_KEYS = ("num_examples", "batch_size", "max_new_tokens", "max_prompt_tokens", "prefill_chunk")  # set as eval.<key>
+
+
+def check_counts(task, required=(), optional=(), own=()) -> None:
+    """Raise ValueError naming the config key unless each setting is a positive integer (`optional`: or null).
+
+    Settings that tasks share are set as `eval.<key>`; the rest, and keys in `own`, as `task.<key>`.
+    """
+    for key in (*required, *optional):
+        value = getattr(task, key)
+        if value is None and key in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            where = "eval" if key in EVAL_KEYS and key not in own else "task"
+            raise ValueError(f"{where}.{key}={value!r} must be a positive integer" + (" or null" if key in optional else ""))
+
+
+def load_examples(data_spec, num_examples: int | None, keep=None, fix: str | None = None) -> list[dict]:
+    """The first `num_examples` records that `keep` accepts; a ValueError with `fix` when none is left."""
+    from adore.data import load_records
+
+    records = [r for r in load_records(data_spec, num_examples) if keep is None or keep(r)]
+    if not records:
+        raise ValueError(fix or f"data={data_spec.name} split={data_spec.split} has no records")
+    return records
+
+
 def encode_prompts(tokenizer, records, max_prompt_tokens: int | None) -> list[list[int]]:
     """Chat-template token ids per record, left-truncated to the last `max_prompt_tokens`."""
     prompts = []

@@ -12,7 +12,6 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from adore.data import load_records
 from adore.fidelity import (
     Fidelity,
     Reference,
@@ -26,7 +25,17 @@ from adore.generate import Sampling, generate
 from adore.methods import Full
 from adore.metrics import bertscore_f, quality, rouge
 from adore.stats import Bootstrap, corpus_bleu_ci
-from adore.tasks import Context, TaskOutput, batches_by_length, encode_prompts, eos_ids, left_pad, sum_stats
+from adore.tasks import (
+    Context,
+    TaskOutput,
+    batches_by_length,
+    check_counts,
+    encode_prompts,
+    eos_ids,
+    left_pad,
+    load_examples,
+    sum_stats,
+)
 
 
 @dataclass
@@ -44,24 +53,12 @@ class Generate:
     bootstrap: Bootstrap | None = None
 
     def __post_init__(self):
-        for key in ("batch_size", "max_new_tokens"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"eval.{key}={value!r} must be a positive integer")
-        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
-            raise ValueError(f"eval.num_examples={self.num_examples!r} must be a positive integer or null (all)")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"eval.max_prompt_tokens={self.max_prompt_tokens!r} must be positive or null")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"eval.prefill_chunk={self.prefill_chunk!r} must be positive or null (whole prompt)")
+        check_counts(self, ("batch_size", "max_new_tokens"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
         self.sampling = self.sampling or Sampling()
         self.bootstrap = self.bootstrap or Bootstrap()
 
     def load(self, data_spec) -> list[dict]:
-        records = load_records(data_spec, self.num_examples)
-        if not records:
-            raise ValueError(f"data={data_spec.name} split={data_spec.split} has no records")
-        return records
+        return load_examples(data_spec, self.num_examples)
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         prompts = encode_prompts(ctx.tokenizer, records, self.max_prompt_tokens)

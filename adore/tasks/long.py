@@ -9,10 +9,19 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from adore.data import load_records
 from adore.generate import Sampling, generate
 from adore.stats import Bootstrap
-from adore.tasks import Context, TaskOutput, batches_by_length, encode_prompts, eos_ids, left_pad, sum_stats
+from adore.tasks import (
+    Context,
+    TaskOutput,
+    batches_by_length,
+    check_counts,
+    encode_prompts,
+    eos_ids,
+    left_pad,
+    load_examples,
+    sum_stats,
+)
 
 
 def repeated_ngram_fraction(tokens: list, n: int) -> float:
@@ -41,16 +50,7 @@ class Long:
     def __post_init__(self):
         if not isinstance(self.length_factor, int | float) or self.length_factor <= 0:
             raise ValueError(f"task.length_factor={self.length_factor!r} must be > 0 (tokens generated = length_factor x m)")
-        for key in ("reference_m", "ngram", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"task.{key}={value!r} must be a positive integer")
-        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
-            raise ValueError(f"eval.num_examples={self.num_examples!r} must be a positive integer or null (all)")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"eval.max_prompt_tokens={self.max_prompt_tokens!r} must be positive or null")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"eval.prefill_chunk={self.prefill_chunk!r} must be positive or null (whole prompt)")
+        check_counts(self, ("reference_m", "ngram", "batch_size"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
         self.sampling = self.sampling or Sampling()
         self.bootstrap = self.bootstrap or Bootstrap()
 
@@ -64,10 +64,8 @@ class Long:
         return max(1, round(self.length_factor * (method.m or self.reference_m)))
 
     def load(self, data_spec) -> list[dict]:
-        records = [r for r in load_records(data_spec, self.num_examples) if r["messages"]]
-        if not records:
-            raise ValueError(f"data={data_spec.name} has no prompts: use data=chat, samsum or math")
-        return records
+        return load_examples(data_spec, self.num_examples, keep=lambda r: r["messages"],
+                             fix=f"data={data_spec.name} has no prompts: use data=chat, samsum or math")
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         tok = ctx.tokenizer

@@ -19,11 +19,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.data import load_records
 from adore.generate import prefill, synchronize, teacher_force
 from adore.session import Session
 from adore.stats import Bootstrap
-from adore.tasks import Context, TaskOutput, batches_by_length, encode_prompts, left_pad, right_pad, sum_stats
+from adore.tasks import (
+    Context,
+    TaskOutput,
+    batches_by_length,
+    check_counts,
+    encode_prompts,
+    left_pad,
+    load_examples,
+    right_pad,
+    sum_stats,
+)
 
 
 @dataclass
@@ -39,23 +48,12 @@ class Perplexity:
     bootstrap: Bootstrap | None = None
 
     def __post_init__(self):
-        for key in ("num_tokens", "max_doc_tokens", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"task.{key}={value!r} must be a positive integer")
-        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
-            raise ValueError(f"task.num_examples={self.num_examples!r} must be a positive integer or null (all)")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"eval.max_prompt_tokens={self.max_prompt_tokens!r} must be positive or null")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"eval.prefill_chunk={self.prefill_chunk!r} must be positive or null (whole prompt)")
+        check_counts(self, ("num_tokens", "max_doc_tokens", "batch_size"), ("num_examples", "max_prompt_tokens", "prefill_chunk"),
+                     own=("num_examples",))
         self.bootstrap = self.bootstrap or Bootstrap()
 
     def load(self, data_spec) -> list[dict]:
-        records = load_records(data_spec, self.num_examples)
-        if not records:
-            raise ValueError(f"data={data_spec.name} split={data_spec.split} has no records")
-        return records
+        return load_examples(data_spec, self.num_examples)
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         kept, contexts, targets = self.texts(ctx.tokenizer, records)

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.data import load_records
 from adore.generate import Sampling, decode, prefill, synchronize
 from adore.metrics import quality
 from adore.session import Session
 from adore.stats import Bootstrap, corpus_bleu_ci
-from adore.tasks import Context, TaskOutput, eos_ids, left_pad, sum_stats
+from adore.tasks import Context, TaskOutput, check_counts, eos_ids, left_pad, load_examples, sum_stats
 
 PLACEHOLDER = "ADOREREPLYPLACEHOLDER"  # stands for a generated reply when rendering the chat template
 
@@ -71,24 +70,13 @@ class Stream:
     bootstrap: Bootstrap | None = None
 
     def __post_init__(self):
-        for key in ("batch_size", "max_new_tokens"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"eval.{key}={value!r} must be a positive integer")
-        if self.num_examples is not None and (not isinstance(self.num_examples, int) or self.num_examples < 1):
-            raise ValueError(f"eval.num_examples={self.num_examples!r} must be a positive integer or null (all)")
-        if self.max_turns is not None and (not isinstance(self.max_turns, int) or self.max_turns < 1):
-            raise ValueError(f"task.max_turns={self.max_turns!r} must be a positive integer or null (every turn)")
-        if self.prefill_chunk is not None and self.prefill_chunk < 1:
-            raise ValueError(f"eval.prefill_chunk={self.prefill_chunk!r} must be positive or null (whole segment)")
+        check_counts(self, ("batch_size", "max_new_tokens"), ("num_examples", "max_turns", "prefill_chunk"))
         self.sampling = self.sampling or Sampling()
         self.bootstrap = self.bootstrap or Bootstrap()
 
     def load(self, data_spec) -> list[dict]:
-        records = [r for r in load_records(data_spec, self.num_examples) if r["messages"] and dialogue_turns(r, self.max_turns)]
-        if not records:
-            raise ValueError(f"data={data_spec.name} has no dialogues (user turns followed by replies): use data=chat")
-        return records
+        return load_examples(data_spec, self.num_examples, keep=lambda r: r["messages"] and dialogue_turns(r, self.max_turns),
+                             fix=f"data={data_spec.name} has no dialogues (user turns followed by replies): use data=chat")
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         tok = ctx.tokenizer
