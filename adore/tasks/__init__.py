@@ -100,6 +100,28 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def generate_batches(ctx: Context, method, prompts: list[list[int]], batches: list[list[int]], max_new_tokens: int,
+                     sampling, prefill_chunk: int | None, past_eos: bool = False) -> tuple[list[list[int]], list[dict]]:
+    """Generated ids per prompt (eos included) and the stats of each batch. `past_eos`: eos is suppressed,
+    every row generates `max_new_tokens`."""
+    from tqdm.auto import tqdm
+
+    from adore.generate import generate
+
+    tok = ctx.tokenizer
+    eos = eos_ids(ctx.model, tok)
+    tokens: dict[int, list[int]] = {}
+    stats = []
+    for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
+        ids, mask = left_pad([prompts[i] for i in batch], tok.pad_token_id)
+        gen = generate(ctx.model, method, ids, mask, max_new_tokens, [] if past_eos else eos, tok.pad_token_id, sampling,
+                       prefill_chunk, cuda_graphs=ctx.cuda_graphs, suppress_token_ids=eos if past_eos else None)
+        stats.append(gen.stats)
+        for row, i in enumerate(batch):
+            tokens[i] = gen.tokens[row, : gen.lengths[row]].tolist()
+    return [tokens[i] for i in range(len(prompts))], stats
+
+
 def sum_stats(stats: list[dict]) -> dict:
     """Throughput over all batches of a run (the `perf/*` keys every task reports)."""
     total = lambda key: sum(s.get(key, 0) for s in stats)  # noqa: E731

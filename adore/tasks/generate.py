@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from adore.fidelity import (
     Fidelity,
@@ -21,7 +20,7 @@ from adore.fidelity import (
     load_reference,
     store_reference,
 )
-from adore.generate import Sampling, generate
+from adore.generate import Sampling
 from adore.methods import Full
 from adore.metrics import bertscore_f, quality, rouge
 from adore.stats import Bootstrap, corpus_bleu_ci
@@ -32,7 +31,7 @@ from adore.tasks import (
     check_counts,
     encode_prompts,
     eos_ids,
-    left_pad,
+    generate_batches,
     load_examples,
     sum_stats,
 )
@@ -91,19 +90,8 @@ class Generate:
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _generate(self, ctx: Context, method, prompts, batches, sampling):
-        tok = ctx.tokenizer
-        eos = eos_ids(ctx.model, tok)
-        tokens: dict[int, list[int]] = {}
-        stats = []
-        for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
-            ids, mask = left_pad([prompts[i] for i in batch], tok.pad_token_id)
-            gen = generate(ctx.model, method, ids, mask, self.max_new_tokens, eos, tok.pad_token_id, sampling,
-                           self.prefill_chunk, cuda_graphs=ctx.cuda_graphs)
-            stats.append(gen.stats)
-            for row, i in enumerate(batch):
-                tokens[i] = gen.tokens[row, : gen.lengths[row]].tolist()
-        tokens = [tokens[i] for i in range(len(prompts))]
-        texts = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
+        tokens, stats = generate_batches(ctx, method, prompts, batches, self.max_new_tokens, sampling, self.prefill_chunk)
+        texts = [ctx.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
         return tokens, texts, stats
 
     def reference_key(self, ctx: Context, records) -> dict:

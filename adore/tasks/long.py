@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from adore.generate import Sampling, generate
+from adore.generate import Sampling
 from adore.stats import Bootstrap
 from adore.tasks import (
     Context,
@@ -17,8 +16,7 @@ from adore.tasks import (
     batches_by_length,
     check_counts,
     encode_prompts,
-    eos_ids,
-    left_pad,
+    generate_batches,
     load_examples,
     sum_stats,
 )
@@ -70,18 +68,9 @@ class Long:
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         tok = ctx.tokenizer
         new = self.new_tokens(method)
-        eos = eos_ids(ctx.model, tok)
         prompts = encode_prompts(tok, records, self.max_prompt_tokens)
-        tokens: dict[int, list[int]] = {}
-        stats = []
-        for batch in tqdm(batches_by_length([len(p) for p in prompts], self.batch_size), desc=f"long {method.tag}",
-                          disable=not ctx.progress):
-            ids, mask = left_pad([prompts[i] for i in batch], tok.pad_token_id)
-            gen = generate(ctx.model, method, ids, mask, new, [], tok.pad_token_id, self.sampling, self.prefill_chunk,
-                           cuda_graphs=ctx.cuda_graphs, suppress_token_ids=eos)
-            stats.append(gen.stats)
-            for row, i in enumerate(batch):
-                tokens[i] = gen.tokens[row, : gen.lengths[row]].tolist()
+        batches = batches_by_length([len(p) for p in prompts], self.batch_size)
+        tokens, stats = generate_batches(ctx, method, prompts, batches, new, self.sampling, self.prefill_chunk, past_eos=True)
         repeated = [repeated_ngram_fraction(tokens[i], self.ngram) for i in range(len(records))]
         metrics = {
             "eval/repeated_ngram_fraction": float(np.mean(repeated)),
