@@ -1,8 +1,9 @@
 """The attention function the engine registers with transformers.
 
-Without a recorder it is transformers' own SDPA over the engine's slot mask. H2O and the oracle need the
-attention weights, so with a recorder it computes eager attention (in query chunks, to bound memory) and sums
-the weights over heads and layers: that extra cost is real and stays visible in the benchmark.
+Without a recorder it is transformers' own SDPA over the engine's slot mask. Methods that read attention
+(H2O, TOVA, SnapKV, the oracle's shadow pass) need the weights, so with a recorder it computes eager attention
+(in query chunks, to bound memory; only the last chunk when only the last rows are wanted) and sums the
+weights over heads and layers: that extra cost is real and stays visible in the benchmark.
 """
 
 from __future__ import annotations
@@ -17,18 +18,26 @@ QUERY_CHUNK = 256
 
 
 class AttentionRecorder:
-    """Per-slot attention mass summed over heads and layers, for all queries ("sum") or the last one ("last")."""
+    """Attention weights summed over heads and layers: the mass each slot got from all queries (`total`) and/or
+    the rows of the last `rows` queries (`last_rows`)."""
 
-    def __init__(self, mode: str):
-        if mode not in ("sum", "last"):
-            raise ValueError(f"recorder mode {mode!r}: use 'sum' or 'last'")
-        self.mode = mode
+    def __init__(self, total: bool, rows: int = 0):
+        if not total and rows < 1:
+            raise ValueError("an AttentionRecorder records the total, the last rows, or both")
+        if rows > QUERY_CHUNK:
+            raise ValueError(f"the last {rows} attention rows: at most {QUERY_CHUNK} can be recorded")
+        self.want_total, self.rows = total, rows
         self.total: torch.Tensor | None = None  # (B, C)
+        self.last_rows: torch.Tensor | None = None  # (B, rows, C)
 
-    def add(self, weights: torch.Tensor) -> None:
+    def add(self, weights: torch.Tensor, last_chunk: bool) -> None:
         """weights: (B, H, q, C) softmax weights of one layer and one query chunk."""
-        mass = weights.sum(dim=(1, 2)) if self.mode == "sum" else weights[:, :, -1].sum(dim=1)
-        self.total = mass if self.total is None else self.total + mass
+        if self.want_total:
+            mass = weights.sum(dim=(1, 2))
+            self.total = mass if self.total is None else self.total + mass
+        if self.rows and last_chunk:
+            rows = weights[:, :, -self.rows :].sum(dim=1)
+            self.last_rows = rows if self.last_rows is None else self.last_rows + rows
 
 
 def adore_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_recorder=None, **kwargs):
@@ -38,15 +47,15 @@ def adore_attention(module, query, key, value, attention_mask, scaling=None, dro
     keys = key.repeat_interleave(groups, dim=1)  # (B, H, C, D)
     values = value.repeat_interleave(groups, dim=1)
     q_len = query.shape[2]
-    starts = range(0, q_len, QUERY_CHUNK) if attention_recorder.mode == "sum" else [max(0, q_len - QUERY_CHUNK)]
+    starts = list(range(0, q_len, QUERY_CHUNK)) if attention_recorder.want_total else [max(0, q_len - QUERY_CHUNK)]
     outputs = []
-    if attention_recorder.mode == "last" and q_len > QUERY_CHUNK:  # earlier queries need no weights
+    if starts[0] > 0:  # earlier queries need no weights
         outputs.append(sdpa_attention_forward(module, query[:, :, : starts[0]], key, value, attention_mask[:, :, : starts[0]], scaling=scaling)[0])
     for s in starts:
         scores = torch.matmul(query[:, :, s : s + QUERY_CHUNK], keys.transpose(2, 3)) * scaling  # (B, H, c, C)
         scores = scores.masked_fill(~attention_mask[:, :, s : s + QUERY_CHUNK], float("-inf"))
         weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        attention_recorder.add(weights)
+        attention_recorder.add(weights, last_chunk=s == starts[-1])
         outputs.append(torch.matmul(weights, values).transpose(1, 2))  # (B, c, H, D)
     return torch.cat(outputs, dim=1).contiguous(), None
 

@@ -18,18 +18,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 import adore
+from adore.config import build
 from adore.io import read_json, write_json, write_jsonl
 from adore.metrics import PACKAGED_BERTSCORE, bertscore_model_path
 from adore.models import load
 from adore.tasks import Context
 from adore.tracking import wandb_run
 
-RUN_FIELDS = ("m", "R", "K", "sinks")
 NOT_SETTINGS = ("eval.overwrite", "eval.progress", "eval.cuda_graphs", "logger", "budget")  # may change between a run and its resume
 # (`budget` reaches a run only through method.m, which stays in the settings)
 
@@ -78,16 +77,6 @@ def validate(cfg: DictConfig):
     if cfg.eval.bertscore_model == PACKAGED_BERTSCORE:
         bertscore_model_path(cfg.eval.bertscore_model)
     return build(cfg.model), build(cfg.data), build(cfg.method), build(cfg.task)
-
-
-def build(node):
-    """`instantiate`, but a bad value surfaces as its own ValueError rather than Hydra's wrapper."""
-    try:
-        return instantiate(node)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
-            raise err.__cause__ from None
-        raise
 
 
 def run(cfg: DictConfig, run_dir: str) -> dict:
@@ -161,18 +150,24 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
         "perf/wall_s": (dt.datetime.now() - start).total_seconds(),
         "perf/peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     result = {
         "run": {
             "task": task.name,
             "method": method.name,
+            "label": method.label,
+            "tag": method.tag,
+            "training_free": method.training_free,
             "data": data_spec.name,
+            "chat": any(r.get("messages") for r in items),  # conversations (else plain documents)
+            "has_answer": any(r.get("answer") is not None for r in items),  # a gold answer: accuracy is scored
             "model": model_spec.name_or_path,
             "adapter": model_spec.adapter,
-            **{k: method_cfg.get(k) for k in RUN_FIELDS},
-            "K": getattr(method, "K", None) or method_cfg.get("K"),  # ADORE: the K its controller was trained with
+            "m": method.m,
+            "R": method.R if method.m is not None else 0,
+            "K": getattr(method, "K", None) or cfg.get("K"),  # ADORE: the K its controller was trained with
             **out.run,
         },
+        "method": method.identity(),  # every setting of the method: the report never merges runs that differ
         "metrics": out.metrics,
         "perf": perf,
         "settings": settings(cfg),

@@ -12,6 +12,7 @@ import torch
 
 from adore.attention import AttentionRecorder, register
 from adore.cache import SlotCache
+from adore.methods.base import Entered, Tokens
 
 
 class Session:
@@ -20,9 +21,12 @@ class Session:
     History columns are shared by the batch (column j = the j-th fed token of every row; padding columns
     are invalid). Every fed token keeps its id, position and state there after it is released, so it can
     be rebuilt. `hist_slot` (-1 when released) and `slot_col` (-1 when empty) link history and cache.
+
+    The method's per-session state lives here (`state`); the session computes what the method `needs` (and
+    what `record` adds, e.g. for a shadow pass) and hands it over as `Entered` / `Tokens` views.
     """
 
-    def __init__(self, model, method, batch_size: int, max_len: int, cuda_graphs: bool = False):
+    def __init__(self, model, method, batch_size: int, max_len: int, cuda_graphs: bool = False, record: tuple[str, ...] = ()):
         config = model.config
         self.model, self.method = model, method
         self.batch_size = batch_size
@@ -45,12 +49,21 @@ class Session:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rebuilt = 0  # tokens rebuilt so far (all rows)
         self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed
+        self.needs = frozenset(method.needs) | frozenset(record)
+        rows = max(method.window if "window_attention" in self.needs else 0, 1 if "last_attention" in self.needs else 0)
+        self.recording = ("attention" in self.needs, rows) if "attention" in self.needs or rows else None
+        self.shadow = None  # full attention over the same tokens, for methods that score by it
+        if "full_attention" in self.needs:
+            from adore.methods.full import Full
+
+            self.shadow = Session(model, Full(), batch_size, max_len, record=("last_attention",))
         self.graphed = None
-        if cuda_graphs and device.type == "cuda" and method.needs_attention is None:
+        if cuda_graphs and device.type == "cuda" and self.recording is None:
             from adore.cuda_graph import GraphedForward
 
             self.graphed = GraphedForward(model, self.cache)
-        method.reset(self)
+        self.entered: Entered | None = None  # the view of the last forward
+        self.state = method.start(batch_size, max_len, device, model)
 
     # ---- views -------------------------------------------------------------------------------------------
     @property
@@ -81,7 +94,8 @@ class Session:
         self.hist_valid[:, self.length : self.length + n] = valid
         self.length += n
         self.next_pos += valid.sum(1)
-        self.method.before_forward(self, cols, valid)
+        if self.shadow is not None:  # first, so that this step's scores see this query's full attention
+            self.shadow.feed(input_ids, valid)
 
         rb_cols, rb_valid = self._pick_rebuild(self.length - n)
         q_cols = torch.cat([rb_cols, cols], 1)  # rebuilt tokens first, new tokens last
@@ -94,7 +108,7 @@ class Session:
         own = torch.zeros(B, q_cols.shape[1], self.cache.capacity, dtype=torch.bool, device=self.device)
         own.scatter_(2, slots[..., None], True)
         mask = (self.slot_valid[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own
-        recorder = AttentionRecorder(self.method.needs_attention) if self.method.needs_attention else None
+        recorder = AttentionRecorder(*self.recording) if self.recording else None
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
         if self.graphed is not None and n == 1 and not all_logits:  # decode steps: fixed shapes
@@ -109,12 +123,43 @@ class Session:
                 logits_to_keep=n if all_logits else 1,
                 **extra,
             ).logits
-        self.method.observe(self, cols, valid, None if recorder is None else recorder.total)
+        self._update_method(cols, valid, input_ids, pos, slots[:, -n:], recorder)
         if self.method.m is not None:
             self._release(self.method.m)
             if self.cache.capacity > self.method.m + self.method.R + 1:
                 self._resize(self.method.m + self.method.R + 1)
         return logits
+
+    # ---- what the method sees ----------------------------------------------------------------------------
+    def _score(self, cols: torch.Tensor) -> torch.Tensor:
+        """The method's (B, k) scores of the history tokens `cols` (B, k) for the current query."""
+        tokens = Tokens(cols, self.hist_ids.gather(1, cols), self.hist_pos.gather(1, cols), self.query_pos)
+        if self.shadow is not None:
+            tokens.full_attention = self.shadow.entered.last_attention.gather(1, cols)
+        return self.method.score(self.state, tokens)
+
+    def _update_method(self, cols, valid, ids, pos, new_slots, recorder) -> None:
+        entered = Entered(cols, valid, ids, pos, self.query_pos, held=self.hist_slot >= 0)
+        if recorder is not None:
+            if recorder.want_total:
+                entered.attention = self._on_columns(recorder.total)
+            if recorder.rows:
+                rows = self._on_columns(recorder.last_rows)  # (B, w, T)
+                entered.window_attention = rows
+                entered.last_attention = rows[:, -1]
+        if "keys" in self.needs:
+            entered.keys = self.cache.keys[:, self.cache.rows, :, new_slots]  # (B, n, layers, kv_heads, head_dim)
+        if "embeddings" in self.needs:
+            entered.embeddings = self.model.get_input_embeddings()(ids)  # (B, n, d_model)
+        self.entered = entered
+        self.method.update(self.state, entered)
+
+    def _on_columns(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """(B, [w,] C) values of the cache slots -> (B, [w,] T) values of the history columns they hold (0 elsewhere)."""
+        held = self.slot_valid if per_slot.dim() == 2 else self.slot_valid[:, None]
+        index = self.slot_col.clamp(min=0) if per_slot.dim() == 2 else self.slot_col.clamp(min=0)[:, None].expand_as(per_slot)
+        out = per_slot.new_zeros(*per_slot.shape[:-1], self.hist_ids.shape[1], dtype=torch.float32)
+        return out.scatter_add_(-1, index, per_slot.float() * held)
 
     # ---- steps of feed -----------------------------------------------------------------------------------
     def _pick_rebuild(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +173,7 @@ class Session:
         if not released.any():
             return empty, empty.bool()
         cols = torch.arange(seen, device=self.device).expand(self.batch_size, -1)
-        scores = self.method.score(self, cols).masked_fill(~released, float("-inf"))
+        scores = self._score(cols).masked_fill(~released, float("-inf"))
         top = scores.topk(min(R, seen), dim=1)
         ok = torch.isfinite(top.values)
         self.last_rebuilt_cols = torch.where(ok, top.indices, -1)
@@ -154,7 +199,7 @@ class Session:
         valid = self.slot_valid
         if int(valid.sum(1).max()) <= m:
             return
-        scores = self.method.score(self, self.slot_col.clamp(min=0)).masked_fill(~valid, float("-inf"))
+        scores = self._score(self.slot_col.clamp(min=0)).masked_fill(~valid, float("-inf"))
         keep = torch.zeros_like(valid).scatter_(1, scores.topk(m, dim=1).indices, True)
         drop = valid & ~keep
         rows, slots = drop.nonzero(as_tuple=True)
@@ -185,4 +230,5 @@ class Session:
         pad = lambda t, v: torch.cat([t, torch.full((self.batch_size, extra), v, dtype=t.dtype, device=self.device)], 1)  # noqa: E731
         self.hist_ids, self.hist_pos = pad(self.hist_ids, 0), pad(self.hist_pos, 0)
         self.hist_valid, self.hist_slot = pad(self.hist_valid, False), pad(self.hist_slot, -1)
-        self.method.grow_history(self, extra)
+        for key, t in self.state.tokens.items():  # the method's per-token state grows alike, with zeros
+            self.state.tokens[key] = torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1)

@@ -65,3 +65,42 @@ def tiny(tiny_model_dir):
     from adore.models import load
 
     return load(ModelSpec(name_or_path=tiny_model_dir))
+
+
+# ---- the real configs, composed once per call and shrunk (tests run the configs users run) ----------------
+CONF = str(PROJECT / "conf")
+
+
+def compose_eval(*overrides: str):
+    """conf/eval.yaml as `python eval.py <overrides>` composes it, without a logger or progress bars."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONF, version_base="1.3"):
+        return compose("eval", overrides=["logger=none", "eval.progress=false", *overrides])
+
+
+def tiny_overrides(tiny_model_dir: str, *more: str) -> list[str]:
+    """The tiny model and a few short examples; stored full-attention outputs go beside the model (per session)."""
+    return [f"model.name_or_path={tiny_model_dir}", f"out_root={Path(tiny_model_dir).parent / 'outputs'}",
+            "eval.num_examples=3", "eval.batch_size=2", "eval.max_new_tokens=6", "eval.bertscore_model=null", *more]  # fmt: skip
+
+
+def method_names() -> list[str]:
+    """Every method config (conf/method/*.yaml): parametrized suites run them all, so adding a method adds no line."""
+    from adore.registry import method_names as names
+
+    return names()
+
+
+def make_method(name: str, m: int, model=None, **overrides):
+    """The method of conf/method/<name>.yaml at budget m; skips the test when it cannot run on `model` (e.g. a
+    trained controller whose width fits another backbone)."""
+    from adore.registry import build_method
+
+    method = build_method(name, m, **overrides)
+    if model is not None:
+        try:
+            method.start(1, 4, model.device, model)
+        except ValueError as why:
+            pytest.skip(f"method={name} does not run on this model: {why}")
+    return method

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_method, method_names
 from transformers import DynamicCache
 
 from adore.controller import Controller, ControllerConfig
 from adore.generate import generate
-from adore.methods import H2O, Adore, Full, Oracle, Random, Streaming, Window
+from adore.methods import H2O, Adore, Full, Streaming, Window
 from adore.session import Session
 
-METHODS = {
-    "full": lambda m: Full(),
-    "window": lambda m: Window(m=m),
-    "streaming": lambda m: Streaming(m=m, sinks=2),
-    "h2o": lambda m: H2O(m=m),
-    "random": lambda m: Random(m=m),
-    "adore_r0": lambda m: Adore(m=m, R=0),
-    "adore": lambda m: Adore(m=m, R=3),
-    "oracle": lambda m: Oracle(m=m, R=3),
-}
+METHODS = method_names()  # every conf/method/*.yaml, as eval.py builds it
 
 
 def prompts(batch=2, length=14, seed=0):
@@ -38,7 +30,7 @@ def test_large_budget_equals_full_attention_generate(tiny, name):
     ids, mask = prompts()
     new = 12
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
-    out = generate(model, METHODS[name](ids.shape[1] + new), ids, mask, new, eos_token_ids=[], pad_token_id=0)
+    out = generate(model, make_method(name, ids.shape[1] + new, model), ids, mask, new, eos_token_ids=[], pad_token_id=0)
     assert torch.equal(out.tokens, ref[:, ids.shape[1] :])
 
 
@@ -47,7 +39,7 @@ def test_cache_invariants_at_small_budget(tiny, name):
     model, _ = tiny
     ids, mask = prompts()
     m = 6
-    method = METHODS[name](m)
+    method = make_method(name, m, model)
     session = Session(model, method, 2, 64)
     logits = session.feed(ids, mask.bool())
     rebuilt_total = 0
@@ -77,10 +69,10 @@ def test_batched_equals_one_at_a_time(tiny, name):
     model, _ = tiny
     ids, mask = prompts(batch=3, length=16, seed=1)
     mask[2, :7] = 0
-    batched = generate(model, METHODS[name](8), ids, mask, 10, eos_token_ids=[], pad_token_id=0)
+    batched = generate(model, make_method(name, 8, model), ids, mask, 10, eos_token_ids=[], pad_token_id=0)
     for b in range(3):
         keep = mask[b].bool()
-        alone = generate(model, METHODS[name](8), ids[b : b + 1, keep], mask[b : b + 1, keep], 10, eos_token_ids=[], pad_token_id=0)
+        alone = generate(model, make_method(name, 8, model), ids[b : b + 1, keep], mask[b : b + 1, keep], 10, eos_token_ids=[], pad_token_id=0)
         assert torch.equal(batched.tokens[b], alone.tokens[0]), f"row {b}"
 
 
@@ -149,7 +141,7 @@ def test_controller_checkpoint_round_trip(tmp_path, tiny):
     ids, mask = prompts()
     a = generate(model, Adore(m=6, R=2, controller=str(path)), ids, mask, 8, [], 0)
     method = Adore(m=6, R=2)
-    method.net = net
+    method.net = net  # the same weights, not read from a file
     b = generate(model, method, ids, mask, 8, [], 0)
     assert torch.equal(a.tokens, b.tokens)
 
@@ -199,8 +191,8 @@ def test_packaged_model_large_budget_equals_generate(packaged):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     new = 16
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-    for name, make in METHODS.items():
-        out = generate(model, make(ids.shape[1] + new), ids, mask, new, eos_token_ids=[], pad_token_id=tokenizer.pad_token_id)
+    for name in METHODS:
+        out = generate(model, make_method(name, ids.shape[1] + new, model), ids, mask, new, eos_token_ids=[], pad_token_id=tokenizer.pad_token_id)
         assert torch.equal(out.tokens, ref[:, ids.shape[1] :]), name
 
 
@@ -210,7 +202,7 @@ def test_packaged_model_small_budget_invariants(packaged):
     text = "The quick brown fox jumps over the lazy dog. " * 6
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     for name in ("window", "h2o", "adore"):
-        session = Session(model, METHODS[name](16), 1, 128)
+        session = Session(model, make_method(name, 16, model), 1, 128)
         logits = session.feed(ids)
         for _ in range(6):
             logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
@@ -229,7 +221,7 @@ def test_cuda_graph_decode_equals_eager():
     ids = torch.randint(10, 1000, (3, 64), device="cuda")
     mask = torch.ones_like(ids)
     mask[0, :10] = 0
-    for name in ("full", "window", "streaming", "adore_r0", "adore"):
-        eager = generate(model, METHODS[name](16), ids, mask, 40, [], 0)
-        graphed = generate(model, METHODS[name](16), ids, mask, 40, [], 0, cuda_graphs=True)
+    for name in ("full", "window", "streaming", "adore"):
+        eager = generate(model, make_method(name, 16, model), ids, mask, 40, [], 0)
+        graphed = generate(model, make_method(name, 16, model), ids, mask, 40, [], 0, cuda_graphs=True)
         assert torch.equal(eager.tokens, graphed.tokens), name

@@ -5,36 +5,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import PROJECT, make_method, method_names, tiny_overrides
+from conftest import compose_eval as eval_cfg
 
 from adore import evaluate
 from adore.io import read_json, read_jsonl
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-PROJECT = Path(__file__).resolve().parents[1]
 
-
-def eval_cfg(*overrides):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return compose("eval", overrides=["logger=none", "eval.progress=false", *overrides])
-
-
-def tiny_overrides(tiny_model_dir, *more):
-    """The tiny model, a few short examples; stored full-attention outputs go beside the model (per session)."""
-    return [f"model.name_or_path={tiny_model_dir}", f"out_root={Path(tiny_model_dir).parent / 'outputs'}", "eval.num_examples=3", "eval.batch_size=2",
-            "eval.max_new_tokens=6", "eval.bertscore_model=null", *more]
-
-
-@pytest.mark.parametrize("method", ["full", "window", "streaming", "h2o", "random", "adore", "oracle"])
-def test_every_method_runs_through_eval(tmp_path, tiny_model_dir, method):
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_runs_through_eval(tmp_path, tiny, tiny_model_dir, method):
+    built = make_method(method, 16, tiny[0])  # skips a method that cannot run on the tiny model
     cfg = eval_cfg(*tiny_overrides(tiny_model_dir, f"method={method}", "budget=16", "data=samsum"))
     result = evaluate.run(cfg, str(tmp_path))
     assert {"eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL"} <= set(result["metrics"])
     assert result["perf"]["perf/decode_tok_per_s"] > 0
-    assert result["run"]["method"] == method and result["run"]["m"] == (None if method == "full" else 16)
+    run = result["run"]
+    assert run["method"] == built.name and run["m"] == built.m and run["tag"] == built.tag
+    assert run["label"] == built.label and run["training_free"] == built.training_free
+    assert run["chat"] is True and run["has_answer"] is False  # SAMSum: conversations, no gold answer
+    assert result["method"] == built.identity()  # every setting, so no two settings share a report row
     assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 3
     assert read_json(tmp_path / "results.json")["run"] == result["run"]
 
@@ -87,8 +78,28 @@ def test_unknown_task_names_the_choices():
 
 def test_run_directory_names_carry_the_hyper_parameters():
     cfg = eval_cfg("method=adore", "method.m=64", "method.R=8", "data=chat")
-    assert evaluate.method_tag(cfg.method) == "adore_m64_R8_untrained"
+    assert evaluate.method_tag(cfg.method) == "adore_m64_R8_untrained_seed0"
     assert evaluate.method_tag(eval_cfg("method=streaming", "budget=32").method) == "streaming_m32_s4"
+    assert evaluate.method_tag(eval_cfg("method=h2o", "budget=32", "method.recent_ratio=0.25").method) == "h2o_m32_r0.25"
+    assert evaluate.method_tag(eval_cfg("method=random", "budget=32", "method.seed=3").method) == "random_m32_seed3"
+    trained = evaluate.method_tag(eval_cfg("method=adore_trained", "budget=32").method)
+    assert trained.startswith("adore_m32_R4_controller_smollm2_samsum_k64-") and len(trained.rsplit("-", 1)[1]) == 8
+
+
+def test_every_method_setting_names_its_run_directory():
+    """Two settings of any method never share a run directory: changing any field of any method changes its tag."""
+    import dataclasses
+
+    for name in method_names():
+        method = make_method(name, 32)
+        for f in dataclasses.fields(method):
+            value = getattr(method, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if f.name not in method.identity():
+                continue  # not a setting of this configuration (a trained controller has no seed)
+            other = dataclasses.replace(method, **{f.name: value + 1 if isinstance(value, int) else value / 2})
+            assert other.tag != method.tag, (name, f.name)
 
 
 @pytest.mark.slow
@@ -104,17 +115,6 @@ def test_packaged_model_end_to_end_on_samsum(tmp_path):
     assert result["metrics"]["eval/bertscore_f"] > 0 and result["perf"]["perf/decode_tok_per_s"] > 0
     outputs = [r["output"] for r in read_jsonl(tmp_path / "predictions.jsonl")]
     assert all(len(o) > 0 for o in outputs)
-
-
-def test_bench_runs_every_method(tmp_path, tiny_model_dir):
-    from adore import bench
-
-    rows = bench.main(["--model", tiny_model_dir, "--prompt-len", "24", "--new-tokens", "4", "--batch", "2", "--m", "8",
-                       "--R", "2", "--methods", "full,window,streaming,h2o,random,adore_r0,adore,oracle", "--hf-generate",
-                       "--out", str(tmp_path / "bench.json")])
-    assert [r["method"] for r in rows][:2] == ["hf_generate_full", "full"]
-    assert all(r["decode_tok_per_s"] > 0 for r in rows)
-    assert read_json(tmp_path / "bench.json")["rows"][1]["x_full"] == pytest.approx(1.0)
 
 
 def test_a_run_directory_held_by_a_live_process_is_left_to_it(tmp_path, tiny_model_dir, capsys):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_eval as eval_cfg
+from conftest import make_method, method_names
 
 from adore import evaluate
 from adore.data import DataSpec, load_records
@@ -19,23 +21,11 @@ from adore.tasks.long import Long, repeated_ngram_fraction
 from adore.tasks.perplexity import Perplexity, forced_nll
 from adore.tasks.stream import Stream, dialogue_turns, segments
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-METHODS = ["full", "window", "streaming", "h2o", "random", "adore", "oracle"]
-
-
-def eval_cfg(*overrides):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return compose("eval", overrides=["logger=none", "eval.progress=false", *overrides])
+METHODS = method_names()
 
 
 def tiny_overrides(tiny_model_dir, *more):
-    return [f"model.name_or_path={tiny_model_dir}", f"out_root={Path(tiny_model_dir).parent / 'outputs'}", "eval.num_examples=2",
-            "eval.batch_size=2", "eval.max_new_tokens=5", "eval.max_prompt_tokens=96", "eval.bertscore_model=null", *more]
-
-
-def method_from_config(name: str, m: int):
-    """The method as `eval.py method=<name> budget=<m>` builds it (the real configs)."""
-    return evaluate.build(eval_cfg(f"method={name}", f"budget={m}").method)
+    return conftest.tiny_overrides(tiny_model_dir, "eval.num_examples=2", "eval.max_new_tokens=5", "eval.max_prompt_tokens=96", *more)
 
 
 def texts(seed=0):
@@ -66,7 +56,7 @@ def test_wikitext2_is_split_into_articles():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_perplexity_with_budget_over_text_length_equals_full_attention(tiny, full_nll, name):
-    nll, count, stats = forced_nll(tiny[0], method_from_config(name, 16), *texts(), pad_id=0)
+    nll, count, stats = forced_nll(tiny[0], make_method(name, 16, tiny[0]), *texts(), pad_id=0)
     assert count == full_nll[1] == [13, 8]
     assert nll == pytest.approx(full_nll[0], rel=1e-4)
     assert stats["decode_tokens"] == 12 + 7 and stats["rebuilt_tokens"] == 0
@@ -76,7 +66,7 @@ def test_perplexity_with_budget_over_text_length_equals_full_attention(tiny, ful
 def test_a_document_longer_than_m_never_grows_the_cache_past_m(tiny, name, monkeypatch):
     model, _ = tiny
     m = 5
-    method = method_from_config(name, m)
+    method = make_method(name, m, model)
     feeds = []
     original = Session.feed
 

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+
+from adore.config import build
 
 STAGES = ("finetune", "labels", "controller")
 LATEST = "latest"  # stage.datamodule.labels: the newest outputs/train/labels/*/labels/labels.pt
@@ -21,16 +21,6 @@ CUDA_PRECISIONS = ("16-mixed", "16", 16, "16-true", "transformer-engine")
 
 def _fail(message: str):
     raise ValueError(message)
-
-
-def _build(node):
-    """instantiate, but a ValueError raised by the target surfaces as itself, not wrapped by Hydra."""
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, ValueError):
-            raise error.__cause__ from None
-        raise
 
 
 def latest_labels(root: str | Path = ".") -> Path | None:
@@ -65,8 +55,8 @@ def check_config(cfg: DictConfig) -> None:
         _fail(f"stage.name={stage!r} is not a training stage: use stage=finetune, stage=labels or stage=controller")
     if not isinstance(cfg.K, int) or cfg.K < 1:
         _fail(f"K={cfg.K!r}: top-K keeps K >= 1 keys per query; pass e.g. K=64")
-    _build(cfg.model)  # ModelSpec checks device, quantize (CUDA only) and adapter without loading anything
-    _build(cfg.data)
+    build(cfg.model)  # ModelSpec checks device, quantize (CUDA only) and adapter without loading anything
+    build(cfg.data)
     cuda = torch.cuda.is_available()
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if not cuda and accelerator in ("gpu", "cuda"):

@@ -1,0 +1,133 @@
+"""What a release method is (ADORE.md §3): a score over history tokens; the session keeps the m highest.
+
+A method is a dataclass of its knobs (the config) with three functions:
+
+* `start(batch_size, length, device, model)` -> `State`: its per-session state (the session owns it);
+* `update(state, entered)`: after each forward, with an `Entered` view of the tokens just fed and whatever
+  the method declared in `needs` (attention mass, keys, embeddings);
+* `score(state, tokens)` -> (B, k): how much to keep each history token of a `Tokens` view; higher = keep.
+
+The session (adore/session.py) computes only what some method `needs`, so methods never reach into it.
+`m=None` means no budget (full attention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+KEEP = 1e9  # a score bonus no learned or accumulated score reaches: "always keep"
+
+# What a method may ask the session for (`Method.needs`); each costs something, so nothing is computed unasked.
+NEEDS = {
+    "attention": "Entered.attention: attention mass each history token received in this forward (all queries)",
+    "last_attention": "Entered.last_attention: the newest query's attention over the history tokens",
+    "window_attention": "Entered.window_attention: the last `window` queries' attention rows",
+    "keys": "Entered.keys: the new tokens' cached keys, all layers",
+    "embeddings": "Entered.embeddings: the new tokens' input embeddings",
+    "full_attention": "Tokens.full_attention: the newest query's attention under full attention (a shadow pass)",
+}
+
+
+@dataclass
+class State:
+    """A method's per-session state. `tokens` holds per-history-token tensors (B, T, ...) that the session
+    grows with the history; anything else (a recurrent state, say) is an attribute."""
+
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Tokens:
+    """The history tokens being scored: all (B, k)."""
+
+    cols: torch.Tensor  # history columns (the session's index of fed tokens)
+    ids: torch.Tensor  # token ids
+    positions: torch.Tensor  # original positions
+    query_pos: torch.Tensor  # (B, 1) position t of the newest token: the query the scores are for
+    full_attention: torch.Tensor | None = None  # with needs "full_attention": (B, k) weights, summed over heads/layers
+
+
+@dataclass
+class Entered:
+    """The tokens of the last forward; attention tensors are indexed by history column, (B, T)."""
+
+    cols: torch.Tensor  # (B, n) history columns of the new tokens
+    valid: torch.Tensor  # (B, n) False for padding
+    ids: torch.Tensor  # (B, n)
+    positions: torch.Tensor  # (B, n)
+    query_pos: torch.Tensor  # (B, 1)
+    held: torch.Tensor  # (B, T) True for the history tokens now in the cache
+    attention: torch.Tensor | None = None  # (B, T) mass received from every query of this forward
+    last_attention: torch.Tensor | None = None  # (B, T) the newest query's weights
+    window_attention: torch.Tensor | None = None  # (B, w, T) the last w queries' weights
+    keys: torch.Tensor | None = None  # (layers, B, kv_heads, n, head_dim)
+    embeddings: torch.Tensor | None = None  # (B, n, d_model)
+
+
+@dataclass
+class Method:
+    m: int | None = None
+
+    name: ClassVar[str] = "method"  # the config name (conf/method/<name>.yaml) and run-directory prefix
+    label: ClassVar[str] = "Method"  # the name tables show
+    R: ClassVar[int] = 0  # released tokens rebuilt per step (a field of methods that rebuild)
+    training_free: ClassVar[bool] = True  # a heuristic baseline (False: learned, or an oracle)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    window: ClassVar[int] = 1  # queries in `Entered.window_attention`
+    short: ClassVar[dict[str, str]] = {}  # field -> its prefix in run-directory names (default: the field name)
+
+    def __post_init__(self):
+        if self.m is not None and (isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1):
+            raise ValueError(f"method.m={self.m!r} must be a positive integer (the KV budget), or null for no budget")
+        unknown = set(self.needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.needs has {sorted(unknown)}: choose from {sorted(NEEDS)}")
+
+    def start(self, batch_size: int, length: int, device, model) -> State:
+        """Per-session state for `batch_size` rows and `length` history columns."""
+        return State()
+
+    def update(self, state: State, entered: Entered) -> None:
+        """Called after every forward (before release)."""
+
+    def score(self, state: State, tokens: Tokens) -> torch.Tensor:
+        """(B, k) scores of `tokens` for the current query; higher = keep."""
+        raise NotImplementedError
+
+    # ---- identity: what results.json records and run directories are named from -------------------------
+    def identity(self) -> dict:
+        """Every setting that changes results, by name (`name` first)."""
+        return {"name": self.name} | {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def tag(self) -> str:
+        """Run-directory name: the method and every setting, e.g. `h2o_m64_r0.5`."""
+        parts = [self.name]
+        for key, value in self.identity().items():
+            if key == "name" or value is None or value == {}:
+                continue
+            parts.append(f"{self.short.get(key, key)}{_compact(value)}")
+        return "_".join(parts)
+
+
+def _compact(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return "-".join(f"{k}={_compact(v)}" for k, v in sorted(value.items()))
+    return str(value).replace("/", "-").replace(" ", "")
+
+
+def file_identity(path: str | Path) -> str:
+    """`<stem>-<sha256 prefix>` of a checkpoint: two files of the same name never share an identity."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8]
+    return f"{Path(path).stem}-{digest}"
+
+
+def positions_of(tokens: Tokens) -> torch.Tensor:
+    return tokens.positions.float()
