@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from adore.methods.base import KEEP, Method, State
+
+MAX_WINDOW = 256  # attention rows the engine records at most (adore.attention.QUERY_CHUNK)
+
+
+@dataclass
+class SnapKV(Method):
+    """SnapKV (Li et al., 2024): the attention of an observation window (the last `window` queries), summed,
+    smoothed by average pooling over neighbouring keys (`kernel`), picks the tokens to keep; the window's own
+    tokens are always kept. One decision for all layers (summed over heads and layers, like the others).
+
+    SnapKV compresses a prompt once; under a fixed budget the window slides with decoding: the last `window`
+    queries seen (the end of the prompt at first, then the newest generated tokens) score every token.
+    """
+
+    m: int = 128
+    window: int | None = None  # queries in the observation window; None: m // 8 (kvpress: 64, for budgets of thousands)
+    kernel: int = 5  # average-pooling width over keys (odd)
+    name: ClassVar[str] = "snapkv"
+    label: ClassVar[str] = "SnapKV"
+    needs: ClassVar[frozenset[str]] = frozenset({"window_attention"})
+    short: ClassVar[dict] = {"window": "w", "kernel": "k"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.window is None:
+            self.window = max(1, self.m // 8)
+        if not 1 <= self.window < min(self.m, MAX_WINDOW + 1):
+            raise ValueError(f"method.window={self.window} must be in [1, min(m={self.m}, {MAX_WINDOW + 1})): the window's tokens are always kept")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"method.kernel={self.kernel} must be a positive odd number (average-pooling width)")
+
+    def start(self, batch_size, length, device, model):
+        rows = torch.zeros(batch_size, length, self.window, device=device)  # (B, T, window): the window's rows
+        return State(tokens={"rows": rows, "score": torch.zeros(batch_size, length, device=device)})
+
+    def update(self, state, entered):
+        rows = torch.cat([state.tokens["rows"], entered.window_attention.transpose(1, 2)], dim=2)[..., -self.window :]
+        state.tokens["rows"] = rows
+        pooled = F.avg_pool1d(rows.sum(2)[:, None], self.kernel, stride=1, padding=self.kernel // 2)
+        state.tokens["score"] = pooled[:, 0]  # (B, T)
+
+    def score(self, state, tokens):
+        in_window = tokens.positions > tokens.query_pos - self.window
+        return state.tokens["score"].gather(1, tokens.cols) + KEEP * in_window

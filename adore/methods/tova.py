@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from adore.methods.base import Method, State
+
+
+@dataclass
+class TOVA(Method):
+    """TOVA (Oren et al., 2024, "Transformers are multi-state RNNs"): keep the tokens the current query attends to
+    most. One decision for all layers: the newest query's attention summed over heads and layers.
+    """
+
+    m: int = 128
+    name: ClassVar[str] = "tova"
+    label: ClassVar[str] = "TOVA"
+    needs: ClassVar[frozenset[str]] = frozenset({"last_attention"})
+
+    def start(self, batch_size, length, device, model):
+        return State(tokens={"attention": torch.zeros(batch_size, length, device=device)})  # (B, T)
+
+    def update(self, state, entered):
+        state.tokens["attention"] = entered.last_attention
+
+    def score(self, state, tokens):
+        return state.tokens["attention"].gather(1, tokens.cols)
