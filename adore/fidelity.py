@@ -21,14 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import prefill, teacher_force
+from adore.generate import teacher_force
 from adore.io import read_json, save_torch, write_json
-from adore.session import Session
 
 SOURCES = ("full", "reference")
 
@@ -38,7 +38,7 @@ class Fidelity:
     """Config `task.fidelity`."""
 
     enabled: bool = True
-    source: str = "full"  # full: full attention's greedy output is teacher-forced; reference: the dataset's reference text
+    source: str = "full"  # full: full attention's greedy output is teacher-forced; reference: the dataset's text
     top_k: int = 256  # full attention's top-k log-probs stored per position (KL support)
     cache_dir: str = "outputs/reference"  # where full attention's outputs are stored, keyed by settings
 
@@ -82,28 +82,54 @@ def store_reference(fidelity: Fidelity, ref: Reference) -> Path:
     return folder
 
 
-@torch.no_grad()
-def forced_logits(model, method, prompts: list[list[int]], forced: list[list[int]], batches: list[list[int]],
-                  pad_id: int, prefill_chunk: int | None, progress: bool, visit) -> None:
+def forced_logits(
+    model,
+    method,
+    prompts: list[list[int]],
+    forced: list[list[int]],
+    batches: list[list[int]],
+    pad_id: int,
+    prefill_chunk: int | None,
+    progress: bool,
+    visit,
+) -> None:
     """Feed each prompt, then its forced tokens one `feed` at a time under `method`'s budget.
 
     `visit(i, j, logits)` gets example i's (vocab,) logits predicting forced[i][j], for every j.
     """
-    from adore.tasks import left_pad, right_pad
-
     for batch in tqdm(batches, desc=f"teacher-force {method.tag}", disable=not progress, leave=False):
-        ids, mask = left_pad([prompts[i] for i in batch], pad_id)
-        cont, cont_valid = right_pad([forced[i] for i in batch], pad_id)
-        session = Session(model, method, len(batch), ids.shape[1] + cont.shape[1])
-        logits = prefill(session, ids, mask.bool(), prefill_chunk)
-        for j, step_logits in teacher_force(session, logits, cont.to(session.device), cont_valid.to(session.device)):
-            for row, i in enumerate(batch):
-                if cont_valid[row, j]:
-                    visit(i, j, step_logits[row].float())
+        teacher_force(
+            model,
+            method,
+            [prompts[i] for i in batch],
+            [forced[i] for i in batch],
+            pad_id,
+            partial(_visit_rows, batch, visit),
+            prefill_chunk,
+        )
 
 
-def build_reference(model, full_method, prompts, forced, tokens, texts, batches, pad_id, fidelity: Fidelity,
-                    prefill_chunk, progress, key) -> Reference:
+def _visit_rows(batch: list[int], visit, j: int, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> None:
+    """`teacher_force`'s step: hand each row's logits that predict a real (not padding) token to `visit`."""
+    for row, (i, ok) in enumerate(zip(batch, valid[:, j].tolist())):
+        if ok:
+            visit(i, j, logits[row].float())
+
+
+def build_reference(
+    model,
+    full_method,
+    prompts,
+    forced,
+    tokens,
+    texts,
+    batches,
+    pad_id,
+    fidelity: Fidelity,
+    prefill_chunk,
+    progress,
+    key,
+) -> Reference:
     """Teacher-force `forced` through full attention and keep its top-k log-probs per position."""
     top_logp = [torch.zeros(len(f), min(fidelity.top_k, model.config.vocab_size)) for f in forced]
     top_ids = [torch.zeros(len(f), min(fidelity.top_k, model.config.vocab_size), dtype=torch.long) for f in forced]
@@ -116,7 +142,9 @@ def build_reference(model, full_method, prompts, forced, tokens, texts, batches,
     return Reference(tokens=tokens, texts=texts, forced=forced, top_logp=top_logp, top_ids=top_ids, key=key)
 
 
-def divergence(ref: Reference, model, method, prompts, batches, pad_id, prefill_chunk, progress) -> dict[str, list[float]]:
+def divergence(
+    ref: Reference, model, method, prompts, batches, pad_id, prefill_chunk, progress
+) -> dict[str, list[float]]:
     """Per-example teacher-forced KL(full || method), top-1 agreement and rank of full's top token."""
     sums = {k: [0.0] * len(prompts) for k in ("kl", "top1", "rank", "tail")}
 

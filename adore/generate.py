@@ -1,4 +1,5 @@
-"""Batched generation under a method's budget: prefill, then one `Session.feed` per new token."""
+"""The engine's loops over `Session.feed`: batched generation (prefill, then one feed per new token) and
+teacher forcing (prefill, then one feed per given token), with the padding and timing helpers they share."""
 
 from __future__ import annotations
 
@@ -56,6 +57,24 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids and 0/1 mask, padding on the left so every row's last token is its newest."""
+    width = max(len(x) for x in batch)
+    ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], dtype=torch.long)
+    return ids, mask
+
+
+def right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, width) ids and bool validity, padding on the right (for tokens fed after a common start)."""
+    width = max([len(x) for x in batch] + [0])
+    ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in batch], dtype=torch.long).reshape(len(batch), width)
+    valid = torch.tensor([[True] * len(x) + [False] * (width - len(x)) for x in batch], dtype=torch.bool).reshape(
+        len(batch), width
+    )
+    return ids, valid
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -75,11 +94,7 @@ def generate(
     B, L = input_ids.shape
     session = Session(model, method, B, L + max_new_tokens, cuda_graphs=cuda_graphs)
     valid = attention_mask.bool()
-    synchronize(session.device)
-    start = time.perf_counter()
-    logits = prefill(session, input_ids, valid, prefill_chunk)
-    synchronize(session.device)
-    prefill_s = time.perf_counter() - start
+    logits, prefill_s = timed_prefill(session, input_ids, valid, prefill_chunk)
     gen = decode(session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, progress, suppress_token_ids)
     gen.stats.update(prefill_s=prefill_s, prompt_tokens=int(valid.sum()), peak_kv_bytes=session.peak_kv_bytes)
     return gen
@@ -95,16 +110,52 @@ def prefill(session: Session, input_ids: torch.Tensor, valid: torch.Tensor, chun
     return logits
 
 
-def teacher_force(session: Session, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor):
-    """Yield (t, (B, vocab) logits predicting ids[:, t]) for every column t of right-padded (B, T) `ids`.
+def timed_prefill(session: Session, input_ids: torch.Tensor, valid: torch.Tensor, chunk: int | None = None):
+    """`prefill`, and the seconds it took (the device synchronised before both clock reads)."""
+    synchronize(session.device)
+    start = time.perf_counter()
+    logits = prefill(session, input_ids, valid, chunk)
+    synchronize(session.device)
+    return logits, time.perf_counter() - start
 
-    ids[:, t-1] is fed before step t, one `feed` per token, so the method releases between any two
-    predictions; `logits` are the last feed's (the context's). Perplexity and fidelity both read this.
+
+@torch.no_grad()
+def teacher_force(
+    model,
+    method,
+    contexts: list[list[int]],
+    targets: list[list[int]],
+    pad_id: int,
+    step,
+    prefill_chunk: int | None = None,
+) -> dict:
+    """Prefill each row's context, then feed its targets one `feed` per token under `method`'s budget.
+
+    Contexts are left-padded (every row's last context token is its newest), targets right-padded: a row
+    whose targets have ended feeds padding (valid False) until the longest ends. Before feeding column t,
+    `step(t, logits, ids, valid)` gets the (B, vocab) logits predicting ids[:, t], with the (B, T) target
+    ids and validity on the session's device, so the method releases between any two predictions.
+    Perplexity and fidelity both read this. Returns the stats of `generate` (decode = the targets).
     """
+    ctx_ids, ctx_mask = left_pad(contexts, pad_id)  # (B, Lc)
+    ids, valid = right_pad(targets, pad_id)  # (B, T)
+    session = Session(model, method, len(contexts), ctx_ids.shape[1] + ids.shape[1])
+    ids, valid = ids.to(session.device), valid.to(session.device)
+    logits, prefill_s = timed_prefill(session, ctx_ids, ctx_mask.bool(), prefill_chunk)
+    start = time.perf_counter()
     for t in range(ids.shape[1]):
         if t > 0:
             logits = session.feed(ids[:, t - 1 : t], valid[:, t - 1 : t])
-        yield t, logits[:, -1]
+        step(t, logits[:, -1], ids, valid)
+    synchronize(session.device)
+    return {
+        "prefill_s": prefill_s,
+        "prompt_tokens": int(ctx_mask.sum()),
+        "decode_s": time.perf_counter() - start,
+        "decode_tokens": int((valid.sum(1) - 1).clamp(min=0).sum()),  # targets fed one at a time (the last is not fed)
+        "rebuilt_tokens": session.rebuilt,
+        "peak_kv_bytes": session.peak_kv_bytes,
+    }
 
 
 @torch.no_grad()
@@ -118,11 +169,13 @@ def decode(
     progress: bool = False,
     suppress_token_ids: list[int] | None = None,
     active: torch.Tensor | None = None,
+    latencies: bool = False,
 ) -> Generation:
     """Generate up to `max_new_tokens` per row from the logits of the last feed, one `feed` per token.
 
     The last token of a row (its eos, or the last of the budget) is not fed, as in `generate`: a stream
-    that goes on feeds it with its next turn. Rows with `active` False generate nothing.
+    that goes on feeds it with its next turn. Rows with `active` False generate nothing. `latencies`: the
+    stats also hold `step_s`, the seconds of each step that fed a token (pick + feed, synchronised).
     """
     sampling = sampling or Sampling()
     device, B = session.device, session.batch_size
@@ -133,8 +186,9 @@ def decode(
     done = torch.zeros(B, dtype=torch.bool, device=device) if active is None else ~active.to(device).bool()
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     rebuilt_before = session.rebuilt
+    step_s = [] if latencies else None
     synchronize(device)
-    start = time.perf_counter()
+    start = tick = time.perf_counter()
     steps = 0
     for step in tqdm(range(max_new_tokens), desc=f"decode {session.method.tag}", disable=not progress, leave=False):
         if bool(done.all()):
@@ -150,6 +204,11 @@ def decode(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = session.feed(nxt[:, None], ~done[:, None])
+        if step_s is not None:
+            synchronize(device)
+            now = time.perf_counter()
+            step_s.append(now - tick)
+            tick = now
     synchronize(device)
     decode_s = time.perf_counter() - start
     generated = int(lengths.sum())
@@ -161,4 +220,6 @@ def decode(
         "rebuilt_tokens": session.rebuilt - rebuilt_before,
         "peak_kv_bytes": session.peak_kv_bytes,
     }
+    if step_s is not None:
+        stats["step_s"] = step_s
     return Generation(tokens[:, :steps], lengths, stats)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from adore.io import save_torch
+
 FORMAT = 1  # bumped when the file layout changes
 
 
@@ -57,17 +59,13 @@ def index_dtype(max_length: int) -> torch.dtype:
 
 def save_labels(path: str | Path, meta: dict, rows: list[dict]) -> Path:
     """One file for the whole set: meta plus per-sequence `ids` (T,), `topk` (T, K), `h2o` (T, h2o_k), `id`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
         "format": FORMAT,
         "meta": dict(meta),
         **{key: [row[key] for row in rows] for key in ("id", "ids", "topk", "h2o")},
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return path
+    save_torch(path, blob)
+    return Path(path)
 
 
 def load_labels(path: str | Path) -> dict:

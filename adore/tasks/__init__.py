@@ -49,7 +49,9 @@ def check_counts(task, required=(), optional=(), own=()) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             where = "eval" if key in EVAL_KEYS and key not in own else "task"
-            raise ValueError(f"{where}.{key}={value!r} must be a positive integer" + (" or null" if key in optional else ""))
+            raise ValueError(
+                f"{where}.{key}={value!r} must be a positive integer" + (" or null" if key in optional else "")
+            )
 
 
 def load_examples(data_spec, num_examples: int | None, keep=None, fix: str | None = None) -> list[dict]:
@@ -66,25 +68,11 @@ def encode_prompts(tokenizer, records, max_prompt_tokens: int | None) -> list[li
     """Chat-template token ids per record, left-truncated to the last `max_prompt_tokens`."""
     prompts = []
     for r in records:
-        ids = tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
         prompts.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
     return prompts
-
-
-def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, width) ids and 0/1 mask, padding on the left so every row's last token is its newest."""
-    width = max(len(x) for x in batch)
-    ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], dtype=torch.long)
-    return ids, mask
-
-
-def right_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, width) ids and bool validity, padding on the right (for tokens fed after a common start)."""
-    width = max([len(x) for x in batch] + [0])
-    ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in batch], dtype=torch.long).reshape(len(batch), width)
-    valid = torch.tensor([[True] * len(x) + [False] * (width - len(x)) for x in batch], dtype=torch.bool).reshape(len(batch), width)
-    return ids, valid
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -100,13 +88,21 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def generate_batches(ctx: Context, method, prompts: list[list[int]], batches: list[list[int]], max_new_tokens: int,
-                     sampling, prefill_chunk: int | None, past_eos: bool = False) -> tuple[list[list[int]], list[dict]]:
+def generate_batches(
+    ctx: Context,
+    method,
+    prompts: list[list[int]],
+    batches: list[list[int]],
+    max_new_tokens: int,
+    sampling,
+    prefill_chunk: int | None,
+    past_eos: bool = False,
+) -> tuple[list[list[int]], list[dict]]:
     """Generated ids per prompt (eos included) and the stats of each batch. `past_eos`: eos is suppressed,
     every row generates `max_new_tokens`."""
     from tqdm.auto import tqdm
 
-    from adore.generate import generate
+    from adore.generate import generate, left_pad
 
     tok = ctx.tokenizer
     eos = eos_ids(ctx.model, tok)
@@ -114,8 +110,19 @@ def generate_batches(ctx: Context, method, prompts: list[list[int]], batches: li
     stats = []
     for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
         ids, mask = left_pad([prompts[i] for i in batch], tok.pad_token_id)
-        gen = generate(ctx.model, method, ids, mask, max_new_tokens, [] if past_eos else eos, tok.pad_token_id, sampling,
-                       prefill_chunk, cuda_graphs=ctx.cuda_graphs, suppress_token_ids=eos if past_eos else None)
+        gen = generate(
+            ctx.model,
+            method,
+            ids,
+            mask,
+            max_new_tokens,
+            [] if past_eos else eos,
+            tok.pad_token_id,
+            sampling,
+            prefill_chunk,
+            cuda_graphs=ctx.cuda_graphs,
+            suppress_token_ids=eos if past_eos else None,
+        )
         stats.append(gen.stats)
         for row, i in enumerate(batch):
             tokens[i] = gen.tokens[row, : gen.lengths[row]].tolist()

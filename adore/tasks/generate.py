@@ -6,7 +6,7 @@ Reference-based quality (BLEU, ROUGE, BERTScore-F, accuracy for math), fidelity 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -47,14 +47,12 @@ class Generate:
     max_prompt_tokens: int | None = 2048
     prefill_chunk: int | None = None
     bertscore_model: str | None = None
-    sampling: Sampling | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     fidelity: Fidelity | None = None
-    bootstrap: Bootstrap | None = None
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
 
     def __post_init__(self):
         check_counts(self, ("batch_size", "max_new_tokens"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
-        self.sampling = self.sampling or Sampling()
-        self.bootstrap = self.bootstrap or Bootstrap()
 
     def load(self, data_spec) -> list[dict]:
         return load_examples(data_spec, self.num_examples)
@@ -64,9 +62,7 @@ class Generate:
         batches = batches_by_length([len(p) for p in prompts], self.batch_size)
         tokens, texts, stats = self._generate(ctx, method, prompts, batches, self.sampling)
         references = [r["reference"] for r in records]
-        summary, per_example = quality(
-            ctx.data_spec.name, texts, references, [r["answer"] for r in records], self.bertscore_model
-        )
+        summary, per_example = quality(texts, references, [r["answer"] for r in records], self.bertscore_model)
         metrics = {f"eval/{k}": v for k, v in summary.items()}
         metrics["eval/bleu_ci"] = corpus_bleu_ci(texts, references, self.bootstrap)
         for k, values in per_example.items():
@@ -81,7 +77,13 @@ class Generate:
             per_example |= {f"fidelity_{k}": v for k, v in scores.items()}
             per_example["full_output"] = ref.texts
         rows = [
-            {"id": r["id"], "messages": r["messages"], "reference": r["reference"], "answer": r["answer"], "output": texts[i]}
+            {
+                "id": r["id"],
+                "messages": r["messages"],
+                "reference": r["reference"],
+                "answer": r["answer"],
+                "output": texts[i],
+            }
             | {k: v[i] for k, v in per_example.items()}
             for i, r in enumerate(records)
         ]
@@ -90,7 +92,9 @@ class Generate:
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _generate(self, ctx: Context, method, prompts, batches, sampling):
-        tokens, stats = generate_batches(ctx, method, prompts, batches, self.max_new_tokens, sampling, self.prefill_chunk)
+        tokens, stats = generate_batches(
+            ctx, method, prompts, batches, self.max_new_tokens, sampling, self.prefill_chunk
+        )
         texts = [ctx.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
         return tokens, texts, stats
 
@@ -124,15 +128,34 @@ class Generate:
         if self.fidelity.source == "full":
             forced = tokens
         else:
-            forced = [ctx.tokenizer(r["reference"], add_special_tokens=False)["input_ids"][: self.max_new_tokens] for r in records]
-        ref = build_reference(ctx.model, full, prompts, forced, tokens, texts, batches, ctx.tokenizer.pad_token_id,
-                              self.fidelity, self.prefill_chunk, ctx.progress, key)
+            forced = [
+                ctx.tokenizer(r["reference"], add_special_tokens=False)["input_ids"][: self.max_new_tokens]
+                for r in records
+            ]
+        ref = build_reference(
+            ctx.model,
+            full,
+            prompts,
+            forced,
+            tokens,
+            texts,
+            batches,
+            ctx.tokenizer.pad_token_id,
+            self.fidelity,
+            self.prefill_chunk,
+            ctx.progress,
+            key,
+        )
         folder = store_reference(self.fidelity, ref)
         print(f"[reference] stored full attention's outputs in {folder}")
         return ref
 
-    def _fidelity(self, ctx: Context, method, ref: Reference, prompts, batches, tokens, texts) -> dict[str, list[float]]:
-        scores = divergence(ref, ctx.model, method, prompts, batches, ctx.tokenizer.pad_token_id, self.prefill_chunk, ctx.progress)
+    def _fidelity(
+        self, ctx: Context, method, ref: Reference, prompts, batches, tokens, texts
+    ) -> dict[str, list[float]]:
+        scores = divergence(
+            ref, ctx.model, method, prompts, batches, ctx.tokenizer.pad_token_id, self.prefill_chunk, ctx.progress
+        )
         scores = {"kl": scores["kl"], "top1": scores["top1"], "rank": scores["rank"], "ref_tail_mass": scores["tail"]}
         scores["first_divergence"] = [float(first_divergence(a, b)) for a, b in zip(tokens, ref.tokens)]
         scores["identical"] = [float(a == b) for a, b in zip(tokens, ref.tokens)]

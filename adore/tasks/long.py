@@ -3,7 +3,7 @@ measure how much of the output degenerates into repeating itself, and the decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -42,15 +42,17 @@ class Long:
     batch_size: int = 4
     max_prompt_tokens: int | None = 2048
     prefill_chunk: int | None = None
-    sampling: Sampling | None = None
-    bootstrap: Bootstrap | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
 
     def __post_init__(self):
         if not isinstance(self.length_factor, int | float) or self.length_factor <= 0:
-            raise ValueError(f"task.length_factor={self.length_factor!r} must be > 0 (tokens generated = length_factor x m)")
-        check_counts(self, ("reference_m", "ngram", "batch_size"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
-        self.sampling = self.sampling or Sampling()
-        self.bootstrap = self.bootstrap or Bootstrap()
+            raise ValueError(
+                f"task.length_factor={self.length_factor!r} must be > 0 (tokens generated = length_factor x m)"
+            )
+        check_counts(
+            self, ("reference_m", "ngram", "batch_size"), ("num_examples", "max_prompt_tokens", "prefill_chunk")
+        )
 
     @staticmethod
     def dir_suffix(node) -> str:
@@ -62,15 +64,21 @@ class Long:
         return max(1, round(self.length_factor * (method.m or self.reference_m)))
 
     def load(self, data_spec) -> list[dict]:
-        return load_examples(data_spec, self.num_examples, keep=lambda r: r["messages"],
-                             fix=f"data={data_spec.name} has no prompts: use data=chat, samsum or math")
+        return load_examples(
+            data_spec,
+            self.num_examples,
+            keep=lambda r: r["messages"],
+            fix=f"data={data_spec.name} has no prompts: use data=chat, samsum or math",
+        )
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         tok = ctx.tokenizer
         new = self.new_tokens(method)
         prompts = encode_prompts(tok, records, self.max_prompt_tokens)
         batches = batches_by_length([len(p) for p in prompts], self.batch_size)
-        tokens, stats = generate_batches(ctx, method, prompts, batches, new, self.sampling, self.prefill_chunk, past_eos=True)
+        tokens, stats = generate_batches(
+            ctx, method, prompts, batches, new, self.sampling, self.prefill_chunk, past_eos=True
+        )
         repeated = [repeated_ngram_fraction(tokens[i], self.ngram) for i in range(len(records))]
         metrics = {
             "eval/repeated_ngram_fraction": float(np.mean(repeated)),
@@ -78,10 +86,20 @@ class Long:
             "eval/new_tokens": float(np.mean([len(tokens[i]) for i in range(len(records))])),
         }
         rows = [
-            {"id": r["id"], "output": tok.decode(tokens[i], skip_special_tokens=True), "new_tokens": len(tokens[i]),
-             "repeated_ngram_fraction": repeated[i]}
+            {
+                "id": r["id"],
+                "output": tok.decode(tokens[i], skip_special_tokens=True),
+                "new_tokens": len(tokens[i]),
+                "repeated_ngram_fraction": repeated[i],
+            }
             for i, r in enumerate(records)
         ]
-        run = {"num_examples": len(records), "max_new_tokens": new, "length_factor": self.length_factor,
-               "reference_m": self.reference_m, "ngram": self.ngram, "batch_size": self.batch_size}
+        run = {
+            "num_examples": len(records),
+            "max_new_tokens": new,
+            "length_factor": self.length_factor,
+            "reference_m": self.reference_m,
+            "ngram": self.ngram,
+            "batch_size": self.batch_size,
+        }
         return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)

@@ -11,16 +11,14 @@ modelling" of each dataset.
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import prefill, synchronize, teacher_force
-from adore.session import Session
+from adore.generate import teacher_force
 from adore.stats import Bootstrap
 from adore.tasks import (
     Context,
@@ -28,9 +26,7 @@ from adore.tasks import (
     batches_by_length,
     check_counts,
     encode_prompts,
-    left_pad,
     load_examples,
-    right_pad,
     sum_stats,
 )
 
@@ -45,12 +41,15 @@ class Perplexity:
     batch_size: int = 4
     max_prompt_tokens: int | None = 2048
     prefill_chunk: int | None = None
-    bootstrap: Bootstrap | None = None
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
 
     def __post_init__(self):
-        check_counts(self, ("num_tokens", "max_doc_tokens", "batch_size"), ("num_examples", "max_prompt_tokens", "prefill_chunk"),
-                     own=("num_examples",))
-        self.bootstrap = self.bootstrap or Bootstrap()
+        check_counts(
+            self,
+            ("num_tokens", "max_doc_tokens", "batch_size"),
+            ("num_examples", "max_prompt_tokens", "prefill_chunk"),
+            own=("num_examples",),
+        )
 
     def load(self, data_spec) -> list[dict]:
         return load_examples(data_spec, self.num_examples)
@@ -61,8 +60,14 @@ class Perplexity:
         nll, count, stats = [0.0] * len(targets), [0] * len(targets), []
         batches = batches_by_length([len(c) + len(t) for c, t in zip(contexts, targets)], self.batch_size)
         for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
-            sums, counts, st = forced_nll(ctx.model, method, [contexts[i] for i in batch], [targets[i] for i in batch],
-                                             ctx.tokenizer.pad_token_id, self.prefill_chunk)
+            sums, counts, st = forced_nll(
+                ctx.model,
+                method,
+                [contexts[i] for i in batch],
+                [targets[i] for i in batch],
+                ctx.tokenizer.pad_token_id,
+                self.prefill_chunk,
+            )
             stats.append(st)
             for row, i in enumerate(batch):
                 nll[i], count[i] = sums[row], counts[row]
@@ -71,16 +76,27 @@ class Perplexity:
         metrics = {
             "eval/ppl": math.exp(mean_nll),
             "eval/nll": mean_nll,
-            "eval/ppl_ci": self.bootstrap.statistic_ci(len(nll), lambda idx: math.exp(nll_np[idx].sum() / count_np[idx].sum())),
+            "eval/ppl_ci": self.bootstrap.statistic_ci(
+                len(nll), lambda idx: math.exp(nll_np[idx].sum() / count_np[idx].sum())
+            ),
             "eval/tokens": int(count_np.sum()),
         }
         rows = [
-            {"id": r["id"], "context_tokens": len(contexts[i]), "tokens": count[i], "nll": nll[i],
-             "ppl": math.exp(nll[i] / max(count[i], 1))}
+            {
+                "id": r["id"],
+                "context_tokens": len(contexts[i]),
+                "tokens": count[i],
+                "nll": nll[i],
+                "ppl": math.exp(nll[i] / max(count[i], 1)),
+            }
             for i, r in enumerate(records)
         ]
-        run = {"num_examples": len(records), "num_tokens": int(count_np.sum()), "max_doc_tokens": self.max_doc_tokens,
-               "batch_size": self.batch_size}
+        run = {
+            "num_examples": len(records),
+            "num_tokens": int(count_np.sum()),
+            "max_doc_tokens": self.max_doc_tokens,
+            "batch_size": self.batch_size,
+        }
         return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)
 
     def texts(self, tokenizer, records: list[dict]) -> tuple[list[int], list[list[int]], list[list[int]]]:
@@ -104,38 +120,15 @@ class Perplexity:
         return kept, contexts, targets
 
 
-@torch.no_grad()
-def forced_nll(model, method, contexts: list[list[int]], targets: list[list[int]], pad_id: int,
-                  prefill_chunk: int | None = None) -> tuple[list[float], list[int], dict]:
-    """Summed NLL and token count of each row's targets, one `Session.feed` per target token.
+def forced_nll(
+    model, method, contexts: list[list[int]], targets: list[list[int]], pad_id: int, prefill_chunk: int | None = None
+) -> tuple[list[float], list[int], dict]:
+    """Summed NLL and token count of each row's targets, one `Session.feed` per target token (`teacher_force`)."""
+    nll = torch.zeros(len(contexts), dtype=torch.float64, device=model.device)
 
-    Contexts are left-padded and prefilled (so every row's last context token is the newest); targets are
-    right-padded, and a row whose text has ended feeds padding (valid False) until the longest ends.
-    """
-    B = len(contexts)
-    ctx_ids, ctx_mask = left_pad(contexts, pad_id)  # (B, Lc)
-    tgt_ids, tgt_valid = right_pad(targets, pad_id)  # (B, T)
-    session = Session(model, method, B, ctx_ids.shape[1] + tgt_ids.shape[1])
-    device = session.device
-    tgt_ids, tgt_valid = tgt_ids.to(device), tgt_valid.to(device)
-    nll = torch.zeros(B, dtype=torch.float64, device=device)
-    synchronize(device)
-    start = time.perf_counter()
-    logits = prefill(session, ctx_ids, ctx_mask.bool(), prefill_chunk)
-    synchronize(device)
-    prefill_s = time.perf_counter() - start
-    for t, step_logits in teacher_force(session, logits, tgt_ids, tgt_valid):
-        logp = step_logits.float().log_softmax(-1).gather(1, tgt_ids[:, t : t + 1])[:, 0]
-        nll -= torch.where(tgt_valid[:, t], logp, 0).double()
-    synchronize(device)
-    forced_s = time.perf_counter() - start - prefill_s
-    counts = tgt_valid.sum(1)
-    stats = {
-        "prefill_s": prefill_s,
-        "prompt_tokens": int(ctx_mask.sum()),
-        "decode_s": forced_s,
-        "decode_tokens": int((counts - 1).clamp(min=0).sum()),  # target tokens fed one at a time (the last is not fed)
-        "rebuilt_tokens": session.rebuilt,
-        "peak_kv_bytes": session.peak_kv_bytes,
-    }
-    return nll.tolist(), counts.tolist(), stats
+    def add(t, logits, ids, valid):
+        logp = logits.float().log_softmax(-1).gather(1, ids[:, t : t + 1])[:, 0]
+        nll.sub_(torch.where(valid[:, t], logp, 0).double())
+
+    stats = teacher_force(model, method, contexts, targets, pad_id, add, prefill_chunk)
+    return nll.tolist(), [len(t) for t in targets], stats

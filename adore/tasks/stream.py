@@ -8,19 +8,18 @@ generates the reply, so the context grows past m while the cache never does. Rep
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import Sampling, decode, prefill, synchronize
+from adore.generate import Sampling, decode, left_pad, timed_prefill
 from adore.metrics import quality
 from adore.session import Session
 from adore.stats import Bootstrap, corpus_bleu_ci
-from adore.tasks import Context, TaskOutput, check_counts, eos_ids, left_pad, load_examples, sum_stats
+from adore.tasks import Context, TaskOutput, check_counts, eos_ids, load_examples, sum_stats
 
 PLACEHOLDER = "ADOREREPLYPLACEHOLDER"  # stands for a generated reply when rendering the chat template
 
@@ -28,7 +27,11 @@ PLACEHOLDER = "ADOREREPLYPLACEHOLDER"  # stands for a generated reply when rende
 def dialogue_turns(record: dict, max_turns: int | None) -> list[tuple[list[dict], str]]:
     """(messages before the reply, reference reply) for each assistant reply that follows a user turn."""
     dialogue = record["messages"] + [{"role": "assistant", "content": record["reference"]}]
-    turns = [(dialogue[:j], m["content"]) for j, m in enumerate(dialogue) if m["role"] == "assistant" and j and dialogue[j - 1]["role"] == "user"]
+    turns = [
+        (dialogue[:j], m["content"])
+        for j, m in enumerate(dialogue)
+        if m["role"] == "assistant" and j and dialogue[j - 1]["role"] == "user"
+    ]
     return turns[:max_turns] if max_turns else turns
 
 
@@ -44,7 +47,9 @@ def segments(tokenizer, turns: list[tuple[list[dict], str]], eos: list[int]) -> 
     out = []
     for k, (messages, _) in enumerate(turns):
         if k == 0:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
             out.append((ids, ids))
             continue
         masked = [m | {"content": PLACEHOLDER} if m["role"] == "assistant" else m for m in messages]
@@ -66,47 +71,67 @@ class Stream:
     max_new_tokens: int = 64
     prefill_chunk: int | None = None
     bertscore_model: str | None = None
-    sampling: Sampling | None = None
-    bootstrap: Bootstrap | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    bootstrap: Bootstrap = field(default_factory=Bootstrap)
 
     def __post_init__(self):
         check_counts(self, ("batch_size", "max_new_tokens"), ("num_examples", "max_turns", "prefill_chunk"))
-        self.sampling = self.sampling or Sampling()
-        self.bootstrap = self.bootstrap or Bootstrap()
 
     def load(self, data_spec) -> list[dict]:
-        return load_examples(data_spec, self.num_examples, keep=lambda r: r["messages"] and dialogue_turns(r, self.max_turns),
-                             fix=f"data={data_spec.name} has no dialogues (user turns followed by replies): use data=chat")
+        return load_examples(
+            data_spec,
+            self.num_examples,
+            keep=lambda r: r["messages"] and dialogue_turns(r, self.max_turns),
+            fix=f"data={data_spec.name} has no dialogues (user turns followed by replies): use data=chat",
+        )
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         tok = ctx.tokenizer
         turns = [dialogue_turns(r, self.max_turns) for r in records]
         segs = [segments(tok, t, eos_ids(ctx.model, tok)) for t in turns]
         rows, stats, streamed = [], [], []
-        for start in tqdm(range(0, len(records), self.batch_size), desc=f"stream {method.tag}", disable=not ctx.progress):
+        for start in tqdm(
+            range(0, len(records), self.batch_size), desc=f"stream {method.tag}", disable=not ctx.progress
+        ):
             batch = list(range(start, min(start + self.batch_size, len(records))))
             out, st, lengths = self._stream(ctx, method, [segs[i] for i in batch])
             stats += st
             streamed += lengths
             for row, i in enumerate(batch):
                 for k, turn in enumerate(out[row]):
-                    rows.append({"id": f"{records[i]['id']}-turn{k}", "dialogue": records[i]["id"], "turn": k,
-                                 "reference": turns[i][k][1], **turn})
+                    rows.append(
+                        {
+                            "id": f"{records[i]['id']}-turn{k}",
+                            "dialogue": records[i]["id"],
+                            "turn": k,
+                            "reference": turns[i][k][1],
+                            **turn,
+                        }
+                    )
         outputs = [r["output"] for r in rows]
         references = [r["reference"] for r in rows]
-        summary, per_turn = quality("chat", outputs, references, [None] * len(rows), self.bertscore_model)
+        summary, per_turn = quality(outputs, references, [None] * len(rows), self.bertscore_model)
         metrics = {f"eval/{k}": v for k, v in summary.items()}
         metrics["eval/bleu_ci"] = corpus_bleu_ci(outputs, references, self.bootstrap)
         for k, values in per_turn.items():
             metrics[f"eval/{k}_ci"] = self.bootstrap.mean_ci(values)
-        metrics |= {"eval/turns": len(rows), "eval/dialogues": len(records), "eval/context_tokens": float(np.mean(streamed))}
+        metrics |= {
+            "eval/turns": len(rows),
+            "eval/dialogues": len(records),
+            "eval/context_tokens": float(np.mean(streamed)),
+        }
         for i, r in enumerate(rows):
             r |= {k: v[i] for k, v in per_turn.items()}
         perf = sum_stats(stats)
         busy = perf["perf/prefill_s"] + perf["perf/decode_s"]
         perf |= {"perf/stream_tokens": int(sum(streamed)), "perf/stream_tok_per_s": sum(streamed) / max(busy, 1e-9)}
-        run = {"num_examples": len(records), "turns": len(rows), "max_turns": self.max_turns,
-               "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        run = {
+            "num_examples": len(records),
+            "turns": len(rows),
+            "max_turns": self.max_turns,
+            "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size,
+        }
         return TaskOutput(metrics=metrics, perf=perf, rows=rows, run=run)
 
     @torch.no_grad()
@@ -124,21 +149,31 @@ class Stream:
             active = [k < len(segs[b]) for b in range(B)]
             feed = [pending[b] + segs[b][k][ended_eos[b]] if active[b] else [] for b in range(B)]
             ids, mask = left_pad(feed, tok.pad_token_id)
-            synchronize(session.device)
-            t0 = time.perf_counter()
-            logits = prefill(session, ids, mask.bool(), self.prefill_chunk)
-            synchronize(session.device)
-            prefill_s = time.perf_counter() - t0
-            gen = decode(session, logits, self.max_new_tokens, eos, tok.pad_token_id, self.sampling,
-                         suppress_token_ids=None, active=torch.tensor(active))
+            logits, prefill_s = timed_prefill(session, ids, mask.bool(), self.prefill_chunk)
+            gen = decode(
+                session,
+                logits,
+                self.max_new_tokens,
+                eos,
+                tok.pad_token_id,
+                self.sampling,
+                suppress_token_ids=None,
+                active=torch.tensor(active),
+            )
             stats.append(gen.stats | {"prefill_s": prefill_s, "prompt_tokens": int(mask.sum())})
             for b in range(B):
                 if not active[b]:
                     continue
                 fed[b] += feed[b]
                 reply = gen.tokens[b, : gen.lengths[b]].tolist()
-                out[b].append({"output": tok.decode(reply, skip_special_tokens=True).strip(), "context_ids": list(fed[b]),
-                               "output_ids": reply, "context_tokens": len(fed[b])})
+                out[b].append(
+                    {
+                        "output": tok.decode(reply, skip_special_tokens=True).strip(),
+                        "context_ids": list(fed[b]),
+                        "output_ids": reply,
+                        "context_tokens": len(fed[b]),
+                    }
+                )
                 fed[b] += reply[:-1]
                 pending[b], ended_eos[b] = reply[-1:], reply[-1] in eos
         return out, stats, [len(fed[b]) + len(pending[b]) for b in range(B)]
