@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,35 @@ def adore_base(R: int) -> tuple[float, float]:
     return 26 + 0.5 * R, 120 - 5 * R
 
 
+# What adore/evaluate.py records about each method: its display name and whether it is training-free.
+LABELS = {"full": "Full attention", "window": "Window", "streaming": "StreamingLLM", "h2o": "H2O", "random": "Random",
+          "adore": "ADORE", "oracle": "Oracle"}  # fmt: skip
+TRAINING_FREE = {"full", "window", "streaming", "h2o", "random"}
+CHAT = {"chat", "math", "samsum"}
+
+
+def method_section(method, m=None, R=None, sinks=None, **fields) -> dict:
+    """The results.json `method` section: every field of the method's dataclass."""
+    defaults = {
+        "streaming": {"sinks": sinks},
+        "h2o": {"recent_ratio": 0.5},
+        "random": {"seed": 0},
+        "adore": {"R": R, "controller": "controller_smollm2_samsum_k64@1a2b3c4d", "seed": 0, "config": {}},
+        "oracle": {"R": R, "controller": "controller_smollm2_samsum_k64@1a2b3c4d", "seed": 0, "config": {}},
+    }
+    return {"name": method, "m": m, **defaults.get(method, {}), **fields}
+
+
+def new_format(res: dict, label=None, **fields) -> dict:
+    """`res` with the method section and the run fields of today's results.json (`fields`: method settings)."""
+    run = res["run"]
+    method = method_section(run["method"], run["m"], run["R"], run["sinks"], **fields)
+    run["R"] = run["R"] or 0  # evaluate.py records Method.R: 0 for the methods that rebuild nothing
+    run |= {"label": label or LABELS[run["method"]], "tag": run["method"], "training_free": run["method"] in TRAINING_FREE,
+            "chat": run["data"] in CHAT, "has_answer": run["data"] == "math"}  # fmt: skip
+    return res | {"method": method}
+
+
 def result(method, data, m=None, R=None, sinks=None, batch_size=4, task="generate", bertscore=True) -> dict:
     rougeL, tok_s = adore_base(R) if method == "adore" else BASE[method]
     if m == 64:
@@ -50,8 +80,8 @@ def result(method, data, m=None, R=None, sinks=None, batch_size=4, task="generat
         "perf/generated_tokens": 1280,
         "perf/peak_kv_bytes": 1000 * (m or 256),
     }
-    return {"run": run, "metrics": metrics, "perf": perf, "config": {"method": {"name": method}}, "versions": {"adore": "0.1.0"},
-            "finished_at": "2026-11-24T14:00:00"}  # fmt: skip
+    return new_format({"run": run, "metrics": metrics, "perf": perf, "config": {"method": {"name": method}},
+                       "versions": {"adore": "0.1.0"}, "finished_at": "2026-11-24T14:00:00"})  # fmt: skip
 
 
 def specs(data: str) -> list[dict]:
@@ -120,14 +150,15 @@ def test_collect_on_an_empty_or_missing_directory(tmp_path):
     assert report.main([str(tmp_path)]) == 1
 
 
+# full attention, then the training-free methods, then the others; each by label, then m
 EXPECTED_ROWS = [
     "Full attention",
-    "Window (m=64)", "Window (m=128)",
-    "StreamingLLM (m=64)", "StreamingLLM (m=128)",
     "H2O (m=64)", "H2O (m=128)",
     "Random (m=128)",
-    "ADORE w/o rebuild (m=64, R=0)", "ADORE w/o rebuild (m=128, R=0)",
-    "ADORE (m=64, R=4)", "ADORE (m=128, R=1)", "ADORE (m=128, R=2)", "ADORE (m=128, R=4)", "ADORE (m=128, R=8)",
+    "StreamingLLM (m=64)", "StreamingLLM (m=128)",
+    "Window (m=64)", "Window (m=128)",
+    "ADORE (m=64, R=0)", "ADORE (m=64, R=4)",
+    "ADORE (m=128, R=0)", "ADORE (m=128, R=1)", "ADORE (m=128, R=2)", "ADORE (m=128, R=4)", "ADORE (m=128, R=8)",
     "Oracle (m=128, R=4)",
 ]  # fmt: skip
 
@@ -170,7 +201,7 @@ def test_paper_numbers_only_where_the_paper_gives_one(df):
     table = report.throughput_table(df, paper=True)
     col = (report.PAPER_LABEL, "× full")
     assert table.loc["ADORE (m=128, R=4, bs=4)", col] == "3.218×"
-    assert table.loc["ADORE w/o rebuild (m=64, R=0, bs=4)", col] == "—"
+    assert table.loc["ADORE (m=64, R=0, bs=4)", col] == "3.218×"  # R = 0 is ADORE with one setting changed
     assert table.loc["Full attention (bs=4)", col] == "—"
     assert col not in report.throughput_table(df).columns
     tables = {t.name: t for t in report.build_tables(df, paper=True)}
@@ -182,7 +213,7 @@ def test_paper_numbers_only_where_the_paper_gives_one(df):
 
 
 def test_paper_quality_numbers_sit_beside_ours(df, monkeypatch):
-    monkeypatch.setitem(report.PAPER, "quality", {("adore", "samsum", "ROUGE-L"): 12.3})
+    monkeypatch.setitem(report.PAPER, "quality", {("ADORE", "samsum", "ROUGE-L"): 12.3})
     table = report.quality_table(df, paper=True)
     col = ("samsum", f"ROUGE-L {report.PAPER_LABEL}")
     assert table.columns.get_loc(col) == table.columns.get_loc(("samsum", "ROUGE-L")) + 1
@@ -230,7 +261,10 @@ def run_cli(*args, env=None):
 def test_cli(sweep, tmp_path):
     done = run_cli(sweep, "--out", tmp_path / "out", "--paper")
     assert done.returncode == 0, done.stderr
-    assert "| ADORE (m=128, R=4, bs=4)" in done.stdout and "paper (Llama-2-7B)" in done.stdout
+    assert (
+        "ADORE (m=128, R=4, bs=4)" in done.stdout and "paper (Llama-2-7B)" in (tmp_path / "out/tables.md").read_text()
+    )
+    assert str(tmp_path / "out") in done.stdout and "tables.md" in done.stdout
     assert "skipping" in done.stderr  # the corrupt file is reported, not fatal
     assert (tmp_path / "out/quality_vs_m.png").read_bytes()[:8] == PNG
     assert run_cli(tmp_path / "empty").returncode == 1
@@ -264,7 +298,13 @@ def rows(rougeL, bertscore, kl=None, drop=None, phase=0) -> list[dict]:
         if id_ == drop:
             continue
         noise = ((i + phase) * 7 % 5) - 2  # mean 0 over 20 examples, a different order per method
-        row = {"id": id_, "output": "x", "reference": "y", "rougeL": rougeL + noise, "bertscore_f": bertscore + (-1) ** (i + phase)}
+        row = {
+            "id": id_,
+            "output": "x",
+            "reference": "y",
+            "rougeL": rougeL + noise,
+            "bertscore_f": bertscore + (-1) ** (i + phase),
+        }
         if kl is not None:
             row |= {"fidelity_kl": kl + 0.01 * (i % 3), "fidelity_top1": 1 - kl}
         out.append(row)
@@ -293,7 +333,9 @@ def make_rich_sweep(root: Path) -> Path:
         if kl is not None:
             metrics |= {"fidelity/kl": kl, "fidelity/kl_ci": [kl - 0.01, kl + 0.01], "fidelity/top1": 1 - kl,
                         "fidelity/identical": 0.25, "fidelity/first_divergence": 7.5, "fidelity/rougeL_vs_full": 60.0}  # fmt: skip
-        write_json(root / "gen" / name / "results.json", run_result("generate", method, "samsum", m, R, metrics))
+        write_json(
+            root / "gen" / name / "results.json", new_format(run_result("generate", method, "samsum", m, R, metrics))
+        )
         if name != "random":
             write_jsonl(root / "gen" / name / "predictions.jsonl", rows(rl, bs, kl, drop, phase))
     ppl = {  # (data, method, m, R): ppl
@@ -305,16 +347,28 @@ def make_rich_sweep(root: Path) -> Path:
         ("samsum", "window", 64, None): 12.0,
     }
     for i, ((data, method, m, R), value) in enumerate(ppl.items()):
-        metrics = {"eval/ppl": value, "eval/nll": math.log(value), "eval/ppl_ci": [value - 0.5, value + 0.5], "eval/tokens": 512}
-        write_json(root / "ppl" / str(i) / "results.json", run_result("perplexity", method, data, m, R, metrics))
+        metrics = {
+            "eval/ppl": value,
+            "eval/nll": math.log(value),
+            "eval/ppl_ci": [value - 0.5, value + 0.5],
+            "eval/tokens": 512,
+        }
+        write_json(
+            root / "ppl" / str(i) / "results.json", new_format(run_result("perplexity", method, data, m, R, metrics))
+        )
     for method, m, bleu, tok_s in (("full", None, 10.0, 40.0), ("window", 64, 6.0, 90.0)):
-        metrics = {"eval/bleu": bleu, "eval/bleu_ci": [bleu - 2, bleu + 2], "eval/rougeL": 3 * bleu, "eval/bertscore_f": 50 + bleu}
+        metrics = {
+            "eval/bleu": bleu,
+            "eval/bleu_ci": [bleu - 2, bleu + 2],
+            "eval/rougeL": 3 * bleu,
+            "eval/bertscore_f": 50 + bleu,
+        }
         write_json(root / "stream" / method / "results.json",
-                   run_result("stream", method, "chat", m, None, metrics, {"perf/decode_tok_per_s": tok_s}))  # fmt: skip
+                   new_format(run_result("stream", method, "chat", m, None, metrics, {"perf/decode_tok_per_s": tok_s})))  # fmt: skip
     for method, R, rep in (("window", None, 0.3), ("adore", 4, 0.1)):
         metrics = {"eval/repeated_ngram_fraction": rep, "eval/repeated_ngram_fraction_ci": [rep - 0.05, rep + 0.05]}
         write_json(root / "long" / method / "results.json",
-                   run_result("long", method, "chat", 64, R, metrics, {"perf/decode_tok_per_s": 50.0}))  # fmt: skip
+                   new_format(run_result("long", method, "chat", 64, R, metrics, {"perf/decode_tok_per_s": 50.0})))  # fmt: skip
     return root
 
 
@@ -386,12 +440,13 @@ def test_stream_and_long_tables(rich):
 
 
 def test_K_comes_from_the_config_when_the_run_has_none(tmp_path):
+    """A legacy results.json (no method section): identity from m, R, K, sinks; label from the method's name."""
     for K in (8, 16):
         res = run_result("generate", "adore", "samsum", 32, 4, {"eval/rougeL": K}, K=K)
         write_json(tmp_path / f"K{K}" / "results.json", res)
     df = report.collect(tmp_path)
     assert sorted(df["K"]) == [8, 16]
-    assert report.quality_values(df).index.tolist() == ["ADORE (K=8)", "ADORE (K=16)"]
+    assert report.quality_values(df).index.tolist() == ["Adore (K=8)", "Adore (K=16)"]
 
 
 def test_missing_tasks_give_no_table_and_no_crash(sweep, rich):
@@ -415,3 +470,79 @@ def test_notebook_executes(sweep, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     assert any("ADORE (m=128, R=4)" in json.dumps(o.get("data", {})) for o in outputs)
+
+
+# ----------------------------------------------------------------- identity: every method setting, labels from the runs
+
+
+def write_run(root: Path, name: str, method: str, m=None, R=None, rougeL=20.0, label=None, data="samsum", **fields):
+    res = run_result("generate", method, data, m, R, {"eval/rougeL": rougeL}, {"perf/decode_tok_per_s": 50.0})
+    write_json(root / name / "results.json", new_format(res, label, **fields))
+
+
+def test_runs_that_differ_in_any_method_setting_are_separate_rows(tmp_path):
+    write_run(tmp_path, "full", "full")
+    write_run(tmp_path, "h2o_r0.25", "h2o", 64, rougeL=21.0, recent_ratio=0.25)
+    write_run(tmp_path, "h2o_r0.75", "h2o", 64, rougeL=23.0, recent_ratio=0.75)
+    write_run(tmp_path, "window_m64", "window", 64)
+    write_run(tmp_path, "window_m128", "window", 128)
+    values = report.quality_values(report.collect(tmp_path))
+    # recent_ratio varies among the H2O rows only, so only they name it; m varies in the table, so every row does
+    assert values.index.tolist() == [
+        "Full attention", "H2O (m=64, recent_ratio=0.25)", "H2O (m=64, recent_ratio=0.75)", "Window (m=64)", "Window (m=128)"
+    ]  # fmt: skip
+    assert values.loc["H2O (m=64, recent_ratio=0.25)", ("samsum", "ROUGE-L")] == 21.0  # never averaged with 0.75
+
+
+def test_untrained_adore_and_controllers_in_labels(tmp_path):
+    write_run(tmp_path, "untrained", "adore", 64, 4, label="ADORE (untrained)", controller="untrained")
+    for K in (8, 16):  # the controller file only renames K: the label names K alone
+        res = run_result("generate", "adore", "samsum", 64, 4, {"eval/rougeL": K})
+        write_json(
+            tmp_path / f"K{K}/results.json", new_format(res | {"run": res["run"] | {"K": K}}, controller=f"c_k{K}@ab")
+        )
+    write_run(tmp_path, "R0", "adore", 64, 0, label="ADORE (untrained)", controller="untrained")
+    rows = report.quality_values(report.collect(tmp_path)).index.tolist()
+    # R, a run field, varies in the table, so every row that has one names it
+    assert rows == ["ADORE (R=4, K=8)", "ADORE (R=4, K=16)", "ADORE (untrained, R=0)", "ADORE (untrained, R=4)"]
+
+
+def test_a_legacy_results_file_still_makes_a_row(tmp_path):
+    """Before runs carried `method`, run.label and the flags: label from the name, identity from m, R, K, sinks."""
+    for method, m, R in (("full", 256, None), ("window", 64, None), ("adore", 64, 4)):  # full's m: a shared config's
+        res = run_result("generate", method, "math", m, R, {"eval/rougeL": 20.0, "eval/accuracy": 0.5})
+        write_json(tmp_path / method / "results.json", res)
+    df = report.collect(tmp_path)
+    assert df.set_index("method")["training_free"].to_dict() == {"adore": False, "full": True, "window": True}
+    assert report.quality_values(df).index.tolist() == ["Full", "Window", "Adore"]
+    assert ("math", "Acc") in report.quality_values(df).columns
+
+
+def test_terminal_output_fits_120_columns(sweep, tmp_path, capsys):
+    long = "controller_" + "x" * 90
+    for i, controller in enumerate((f"{long}@1a2b3c4d", f"{long}@5e6f7a8b")):
+        res = run_result("generate", "adore", "math", 64, 4, {"eval/rougeL": 20.0 + i, "eval/bertscore_f": 60.0,
+                         "eval/accuracy": 0.5, "fidelity/kl": 0.1, "fidelity/top1": 0.9}, {"perf/decode_tok_per_s": 50.0})  # fmt: skip
+        write_json(tmp_path / "runs" / str(i) / "results.json", new_format(res, controller=controller))
+    shutil.copytree(sweep, tmp_path / "runs/sweep")
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 120
+    # long labels are cut in the middle, so the settings at both ends still tell the rows apart
+    shortened = [line.split("  ")[0] for line in lines if "xxxx@" in line]
+    assert shortened == [
+        "ADORE (m=64, R=4, contr…xxxxxxxx@1a2b3c4d, bs=4)",
+        "ADORE (m=64, R=4, contr…xxxxxxxx@5e6f7a8b, bs=4)",
+    ]
+    assert any(line.startswith("Oracle (m=128, R=4, bs=4) ") for line in lines)
+    assert str(tmp_path / "out") in "\n".join(lines)
+    assert "controller_" + "x" * 90 in (tmp_path / "out/tables.md").read_text()  # full labels stay in the files
+
+
+def test_paired_tests_run_once_per_report(rich, tmp_path, monkeypatch):
+    calls = []
+    paired_tests = report.significance.paired_tests
+    monkeypatch.setattr(report.significance, "paired_tests", lambda df: calls.append(1) or paired_tests(df))
+    markdown, files = report.write_report(rich, tmp_path)
+    assert len(calls) == 1
+    assert "## Paired bootstrap tests" in markdown and (tmp_path / "significance.csv") in files

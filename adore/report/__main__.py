@@ -1,0 +1,5 @@
+import sys
+
+from adore.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""Paired bootstrap tests on the per-example scores of two runs (predictions.jsonl, aligned by example id)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from adore.report.collect import generate_runs, identity, in_row_order, row_labels
+
+# Per-example scores tested in pairs: key -> (label, tested against full attention).
+TESTS = {
+    "rougeL": ("ROUGE-L", True),
+    "bertscore_f": ("BERT-F", True),
+    "accuracy": ("Acc", True),
+    "fidelity_kl": ("KL", False),
+    "fidelity_top1": ("top-1", False),
+}
+# Two runs are compared only when they share these (and a baseline the cache size m).
+PAIRED = ("data", "model", "adapter", "max_new_tokens")
+COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
+CAPTION = (
+    "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
+    "examples both runs scored (aligned by id), and ✓ when the interval excludes 0. vs full: full attention on the "
+    "same data, model and generation length (quality only: full attention is the fidelity reference). vs best "
+    "baseline: the training-free run (window, StreamingLLM, H2O, ...) with the highest mean ROUGE-L at the same "
+    "cache size m. KL: lower is better. — : not tested."
+)
+
+
+def _scores(path: str, cache: dict) -> dict[str, dict]:
+    """id -> predictions.jsonl row of a run ({} when the file is missing or unreadable)."""
+    if path not in cache:
+        from adore.io import read_jsonl
+
+        try:
+            cache[path] = {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl") if "id" in r}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if not isinstance(err, FileNotFoundError):
+                warnings.warn(f"skipping {path}/predictions.jsonl: {err}", stacklevel=3)
+            cache[path] = {}
+    return cache[path]
+
+
+def _per_example(rows: dict[str, dict], key: str) -> dict[str, float]:
+    return {
+        i: float(r[key])
+        for i, r in rows.items()
+        if isinstance(r.get(key), int | float) and not isinstance(r[key], bool)
+    }
+
+
+def _aligned(a: dict[str, float], b: dict[str, float]) -> tuple[list[float], list[float]]:
+    ids = sorted(set(a) & set(b))
+    return [a[i] for i in ids], [b[i] for i in ids]
+
+
+def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
+    """Paired bootstrap tests on per-example scores (predictions.jsonl, aligned by id), one row per test.
+
+    Every bounded method against full attention (quality metrics; full attention is the fidelity reference) and
+    every method that is not training-free against the best baseline (the training-free run with the highest mean
+    ROUGE-L) at the same dataset, model, adapter, max_new_tokens and cache size m. Columns: data, method (row
+    label), family (run label), vs, metric, diff (method - other), low, high, significant, n.
+    """
+    from adore.stats import Bootstrap
+
+    bootstrap = bootstrap or Bootstrap()
+    runs = generate_runs(df)
+    if runs.empty or "path" not in runs:
+        return pd.DataFrame(columns=COLUMNS)
+    keys = identity(runs)
+    runs = runs.assign(row=row_labels(runs, keys).values)
+    runs = in_row_order(runs.drop_duplicates(["row", "data"]), keys)
+    cache: dict = {}
+
+    def same(r, cols) -> pd.Series:
+        mask = pd.Series(True, index=runs.index)
+        for c in cols:
+            mask &= runs[c].isna() if pd.isna(r[c]) else runs[c] == r[c]
+        return mask
+
+    def mean_rouge(row) -> float:
+        values = list(_per_example(_scores(row["path"], cache), "rougeL").values())
+        return sum(values) / len(values) if values else -math.inf
+
+    out = []
+    for _, r in runs[~runs["reference"]].iterrows():
+        mine = _scores(r["path"], cache)
+        if not mine:
+            continue
+        others = []
+        full = runs[same(r, PAIRED) & runs["reference"]]
+        if len(full):
+            others.append(("full", full.iloc[0], [k for k, (_, vs_full) in TESTS.items() if vs_full]))
+        baselines = runs[same(r, (*PAIRED, "m")) & runs["training_free"] & ~runs["reference"]]
+        if not r["training_free"] and len(baselines):
+            best = max((b for _, b in baselines.iterrows()), key=mean_rouge)
+            others.append((f"best baseline: {best['row']}", best, list(TESTS)))
+        for vs, other, tested in others:
+            theirs = _scores(other["path"], cache)
+            for key in tested:
+                a, b = _aligned(_per_example(mine, key), _per_example(theirs, key))
+                if a:
+                    t = bootstrap.paired(a, b)
+                    out.append(
+                        [
+                            r["data"],
+                            r["row"],
+                            r["label"],
+                            vs,
+                            TESTS[key][0],
+                            t["diff"],
+                            *t["ci"],
+                            t["significant"],
+                            t["n"],
+                        ]
+                    )
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
+def significance_table(tests: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, dataset, comparison); cells "diff [low, high] ✓|✗" per metric ("—": not tested)."""
+    if tests.empty:
+        return pd.DataFrame()
+    metrics = [name for name, _ in TESTS.values() if name in set(tests["metric"])]
+    rows = {}
+    for _, t in tests.iterrows():
+        d = 3 if t["metric"] == "KL" else 2
+        cell = f"{t['diff']:+.{d}f} [{t['low']:.{d}f}, {t['high']:.{d}f}] {'✓' if t['significant'] else '✗'}"
+        rows.setdefault((t["method"], t["data"], t["vs"]), {})[t["metric"]] = cell
+    return pd.DataFrame(
+        [[data, vs, *(cells.get(m, "—") for m in metrics)] for (_, data, vs), cells in rows.items()],
+        index=pd.Index([k[0] for k in rows], name="Method"),
+        columns=["data", "vs", *metrics],
+    )
