@@ -3,6 +3,9 @@
 Sweeps: `python eval.py -m method=window,adore method.m=64,128`. See README.md.
 """
 
+import os
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -12,7 +15,13 @@ from adore import evaluate
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    result = evaluate.run(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        job = evaluate.prepare(cfg, HydraConfig.get().runtime.output_dir)
+    except evaluate.USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"error: {err}")
+    result = evaluate.execute(job) if isinstance(job, evaluate.Job) else job
     return result["metrics"].get("eval/rougeL")  # what a Hydra sweeper would optimise
 
 

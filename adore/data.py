@@ -230,11 +230,10 @@ def normalize_answer(text: str | None) -> str | None:
     return s
 
 
-def extract_answer(name: str, output: str) -> str | None:
-    """The model's final answer: the last \\boxed{} for math, else the last number."""
-    if name == "math":
-        boxed = last_boxed(output)
-        if boxed is not None:
-            return boxed
+def extract_answer(output: str) -> str | None:
+    """The model's final answer: the last \\boxed{} (the MATH convention), else the last number (GSM8K's)."""
+    boxed = last_boxed(output)
+    if boxed is not None:
+        return boxed
     numbers = _NUMBER.findall(output)
     return numbers[-1] if numbers else None

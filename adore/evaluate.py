@@ -12,16 +12,18 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import sys
 import resource
-import socket
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 import adore
+from adore import runlock
 from adore.config import build
 from adore.io import read_json, write_json, write_jsonl
 from adore.metrics import PACKAGED_BERTSCORE, bertscore_model_path
@@ -29,13 +31,17 @@ from adore.models import load
 from adore.tasks import Context
 from adore.tracking import wandb_run
 
-NOT_SETTINGS = ("eval.overwrite", "eval.progress", "eval.cuda_graphs", "logger", "budget")  # may change between a run and its resume
+NOT_SETTINGS = ("eval.overwrite", "eval.progress", "eval.cuda_graphs", "eval.lock_timeout_s", "logger", "budget")  # may change between a run and its resume
 # (`budget` reaches a run only through method.m, which stays in the settings)
 
 
 def method_tag(node) -> str:
-    """Run-directory name of a method config, e.g. adore_m128_R4 (OmegaConf resolver)."""
-    return build(node).tag
+    """Run-directory name of a method config, e.g. adore_m128_R4 (OmegaConf resolver). A bad value gives a
+    placeholder here, so that `validate` reports it in one line instead of Hydra failing to name the folder."""
+    try:
+        return build(node).tag
+    except (ValueError, FileNotFoundError):
+        return "invalid-method"
 
 
 def model_tag(node) -> str:
@@ -79,65 +85,76 @@ def validate(cfg: DictConfig):
     return build(cfg.model), build(cfg.data), build(cfg.method), build(cfg.task)
 
 
-def run(cfg: DictConfig, run_dir: str) -> dict:
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)  # a bad value or path: one line, no traceback
+
+
+@dataclass
+class Job:
+    cfg: DictConfig
+    run_dir: Path
+    model_spec: object
+    data_spec: object
+    method: object
+    task: object
+    items: list
+
+
+def prepare(cfg: DictConfig, run_dir: str) -> Job | dict:
+    """Everything that can fail on the user's input, before any model loads: the finished result when the run
+    is already done, else the job to run. Raises one of USER_ERRORS naming the value and the fix."""
     model_spec, data_spec, method, task = validate(cfg)
     run_dir = Path(run_dir)
-    results_path = run_dir / "results.json"
-    if results_path.exists():
-        previous = read_json(results_path)
-        if previous.get("settings") == settings(cfg):
-            print(f"[skip] {run_dir} already holds results for these settings")
-            return previous
-        if not cfg.eval.overwrite:
-            raise FileExistsError(
-                f"{results_path} holds a run with other settings; pass eval.overwrite=true to replace it, "
-                "or choose another directory with out_root=... or hydra.run.dir=..."
-            )
-
+    check_writable(run_dir)
     items = task.load(data_spec)
-    with claim(run_dir) as mine:
-        if not mine:
-            print(f"[busy] {run_dir} is being run by another process (parallel sweep jobs); left to it")
-            return {"metrics": {}, "busy": True}
-        return _run(cfg, run_dir, model_spec, data_spec, method, task, items)
+    previous = finished(cfg, run_dir)
+    return previous if previous is not None else Job(cfg, run_dir, model_spec, data_spec, method, task, items)
 
 
-@contextmanager
-def claim(run_dir: Path):
-    """Yield True when this process may run in `run_dir`: parallel sweep jobs (joblib, SLURM) that map to
-    one directory (e.g. full attention in a budget sweep) then run it once. A lock left by a dead process
-    on this host is taken over."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / ".lock"
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            host, _, pid = lock.read_text().partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            yield False
-            return
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        try:
-            yield True
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield False
+def execute(job: Job) -> dict:
+    with runlock.hold(job.run_dir, job.cfg.eval.lock_timeout_s, force=job.cfg.eval.overwrite) as waited:
+        previous = finished(job.cfg, job.run_dir) if waited else None  # the holder we waited for may have finished it
+        if previous is not None:
+            return previous
+        return _run(job.cfg, job.run_dir, job.model_spec, job.data_spec, job.method, job.task, job.items)
 
 
-def _alive(pid: int) -> bool:
+def run(cfg: DictConfig, run_dir: str) -> dict:
+    job = prepare(cfg, run_dir)
+    return execute(job) if isinstance(job, Job) else job
+
+
+def check_writable(run_dir: Path) -> None:
+    """An output folder that cannot be created or written fails now, not after the model has loaded."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write run directory {run_dir}: {existing} is not writable; choose another out_root=...")
+
+
+def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The results already in `run_dir` for these settings (the run is skipped), else None.
+
+    Other settings are an error unless eval.overwrite=true; an unreadable results.json is reported with its
+    path and replaced only under eval.overwrite=true."""
+    results_path = run_dir / "results.json"
+    if not results_path.exists():
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        previous = read_json(results_path)
+    except ValueError as err:
+        if cfg.eval.overwrite:
+            return None
+        raise ValueError(
+            f"{results_path} is damaged ({err}): delete it, or pass eval.overwrite=true to run again over it"
+        ) from None
+    if previous.get("settings") == settings(cfg):
+        print(f"[skip] {run_dir} already holds results for these settings")
+        return previous
+    if not cfg.eval.overwrite:
+        raise FileExistsError(
+            f"{results_path} holds a run with other settings; pass eval.overwrite=true to replace it, "
+            "or choose another directory with out_root=... or hydra.run.dir=..."
+        )
+    return None
 
 
 def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
@@ -163,7 +180,7 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
             "model": model_spec.name_or_path,
             "adapter": model_spec.adapter,
             "m": method.m,
-            "R": method.R if method.m is not None else 0,
+            "R": method.identity().get("R"),  # None for methods that rebuild nothing
             "K": getattr(method, "K", None) or cfg.get("K"),  # ADORE: the K its controller was trained with
             **out.run,
         },
@@ -191,3 +208,28 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
     line = "  ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in (shown | {"perf/decode_tok_per_s": perf["perf/decode_tok_per_s"]}).items())
     print(f"[{task.name} {data_spec.name} {method.tag}] {line}  -> {run_dir}")
     return result
+
+
+class ValidateSweep(Callback):
+    """Hydra callback (conf/eval.yaml): before a multirun's first job starts, compose and validate every job, and
+    stop with one line per bad value if any fails, so that a sweep never dies half-way on a typo."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        overrides = parser.parse_overrides([*params, *config.hydra.overrides.task])
+        jobs = BasicSweeper.split_arguments(overrides, None)[0]
+        problems: dict[str, list[str]] = {}
+        for job in jobs:
+            try:
+                validate(compose(config.hydra.job.config_name, overrides=list(job)))
+            except USER_ERRORS as err:
+                problems.setdefault(str(err), []).append(" ".join(job))
+        if problems:
+            lines = [f"error: {why}\n  in {len(js)} of {len(jobs)} jobs, e.g. {js[0]}" for why, js in problems.items()]
+            sys.exit("\n".join(["no job was started: the sweep has invalid settings", *lines]))

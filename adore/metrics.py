@@ -44,20 +44,20 @@ def bertscore_f(outputs: list[str], references: list[str], model: str = PACKAGED
     return [100 * float(x) for x in f1]
 
 
-def exact_match(name: str, outputs: list[str], answers: list[str | None]) -> list[float]:
+def exact_match(outputs: list[str], answers: list[str | None]) -> list[float]:
     return [
-        float(normalize_answer(extract_answer(name, out)) == normalize_answer(ans) and ans is not None)
+        float(normalize_answer(extract_answer(out)) == normalize_answer(ans) and ans is not None)
         for out, ans in zip(outputs, answers)
     ]
 
 
-def quality(name: str, outputs: list[str], references: list[str], answers: list[str | None], bertscore_model: str | None) -> tuple[dict, dict]:
-    """Corpus-level metrics and per-example scores for one dataset's outputs."""
+def quality(outputs: list[str], references: list[str], answers: list[str | None], bertscore_model: str | None) -> tuple[dict, dict]:
+    """Corpus-level metrics and per-example scores for one dataset's outputs; accuracy where records carry a gold answer."""
     per_example = rouge(outputs, references)
     if bertscore_model:
         per_example["bertscore_f"] = bertscore_f(outputs, references, bertscore_model)
-    if name in ("math", "gsm8k"):
-        per_example["accuracy"] = exact_match(name, outputs, answers)
+    if any(a is not None for a in answers):
+        per_example["accuracy"] = exact_match(outputs, answers)
     summary = {"bleu": bleu(outputs, references)}
     summary.update({k: sum(v) / max(len(v), 1) for k, v in per_example.items()})
     return summary, per_example

@@ -168,7 +168,7 @@ def test_prefill_chunks_keep_the_budget(tiny):
 
 
 @pytest.mark.parametrize("bad", [lambda: Window(m=0), lambda: Streaming(m=4, sinks=4), lambda: H2O(m=8, recent_ratio=2.0),
-                                 lambda: Adore(m=8, R=-1), lambda: Adore(m=8, controller="/nonexistent.pt"), lambda: Full(m=8)])
+                                 lambda: Adore(m=8, R=-1), lambda: Adore(m=4, R=5), lambda: Adore(m=8, controller="/nonexistent.pt"), lambda: Full(m=8)])
 def test_bad_method_values_fail_with_a_message(bad):
     with pytest.raises(ValueError, match="method"):
         bad()

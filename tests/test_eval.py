@@ -124,13 +124,57 @@ def test_packaged_model_end_to_end_on_samsum(tmp_path):
     assert all(len(o) > 0 for o in outputs)
 
 
-def test_a_run_directory_held_by_a_live_process_is_left_to_it(tmp_path, tiny_model_dir, capsys):
+def test_a_lock_left_by_a_killed_job_on_another_host_is_taken_over(tmp_path, tiny_model_dir, capsys):
+    import os
+
+    (tmp_path / ".lock").write_text("node07 4242")  # a killed cluster job: another host, no heartbeat since
+    os.utime(tmp_path / ".lock", (0, 0))
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8"))
+    assert "eval/rougeL" in evaluate.run(cfg, str(tmp_path))["metrics"]
+    assert "[lock] taking over" in capsys.readouterr().out and not (tmp_path / ".lock").exists()
+
+
+def test_a_live_lock_is_waited_for_then_taken_over_when_its_heartbeat_stops(tmp_path, tiny_model_dir, capsys):
     import socket
 
-    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 1")  # pid 1 is alive
-    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8"))
-    assert evaluate.run(cfg, str(tmp_path)).get("busy") and "[busy]" in capsys.readouterr().out
-    assert not (tmp_path / "results.json").exists()
-    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999999")  # a dead process: taken over
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 1")  # pid 1 is alive, but nothing touches the lock
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8", "eval.lock_timeout_s=1"))
     assert "eval/rougeL" in evaluate.run(cfg, str(tmp_path))["metrics"]
-    assert not (tmp_path / ".lock").exists()
+    out = capsys.readouterr().out
+    assert "[wait]" in out and "no heartbeat" in out and not (tmp_path / ".lock").exists()
+
+
+def test_overwrite_takes_a_live_lock_at_once(tmp_path, tiny_model_dir, capsys):
+    import socket
+
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 1")
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8", "eval.overwrite=true"))
+    assert "eval/rougeL" in evaluate.run(cfg, str(tmp_path))["metrics"]
+    assert "eval.overwrite=true" in capsys.readouterr().out
+
+
+def test_a_damaged_results_file_is_named_and_overwrite_replaces_it(tmp_path, tiny_model_dir):
+    (tmp_path / "results.json").write_text('{"run": {"task": "gen')
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8"))
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'results.json'} is damaged.*eval.overwrite=true"):
+        evaluate.run(cfg, str(tmp_path))
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8", "eval.overwrite=true"))
+    assert "eval/rougeL" in evaluate.run(cfg, str(tmp_path))["metrics"]
+
+
+def run_eval_py(*args: str, cwd=PROJECT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_every_job_of_a_sweep_is_validated_before_the_first_starts(tmp_path):
+    """window at m=4 is fine, StreamingLLM's 4 sinks need m > 4: nothing runs, one line names the problem."""
+    done = run_eval_py("-m", "method=window,streaming", "budget=4", f"hydra.sweep.dir={tmp_path}/sweep", "logger=none")
+    assert done.returncode != 0
+    assert "no job was started" in done.stderr and "method.sinks=4 must be in [0, m=4)" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "sweep").exists()
+
+
+def test_a_bad_value_is_one_line_without_a_traceback(tmp_path):
+    done = run_eval_py("budget=0", f"hydra.run.dir={tmp_path}/run", "logger=none")
+    assert done.returncode != 0 and done.stderr.strip() == "error: budget=0 must be a positive integer (the KV budget m)"

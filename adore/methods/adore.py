@@ -34,7 +34,7 @@ class Adore(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        check_R(self.R)
+        check_R(self.R, self.m)
         if self.controller is not None:
             in_project = PROJECT / self.controller
             if not Path(self.controller).is_file() and in_project.is_file():

@@ -24,12 +24,14 @@ class Oracle(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        check_R(self.R)
+        check_R(self.R, self.m)
 
     def score(self, state, tokens):
         return tokens.full_attention
 
 
-def check_R(R) -> None:
+def check_R(R, m: int) -> None:
     if isinstance(R, bool) or not isinstance(R, int) or R < 0:
         raise ValueError(f"method.R={R!r} must be a non-negative integer (tokens rebuilt per step)")
+    if R > m:
+        raise ValueError(f"method.R={R} exceeds method.m={m}: a step keeps only m tokens, so at most m rebuilt ones can stay; use R <= m")
