@@ -64,7 +64,22 @@ def _require(path: Path, what: str) -> Path:
 def _json_rows(path: Path) -> list[dict]:
     from datasets import load_dataset
 
-    return list(load_dataset("json", data_files=str(path), split="train"))
+    try:
+        return list(load_dataset("json", data_files=str(path), split="train"))
+    except Exception as err:  # datasets wraps a parse error in DatasetGenerationError, naming no file
+        raise ValueError(
+            f"{path} is not a readable JSON / JSON-lines file ({type(err).__name__}: {err}): restore it from its "
+            "source (data/README.md) or point data.root at an intact copy"
+        ) from None
+
+
+def _rows(spec: DataSpec, hub: tuple[str, str, str | None], local, what: str) -> list[tuple[int, dict]]:
+    """(index, row) of the partition `spec.split`: the hub's (id, split, config) online, or the offline file
+    (`local()` gives its path) split with the project's fixed seed."""
+    if spec.source == "hub":
+        hub_id, split, config = hub
+        return list(enumerate(_hub_rows(spec.hub_id or hub_id, spec.hub_split or split, config)))
+    return _partition(_json_rows(_require(local(), what)), spec.name, spec.split)
 
 
 def _hub_rows(hub_id: str, split: str, config: str | None = None) -> list[dict]:
@@ -97,10 +112,8 @@ def last_boxed(text: str) -> str | None:
 
 
 def _chat(spec: DataSpec) -> list[dict]:
-    if spec.source == "hub":
-        rows = list(enumerate(_hub_rows(spec.hub_id or "HuggingFaceH4/ultrachat_200k", spec.hub_split or "test_sft")))
-    else:
-        rows = _partition(_json_rows(_require(data_root(spec.root) / "ultrachat/ultrachat_small.jsonl", "UltraChat")), "chat", spec.split)
+    hub = ("HuggingFaceH4/ultrachat_200k", "test_sft", None)
+    rows = _rows(spec, hub, lambda: data_root(spec.root) / "ultrachat/ultrachat_small.jsonl", "UltraChat")
     records = []
     for i, row in rows:
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
@@ -108,15 +121,19 @@ def _chat(spec: DataSpec) -> list[dict]:
         reference = next((m["content"] for m in messages[last_user + 1 :] if m["role"] == "assistant"), None)
         if reference is None:
             continue
-        records.append({"id": f"chat-{i}", "messages": messages[: last_user + 1], "reference": reference, "answer": None})
+        records.append(
+            {"id": f"chat-{i}", "messages": messages[: last_user + 1], "reference": reference, "answer": None}
+        )
     return records
 
 
 def _math(spec: DataSpec) -> list[dict]:
-    if spec.source == "hub":
-        rows = list(enumerate(_hub_rows(spec.hub_id or "HuggingFaceH4/MATH-500", spec.hub_split or "test")))
-    else:
-        rows = _partition(_json_rows(_require(data_root(spec.root) / "competition_math/test.jsonl", "MATH")), "math", spec.split)
+    rows = _rows(
+        spec,
+        ("HuggingFaceH4/MATH-500", "test", None),
+        lambda: data_root(spec.root) / "competition_math/test.jsonl",
+        "MATH",
+    )
     return [
         {
             "id": f"math-{i}",
@@ -136,10 +153,7 @@ def _gsm8k_file() -> Path:
 
 
 def _gsm8k(spec: DataSpec) -> list[dict]:
-    if spec.source == "hub":
-        rows = list(enumerate(_hub_rows(spec.hub_id or "openai/gsm8k", spec.hub_split or "test", "main")))
-    else:
-        rows = _partition(_json_rows(_require(_gsm8k_file(), "GSM8K")), "gsm8k", spec.split)
+    rows = _rows(spec, ("openai/gsm8k", "test", "main"), _gsm8k_file, "GSM8K")
     return [
         {
             "id": f"gsm8k-{i}",
@@ -197,7 +211,9 @@ def _wikitext2(spec: DataSpec) -> list[dict]:
             texts = [row["text"] for row in _hub_rows(hub_id, split)]
     else:
         if spec.split != "eval":
-            raise ValueError("data=wikitext2 offline holds only the test split: use data.split=eval (or data.source=hub)")
+            raise ValueError(
+                "data=wikitext2 offline holds only the test split: use data.split=eval (or data.source=hub)"
+            )
         path = _require(data_root(spec.root) / "wikitext-2/wiki.test.raw", "WikiText-2")
         texts = split_articles(path.read_text(encoding="utf-8").splitlines())
     return [{"id": f"wikitext2-{i}", "messages": [], "reference": text, "answer": None} for i, text in enumerate(texts)]

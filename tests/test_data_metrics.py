@@ -59,3 +59,10 @@ def test_metrics_on_known_cases():
     summary, per_example = quality(["the cat sat on a mat", "x y"], refs, [None, None], "packaged:all-MiniLM-L6-v2")
     assert 0 < summary["rougeL"] < 100
     assert per_example["bertscore_f"][0] > per_example["bertscore_f"][1]
+
+
+def test_a_malformed_dataset_file_is_named(tmp_path):
+    (tmp_path / "competition_math").mkdir()
+    (tmp_path / "competition_math/test.jsonl").write_text('{"problem": "1+1", "solution": "\\\\boxed{2}"}\n{broken\n')
+    with pytest.raises(ValueError, match=r"competition_math/test.jsonl is not a readable JSON"):
+        load_records(DataSpec("math", root=str(tmp_path)))

@@ -12,4 +12,17 @@ from adore.methods.random import Random
 from adore.methods.streaming import Streaming
 from adore.methods.window import Window
 
-__all__ = ["KEEP", "Adore", "Entered", "Full", "H2O", "Method", "Oracle", "Random", "State", "Streaming", "Tokens", "Window"]
+__all__ = [
+    "KEEP",
+    "Adore",
+    "Entered",
+    "Full",
+    "H2O",
+    "Method",
+    "Oracle",
+    "Random",
+    "State",
+    "Streaming",
+    "Tokens",
+    "Window",
+]

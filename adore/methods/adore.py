@@ -53,7 +53,14 @@ class Adore(Method):
 
     def identity(self) -> dict:
         if self.controller is None:  # a random controller: its seed and shape are what it is
-            return {"name": self.name, "m": self.m, "R": self.R, "controller": "untrained", "seed": self.seed, "config": self.config}
+            return {
+                "name": self.name,
+                "m": self.m,
+                "R": self.R,
+                "controller": "untrained",
+                "seed": self.seed,
+                "config": self.config,
+            }
         return {"name": self.name, "m": self.m, "R": self.R, "controller": file_identity(self.controller)}
 
     def start(self, batch_size, length, device, model):
@@ -72,7 +79,9 @@ class Adore(Method):
                 "method.controller=null"
             )
         self.net = self.net.to(device).eval()
-        state = State(tokens={"z": torch.zeros(batch_size, length, self.net.config.width, device=device)})  # (B, T, width)
+        state = State(
+            tokens={"z": torch.zeros(batch_size, length, self.net.config.width, device=device)}
+        )  # (B, T, width)
         state.h = None  # (B, width) GRU state after the last fed token
         return state
 

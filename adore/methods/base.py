@@ -79,6 +79,7 @@ class Method:
     training_free: ClassVar[bool] = True  # a heuristic baseline (False: learned, or an oracle)
     needs: ClassVar[frozenset[str]] = frozenset()
     window: ClassVar[int] = 1  # queries in `Entered.window_attention`
+    per_token: ClassVar[tuple[str, ...]] = ()  # names of (B, T) float state tensors `start` allocates (zeros)
     short: ClassVar[dict[str, str]] = {}  # field -> its prefix in run-directory names (default: the field name)
 
     def __post_init__(self):
@@ -90,7 +91,7 @@ class Method:
 
     def start(self, batch_size: int, length: int, device, model) -> State:
         """Per-session state for `batch_size` rows and `length` history columns."""
-        return State()
+        return State(tokens={name: torch.zeros(batch_size, length, device=device) for name in self.per_token})
 
     def update(self, state: State, entered: Entered) -> None:
         """Called after every forward (before release)."""

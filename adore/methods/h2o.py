@@ -3,9 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from adore.methods.base import KEEP, Method, State
+from adore.methods.base import KEEP, Method
 
 
 @dataclass
@@ -19,6 +17,7 @@ class H2O(Method):
     recent_ratio: float = 0.5  # share of m reserved for the most recent tokens
     name: ClassVar[str] = "h2o"
     label: ClassVar[str] = "H2O"
+    per_token: ClassVar[tuple[str, ...]] = ("mass",)
     needs: ClassVar[frozenset[str]] = frozenset({"attention"})
     short: ClassVar[dict] = {"recent_ratio": "r"}
 
@@ -26,9 +25,6 @@ class H2O(Method):
         super().__post_init__()
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"method.recent_ratio={self.recent_ratio} must be in [0, 1]")
-
-    def start(self, batch_size, length, device, model):
-        return State(tokens={"mass": torch.zeros(batch_size, length, device=device)})  # (B, T)
 
     def update(self, state, entered):
         state.tokens["mass"] += entered.attention.float()

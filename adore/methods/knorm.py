@@ -3,9 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from adore.methods.base import KEEP, Method, State
+from adore.methods.base import KEEP, Method
 
 
 @dataclass
@@ -18,10 +16,8 @@ class Knorm(Method):
     m: int = 128
     name: ClassVar[str] = "knorm"
     label: ClassVar[str] = "Key norm"
+    per_token: ClassVar[tuple[str, ...]] = ("norm",)
     needs: ClassVar[frozenset[str]] = frozenset({"keys"})
-
-    def start(self, batch_size, length, device, model):
-        return State(tokens={"norm": torch.zeros(batch_size, length, device=device)})  # (B, T)
 
     def update(self, state, entered):
         norm = entered.keys.float().norm(dim=-1).mean(dim=(2, 3))  # (B, n, layers, kv_heads) -> (B, n)

@@ -34,4 +34,6 @@ def check_R(R, m: int) -> None:
     if isinstance(R, bool) or not isinstance(R, int) or R < 0:
         raise ValueError(f"method.R={R!r} must be a non-negative integer (tokens rebuilt per step)")
     if R > m:
-        raise ValueError(f"method.R={R} exceeds method.m={m}: a step keeps only m tokens, so at most m rebuilt ones can stay; use R <= m")
+        raise ValueError(
+            f"method.R={R} exceeds method.m={m}: a step keeps only m tokens, so at most m rebuilt ones can stay; use R <= m"
+        )

@@ -34,7 +34,9 @@ class SnapKV(Method):
         if self.window is None:
             self.window = max(1, self.m // 8)
         if not 1 <= self.window < min(self.m, MAX_WINDOW + 1):
-            raise ValueError(f"method.window={self.window} must be in [1, min(m={self.m}, {MAX_WINDOW + 1})): the window's tokens are always kept")
+            raise ValueError(
+                f"method.window={self.window} must be in [1, min(m={self.m}, {MAX_WINDOW + 1})): the window's tokens are always kept"
+            )
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"method.kernel={self.kernel} must be a positive odd number (average-pooling width)")
 

@@ -19,7 +19,9 @@ class Streaming(Method):
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.sinks < self.m:
-            raise ValueError(f"method.sinks={self.sinks} must be in [0, m={self.m}): sinks plus at least one recent token")
+            raise ValueError(
+                f"method.sinks={self.sinks} must be in [0, m={self.m}): sinks plus at least one recent token"
+            )
 
     def score(self, state, tokens):
         return positions_of(tokens) + KEEP * (tokens.positions < self.sinks)

@@ -3,9 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from adore.methods.base import Method, State
+from adore.methods.base import Method
 
 
 @dataclass
@@ -17,10 +15,8 @@ class TOVA(Method):
     m: int = 128
     name: ClassVar[str] = "tova"
     label: ClassVar[str] = "TOVA"
+    per_token: ClassVar[tuple[str, ...]] = ("attention",)
     needs: ClassVar[frozenset[str]] = frozenset({"last_attention"})
-
-    def start(self, batch_size, length, device, model):
-        return State(tokens={"attention": torch.zeros(batch_size, length, device=device)})  # (B, T)
 
     def update(self, state, entered):
         state.tokens["attention"] = entered.last_attention
