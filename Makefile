@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check adore tests train.py eval.py
+	$(BIN)/ruff check adore tests train.py eval.py setup.py
 
 bench: $(STAMP)
 	$(BIN)/python -m adore.bench

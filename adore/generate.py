@@ -4,6 +4,7 @@ teacher forcing (prefill, then one feed per given token), with the padding and t
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -158,6 +159,43 @@ def teacher_force(
     }
 
 
+def decode_steps(
+    session: Session,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    sampling: Sampling | None = None,
+    suppress_token_ids: list[int] | None = None,
+    active: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The decode loop, one step per `next`: yield ((B,) picked tokens, (B,) True for rows that were still going).
+
+    Each picked token is fed when the next step is asked for; the last token of a row (its eos, or the last
+    of the budget) is not fed: a stream that goes on feeds it with its next turn. Rows with `active` False
+    generate nothing. `decode` runs it to the end; a streaming caller reads the tokens as they come.
+    """
+    sampling = sampling or Sampling()
+    device = session.device
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.do_sample else None
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    suppress = torch.tensor(suppress_token_ids or [], dtype=torch.long, device=device)
+    done = torch.zeros(session.batch_size, dtype=torch.bool, device=device) if active is None else ~active.to(device).bool()
+    for step in range(max_new_tokens):
+        if bool(done.all()):
+            return
+        last = logits[:, -1]
+        if len(suppress):
+            last = last.index_fill(-1, suppress, float("-inf"))
+        nxt = torch.where(done, pad_token_id, sampling.pick(last, generator))
+        going = ~done
+        done = done | torch.isin(nxt, eos)
+        yield nxt, going
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        logits = session.feed(nxt[:, None], ~done[:, None])
+
+
 @torch.no_grad()
 def decode(
     session: Session,
@@ -171,40 +209,26 @@ def decode(
     active: torch.Tensor | None = None,
     latencies: bool = False,
 ) -> Generation:
-    """Generate up to `max_new_tokens` per row from the logits of the last feed, one `feed` per token.
+    """Generate up to `max_new_tokens` per row from the logits of the last feed (`decode_steps` to the end).
 
-    The last token of a row (its eos, or the last of the budget) is not fed, as in `generate`: a stream
-    that goes on feeds it with its next turn. Rows with `active` False generate nothing. `latencies`: the
-    stats also hold `step_s`, the seconds of each step that fed a token (pick + feed, synchronised).
+    `latencies`: the stats also hold `step_s`, the seconds of each step that fed a token (feed + pick,
+    synchronised).
     """
-    sampling = sampling or Sampling()
     device, B = session.device, session.batch_size
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.do_sample else None
-    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-    suppress = torch.tensor(suppress_token_ids or [], dtype=torch.long, device=device)
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device) if active is None else ~active.to(device).bool()
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     rebuilt_before = session.rebuilt
     step_s = [] if latencies else None
+    steps = decode_steps(session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, suppress_token_ids, active)
     synchronize(device)
     start = tick = time.perf_counter()
-    steps = 0
-    for step in tqdm(range(max_new_tokens), desc=f"decode {session.method.tag}", disable=not progress, leave=False):
-        if bool(done.all()):
-            break
-        last = logits[:, -1]
-        if len(suppress):
-            last = last.index_fill(-1, suppress, float("-inf"))
-        nxt = torch.where(done, pad_token_id, sampling.pick(last, generator))
+    done_steps = 0
+    bar = tqdm(steps, total=max_new_tokens, desc=f"decode {session.method.tag}", disable=not progress, leave=False)
+    for step, (nxt, going) in enumerate(bar):
         tokens[:, step] = nxt
-        lengths += ~done
-        done |= torch.isin(nxt, eos)
-        steps = step + 1
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        logits = session.feed(nxt[:, None], ~done[:, None])
-        if step_s is not None:
+        lengths += going
+        done_steps = step + 1
+        if step_s is not None and step > 0:  # the time since the last step: its feed and this pick
             synchronize(device)
             now = time.perf_counter()
             step_s.append(now - tick)
@@ -214,7 +238,7 @@ def decode(
     generated = int(lengths.sum())
     stats = {
         "decode_s": decode_s,
-        "decode_steps": steps,
+        "decode_steps": done_steps,
         "generated_tokens": generated,
         "decode_tokens": generated - int((lengths > 0).sum()),  # the first token of a row comes from the last feed
         "rebuilt_tokens": session.rebuilt - rebuilt_before,
@@ -222,4 +246,4 @@ def decode(
     }
     if step_s is not None:
         stats["step_s"] = step_s
-    return Generation(tokens[:, :steps], lengths, stats)
+    return Generation(tokens[:, :done_steps], lengths, stats)

@@ -34,7 +34,8 @@ class Session:
         self.device = device
         model.set_attn_implementation(register())
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        capacity = max_len if method.m is None else method.m + method.R + 1
+        # never more slots than the session can fill: a budget above the whole sequence allocates the sequence
+        capacity = max_len if method.m is None else min(method.m, max_len) + method.R + 1
         self.cache = SlotCache(
             config.num_hidden_layers, batch_size, config.num_key_value_heads, head_dim, capacity, model.dtype, device
         )

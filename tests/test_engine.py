@@ -225,3 +225,11 @@ def test_cuda_graph_decode_equals_eager():
         eager = generate(model, make_method(name, 16, model), ids, mask, 40, [], 0)
         graphed = generate(model, make_method(name, 16, model), ids, mask, 40, [], 0, cuda_graphs=True)
         assert torch.equal(eager.tokens, graphed.tokens), name
+
+
+def test_capacity_is_clamped_to_what_the_session_can_hold(tiny):
+    """A budget far above the sequence allocates the sequence's slots, not m (budget=10**9 once tried 46 TB)."""
+    model, _ = tiny
+    session = Session(model, Window(m=10**9), 2, 40)
+    assert session.cache.capacity == 40 + 1
+    assert Session(model, Adore(m=10**9, R=3), 2, 40).cache.capacity == 40 + 3 + 1
