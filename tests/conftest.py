@@ -71,12 +71,18 @@ def tiny(tiny_model_dir):
 CONF = str(PROJECT / "conf")
 
 
-def compose_eval(*overrides: str):
-    """conf/eval.yaml as `python eval.py <overrides>` composes it, without a logger or progress bars."""
-    from hydra import compose, initialize_config_dir
+def compose(config: str, *overrides: str, hydra: bool = False):
+    """conf/<config>.yaml as `python <config>.py <overrides>` composes it (`hydra`: with the hydra node)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(CONF, version_base="1.3"):
-        return compose("eval", overrides=["logger=none", "eval.progress=false", *overrides])
+        return hydra_compose(config, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def compose_eval(*overrides: str):
+    """conf/eval.yaml as `python eval.py <overrides>` composes it, without a logger or progress bars."""
+    return compose("eval", "logger=none", "eval.progress=false", *overrides)
 
 
 def tiny_overrides(tiny_model_dir: str, *more: str) -> list[str]:

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 
 from adore import evaluate, report
-from adore.registry import method_names
 from adore.io import read_json
+from adore.registry import method_names
 
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = str(PROJECT / "conf")
@@ -75,8 +75,7 @@ def test_rerun_skips_every_finished_run_also_under_joblib(swept, tiny_model_dir)
 
 
 def preset_cfg(*overrides):
-    with initialize_config_dir(CONF, version_base="1.3"):
-        return compose("eval", overrides=list(overrides), return_hydra_config=True)
+    return compose("eval", *overrides, hydra=True)
 
 
 def sweep_lists(cfg) -> list[list[str]]:

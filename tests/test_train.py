@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose
 
 from adore.controller import Controller
 from adore.labels import (
@@ -42,8 +42,7 @@ def make_cfg(stage: str, run_dir: Path, *overrides: str, model_dir: str | None =
             "stage.datamodule.batch_size=2",
             "stage.datamodule.pairs_per_sequence=64",
         ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=base + list(overrides))
+    return compose("train", *base, *overrides)
 
 
 @pytest.fixture(autouse=True)
@@ -203,8 +202,7 @@ def test_bad_configs_fail_at_start(tmp_path, monkeypatch, stage, override, messa
 def test_a_stage_overrides_trainer_and_train_defaults(tmp_path):
     cfg = make_cfg("controller", tmp_path)
     assert cfg.trainer.max_steps == 1000  # conf/stage/controller.yaml over conf/trainer/default.yaml
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        assert compose("train", overrides=["stage=controller"]).train.threads == 1  # ... and over conf/train.yaml
+    assert compose("train", "stage=controller").train.threads == 1  # ... and over conf/train.yaml
 
 
 def test_unknown_stage_is_refused_by_the_config(tmp_path):
