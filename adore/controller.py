@@ -94,11 +94,32 @@ class Controller(nn.Module):
 
     @staticmethod
     def meta(path) -> dict:
-        return torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+        return _read(path).get("meta", {})
+
+    @staticmethod
+    def config_of(path) -> ControllerConfig:
+        return ControllerConfig(**_read(path)["config"])
 
     @classmethod
     def load(cls, path, map_location="cpu") -> Controller:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        blob = _read(path, map_location)
         controller = cls(ControllerConfig(**blob["config"]))
-        controller.load_state_dict(blob["state_dict"])
+        try:
+            controller.load_state_dict(blob["state_dict"])
+        except RuntimeError as err:
+            raise ValueError(f"{path}: its weights do not fit its own config ({str(err).splitlines()[0]}); retrain it") from None
         return controller.eval()
+
+
+def _read(path, map_location="cpu") -> dict:
+    """A controller checkpoint's contents, or a ValueError naming the file (weights only: nothing is executed)."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a corrupt or truncated file; torch's message advises unsafe loading: not repeated
+        raise ValueError(
+            f"{path} is not a readable controller checkpoint ({type(err).__name__}): rebuild it with "
+            "`python train.py stage=controller` or restore the file"
+        ) from None
+    if not isinstance(blob, dict) or not {"config", "state_dict"} <= set(blob):
+        raise ValueError(f"{path} is not a controller checkpoint (no config / state_dict): pass controller.pt of a controller run")
+    return blob

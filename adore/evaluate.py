@@ -27,7 +27,7 @@ from adore import runlock
 from adore.config import build
 from adore.io import read_json, write_json, write_jsonl
 from adore.metrics import PACKAGED_BERTSCORE, bertscore_model_path
-from adore.models import load
+from adore.models import load, load_config
 from adore.tasks import Context
 from adore.tracking import wandb_run
 
@@ -82,7 +82,13 @@ def validate(cfg: DictConfig):
         raise ValueError(f"task={cfg.get('task')!r} is not a task config: use task=generate, perplexity, stream or long")
     if cfg.eval.bertscore_model == PACKAGED_BERTSCORE:
         bertscore_model_path(cfg.eval.bertscore_model)
-    return build(cfg.model), build(cfg.data), build(cfg.method), build(cfg.task)
+    model_spec, data_spec, method, task = build(cfg.model), build(cfg.data), build(cfg.method), build(cfg.task)
+    try:
+        model_config = load_config(model_spec)
+    except OSError as err:
+        raise ValueError(f"model.name_or_path={model_spec.name_or_path!r}: its config cannot be read ({err})") from None
+    method.check(model_config)  # e.g. a controller trained on another backbone
+    return model_spec, data_spec, method, task
 
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)  # a bad value or path: one line, no traceback

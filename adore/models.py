@@ -92,6 +92,14 @@ def resolve(spec: ModelSpec) -> tuple[str, dict]:
     return spec.name_or_path, extra
 
 
+def load_config(spec: ModelSpec):
+    """The backbone's config alone (no weights): what start-up checks compare methods against."""
+    from transformers import AutoConfig
+
+    path, extra = resolve(spec)
+    return AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **extra)
+
+
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     path, extra = resolve(spec)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=spec.trust_remote_code, **extra)

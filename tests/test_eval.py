@@ -178,3 +178,34 @@ def test_every_job_of_a_sweep_is_validated_before_the_first_starts(tmp_path):
 def test_a_bad_value_is_one_line_without_a_traceback(tmp_path):
     done = run_eval_py("budget=0", f"hydra.run.dir={tmp_path}/run", "logger=none")
     assert done.returncode != 0 and done.stderr.strip() == "error: budget=0 must be a positive integer (the KV budget m)"
+
+
+@pytest.mark.parametrize("content, why", [(b"not a checkpoint", "not a readable controller checkpoint"),
+                                          (None, "not a readable controller checkpoint")])  # fmt: skip
+def test_a_broken_controller_is_named_without_unsafe_advice(tmp_path, content, why):
+    path = tmp_path / "controller.pt"
+    if content is None:  # a truncated real checkpoint
+        content = (PROJECT / "checkpoints/controller_smollm2_samsum_k64.pt").read_bytes()[:5000]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=why) as err:
+        evaluate.validate(eval_cfg("method=adore", f"method.controller={path}"))
+    assert str(path) in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_a_controller_of_another_backbone_is_refused_before_the_model_loads(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("model loaded before validation"))
+    with pytest.raises(ValueError, match="reads embeddings of width 576, but this model's are 32 wide"):
+        evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=adore_trained")), "/tmp/never")
+
+
+def test_result_files_get_the_users_umask(tmp_path):
+    import stat
+
+    from adore.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "results.json", {})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644

@@ -63,7 +63,17 @@ class Adore(Method):
             }
         return {"name": self.name, "m": self.m, "R": self.R, "controller": file_identity(self.controller)}
 
+    def check(self, model_config):
+        width = Controller.config_of(self.controller).d_model if self.controller else model_config.hidden_size
+        if width != model_config.hidden_size:
+            raise ValueError(
+                f"method.controller={self.controller!r} reads embeddings of width {width}, but this model's are "
+                f"{model_config.hidden_size} wide: train a controller on this backbone (docs/training.md) or pass "
+                "method.controller=null"
+            )
+
     def start(self, batch_size, length, device, model):
+        self.check(model.config)
         if self.net is None:
             if self.controller is not None:
                 self.net = Controller.load(self.controller)
@@ -71,13 +81,6 @@ class Adore(Method):
                 with torch.random.fork_rng():
                     torch.manual_seed(self.seed)
                     self.net = Controller(ControllerConfig(d_model=model.config.hidden_size, **self.config))
-        hidden = model.config.hidden_size
-        if self.net.config.d_model != hidden:
-            raise ValueError(
-                f"method.controller={self.controller!r} reads embeddings of width {self.net.config.d_model}, but this "
-                f"model's are {hidden} wide: train a controller on this backbone (docs/training.md) or pass "
-                "method.controller=null"
-            )
         self.net = self.net.to(device).eval()
         state = State(
             tokens={"z": torch.zeros(batch_size, length, self.net.config.width, device=device)}

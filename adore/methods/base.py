@@ -89,6 +89,9 @@ class Method:
         if unknown:
             raise ValueError(f"{type(self).__name__}.needs has {sorted(unknown)}: choose from {sorted(NEEDS)}")
 
+    def check(self, model_config) -> None:
+        """Raise ValueError if this method cannot run on a model of `model_config` (before the model loads)."""
+
     def start(self, batch_size: int, length: int, device, model) -> State:
         """Per-session state for `batch_size` rows and `length` history columns."""
         return State(tokens={name: torch.zeros(batch_size, length, device=device) for name in self.per_token})
