@@ -233,7 +233,7 @@ class Pipeline:
         for p in prompts:
             if self.chat_template:
                 messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
-                ids += encode_prompts(self.tokenizer, [{"messages": messages}], self.max_prompt_tokens)
+                ids += encode_prompts(self.tokenizer, [{"messages": messages}], self.max_prompt_tokens)[0]
             else:
                 x = self.tokenizer(p)["input_ids"]
                 ids.append(x[-self.max_prompt_tokens :] if self.max_prompt_tokens else x)

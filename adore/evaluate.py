@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
-import sys
 import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +188,7 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
             "m": method.m,
             "R": method.identity().get("R"),  # None for methods that rebuild nothing
             "K": getattr(method, "K", None) or cfg.get("K"),  # ADORE: the K its controller was trained with
+            "excluded": getattr(items, "excluded", {}),  # records left out of scoring, by reason (ids)
             **out.run,
         },
         "method": method.identity(),  # every setting of the method: the report never merges runs that differ
@@ -204,6 +205,9 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
         },
         "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
     }
+    if out.run.get("truncated_prompts"):
+        print(f"[data] {out.run['truncated_prompts']} prompts were longer than max_prompt_tokens: their middle was cut "
+              "(prompt_cut_tokens in predictions.jsonl)")  # fmt: skip
     write_jsonl(run_dir / "predictions.jsonl", out.rows)
     write_json(run_dir / "results.json", result)  # last: its presence marks the run as finished
     scalars = {k: v for k, v in (out.metrics | perf).items() if isinstance(v, int | float)}

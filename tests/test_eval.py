@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import PROJECT, make_method, method_names, tiny_overrides
@@ -209,3 +210,31 @@ def test_result_files_get_the_users_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
+
+
+def test_a_long_prompt_keeps_its_head_and_end_and_the_cut_is_recorded(tmp_path, tiny, tiny_model_dir):
+    from adore.data import DataSpec, load_records
+    from adore.tasks import encode_prompts
+
+    record = load_records(DataSpec("samsum"), 1)[0]
+    (full,), _ = encode_prompts(tiny[1], [record], None)
+    (cut_ids,), (cut,) = encode_prompts(tiny[1], [record], 40)
+    assert len(cut_ids) == 40 and cut == len(full) - 40
+    assert cut_ids[:10] == full[:10] and cut_ids[-30:] == full[-30:]  # chat header + instruction, and the end
+    result = evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "eval.max_prompt_tokens=40")), str(tmp_path))
+    assert result["run"]["truncated_prompts"] == 3
+    assert all(r["prompt_cut_tokens"] > 0 for r in read_jsonl(tmp_path / "predictions.jsonl"))
+
+
+def test_empty_references_and_prompts_are_excluded_and_named(tmp_path, tiny_model_dir):
+    import json
+
+    rows = json.loads((Path(os.environ.get("ADORE_DATA_DIR", PROJECT.parent / "shared/data")) / "samsum/test.json").read_text())[:4]
+    rows[1]["summary"] = "  "
+    rows[2]["dialogue"], rows[2]["instruction"] = "", ""
+    (tmp_path / "data/samsum").mkdir(parents=True)
+    (tmp_path / "data/samsum/test.json").write_text(json.dumps(rows))
+    cfg = eval_cfg(*tiny_overrides(tiny_model_dir, f"data.root={tmp_path / 'data'}", "eval.num_examples=4"))
+    result = evaluate.run(cfg, str(tmp_path / "run"))
+    assert result["run"]["excluded"] == {"empty_reference": ["samsum-eval-1"], "empty_prompt": ["samsum-eval-2"]}
+    assert result["run"]["num_examples"] == 2

@@ -54,25 +54,59 @@ def check_counts(task, required=(), optional=(), own=()) -> None:
             )
 
 
-def load_examples(data_spec, num_examples: int | None, keep=None, fix: str | None = None) -> list[dict]:
-    """The first `num_examples` records that `keep` accepts; a ValueError with `fix` when none is left."""
+class Examples(list):
+    """The records a run scores, and `excluded`: what was left out and why (recorded in results.json)."""
+
+    excluded: dict[str, list[str]]
+
+
+PROMPT_HEAD = 64  # a prompt over max_prompt_tokens keeps its first tokens (chat header, instruction) and its end
+
+
+def load_examples(data_spec, num_examples: int | None, keep=None, fix: str | None = None) -> Examples:
+    """The first `num_examples` usable records that `keep` accepts; a ValueError with `fix` when none is left.
+
+    Records with an empty reference (nothing to score against) or an empty prompt are excluded, counted and
+    named, never scored as 0."""
     from adore.data import load_records
 
-    records = [r for r in load_records(data_spec, num_examples) if keep is None or keep(r)]
+    def blank(text) -> bool:
+        return not str(text or "").strip()
+
+    records = [r for r in load_records(data_spec) if keep is None or keep(r)]
+    excluded = {
+        "empty_reference": [r["id"] for r in records if blank(r.get("reference"))],
+        "empty_prompt": [r["id"] for r in records if r["messages"] and all(blank(m.get("content")) for m in r["messages"])],
+    }
+    dropped = {i for ids in excluded.values() for i in ids}
+    records = [r for r in records if r["id"] not in dropped][:num_examples]
+    if dropped:
+        print(f"[data] {data_spec.name}: excluded " + ", ".join(f"{len(v)} with an {k.replace('_', ' ')} ({', '.join(v[:3])}"
+              + (", ..." if len(v) > 3 else "") + ")" for k, v in excluded.items() if v))  # fmt: skip
     if not records:
-        raise ValueError(fix or f"data={data_spec.name} split={data_spec.split} has no records")
-    return records
+        raise ValueError(fix or f"data={data_spec.name} split={data_spec.split} has no usable records")
+    out = Examples(records)
+    out.excluded = {k: v for k, v in excluded.items() if v}
+    return out
 
 
-def encode_prompts(tokenizer, records, max_prompt_tokens: int | None) -> list[list[int]]:
-    """Chat-template token ids per record, left-truncated to the last `max_prompt_tokens`."""
-    prompts = []
+def encode_prompts(tokenizer, records, max_prompt_tokens: int | None) -> tuple[list[list[int]], list[int]]:
+    """Chat-template token ids per record, and the tokens cut from each.
+
+    A prompt over `max_prompt_tokens` keeps its first PROMPT_HEAD tokens (the chat header and the start of the
+    instruction) and its last ones: the middle is cut, and the cut is recorded, never silent."""
+    prompts, cut = [], []
     for r in records:
         ids = tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)[
             "input_ids"
         ]
-        prompts.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
-    return prompts
+        over = len(ids) - max_prompt_tokens if max_prompt_tokens else 0
+        if over > 0:
+            head = min(PROMPT_HEAD, max_prompt_tokens // 4)
+            ids = ids[:head] + ids[head + over :]
+        prompts.append(ids)
+        cut.append(max(over, 0))
+    return prompts, cut
 
 
 def eos_ids(model, tokenizer) -> list[int]:

@@ -25,6 +25,7 @@ from adore.methods import Full
 from adore.metrics import bertscore_f, quality, rouge
 from adore.stats import Bootstrap, corpus_bleu_ci
 from adore.tasks import (
+    PROMPT_HEAD,
     Context,
     TaskOutput,
     batches_by_length,
@@ -58,7 +59,7 @@ class Generate:
         return load_examples(data_spec, self.num_examples)
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
-        prompts = encode_prompts(ctx.tokenizer, records, self.max_prompt_tokens)
+        prompts, cut = encode_prompts(ctx.tokenizer, records, self.max_prompt_tokens)
         batches = batches_by_length([len(p) for p in prompts], self.batch_size)
         tokens, texts, stats = self._generate(ctx, method, prompts, batches, self.sampling)
         references = [r["reference"] for r in records]
@@ -83,11 +84,13 @@ class Generate:
                 "reference": r["reference"],
                 "answer": r["answer"],
                 "output": texts[i],
+                "prompt_cut_tokens": cut[i],
             }
             | {k: v[i] for k, v in per_example.items()}
             for i, r in enumerate(records)
         ]
-        run = {"num_examples": len(records), "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        run = {"num_examples": len(records), "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+               "truncated_prompts": sum(c > 0 for c in cut)}  # fmt: skip
         return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -109,6 +112,7 @@ class Generate:
             "ids": [r["id"] for r in records],
             "max_new_tokens": self.max_new_tokens,
             "max_prompt_tokens": self.max_prompt_tokens,
+            "prompt_head": PROMPT_HEAD,  # how a long prompt is cut
             "prefill_chunk": self.prefill_chunk,
             "batch_size": self.batch_size,
             "source": self.fidelity.source,

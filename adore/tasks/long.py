@@ -74,7 +74,7 @@ class Long:
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         tok = ctx.tokenizer
         new = self.new_tokens(method)
-        prompts = encode_prompts(tok, records, self.max_prompt_tokens)
+        prompts, cut = encode_prompts(tok, records, self.max_prompt_tokens)
         batches = batches_by_length([len(p) for p in prompts], self.batch_size)
         tokens, stats = generate_batches(
             ctx, method, prompts, batches, new, self.sampling, self.prefill_chunk, past_eos=True
@@ -91,6 +91,7 @@ class Long:
                 "output": tok.decode(tokens[i], skip_special_tokens=True),
                 "new_tokens": len(tokens[i]),
                 "repeated_ngram_fraction": repeated[i],
+                "prompt_cut_tokens": cut[i],
             }
             for i, r in enumerate(records)
         ]
@@ -101,5 +102,6 @@ class Long:
             "reference_m": self.reference_m,
             "ngram": self.ngram,
             "batch_size": self.batch_size,
+            "truncated_prompts": sum(c > 0 for c in cut),
         }
         return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)

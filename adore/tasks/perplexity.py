@@ -106,7 +106,7 @@ class Perplexity:
             if left <= 0:
                 break
             if r["messages"]:  # chat data: the prompt is context, the reference answer is scored
-                context = encode_prompts(tokenizer, [r], self.max_prompt_tokens)[0]
+                context = encode_prompts(tokenizer, [r], self.max_prompt_tokens)[0][0]
                 target = tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
             else:  # a document: its first token (a BOS if the tokenizer adds one) is context, the rest is scored
                 ids = tokenizer(r["reference"])["input_ids"]
