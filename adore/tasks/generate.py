@@ -70,7 +70,7 @@ class Generate:
             metrics[f"eval/{k}_ci"] = self.bootstrap.mean_ci(values)
         if self.fidelity is not None and self.fidelity.enabled:
             own = (tokens, texts) if isinstance(method, Full) and not self.sampling.do_sample else None
-            ref = self._reference(ctx, records, prompts, batches, own)
+            ref = self._reference(ctx, records, prompts, batches, any(cut), own)
             scores = self._fidelity(ctx, method, ref, prompts, batches, tokens, texts)
             for k, values in scores.items():
                 metrics[f"fidelity/{k}"] = float(np.mean(values))
@@ -101,7 +101,7 @@ class Generate:
         texts = [ctx.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
         return tokens, texts, stats
 
-    def reference_key(self, ctx: Context, records) -> dict:
+    def reference_key(self, ctx: Context, records, truncated: bool = False) -> dict:
         """Everything full attention's stored outputs depend on (greedy: sampling settings do not count)."""
         from adore.models import model_fingerprint
 
@@ -112,7 +112,7 @@ class Generate:
             "ids": [r["id"] for r in records],
             "max_new_tokens": self.max_new_tokens,
             "max_prompt_tokens": self.max_prompt_tokens,
-            "prompt_head": PROMPT_HEAD,  # how a long prompt is cut
+            **({"prompt_head": PROMPT_HEAD} if truncated else {}),  # how a long prompt is cut (when one is)
             "prefill_chunk": self.prefill_chunk,
             "batch_size": self.batch_size,
             "source": self.fidelity.source,
@@ -120,9 +120,9 @@ class Generate:
             "eos": eos_ids(ctx.model, ctx.tokenizer),
         }
 
-    def _reference(self, ctx: Context, records, prompts, batches, full_outputs=None) -> Reference:
+    def _reference(self, ctx: Context, records, prompts, batches, truncated, full_outputs=None) -> Reference:
         """Full attention's stored outputs, or computed now (`full_outputs`: a greedy full run's own, reused)."""
-        key = self.reference_key(ctx, records)
+        key = self.reference_key(ctx, records, truncated)
         ref = load_reference(self.fidelity, key)
         if ref is not None:
             print(f"[reference] reusing full attention's outputs from {self.fidelity.cache_dir}")
