@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -161,14 +162,19 @@ def test_overfit_a_few_batches_lowers_the_loss(tmp_path, tiny_model_dir):
 
 def test_resume_continues_from_the_saved_step(tmp_path, tiny_model_dir):
     # 3 steps with a periodic save every 2: the final step must still be saved, and resumed from
-    common = ("trainer.callbacks.0.every_n_train_steps=2", "stage.validate_after=false")
+    common = ("trainer.callbacks.0.every_n_train_steps=2", "stage.validate_after=false", "trainer.log_every_n_steps=1")
     first, _ = train(make_cfg("finetune", tmp_path, "trainer.max_steps=3", *common, model_dir=tiny_model_dir))
     assert first["trainer/global_step"] == 3
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 3 and all("lora_" in k for k in checkpoint["state_dict"])  # adapter only
     cfg = make_cfg("finetune", tmp_path, "trainer.max_steps=5", "train.resume=true", *common, model_dir=tiny_model_dir)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run: pass train.resume=true"):
+        train(make_cfg("finetune", tmp_path, "trainer.max_steps=5", *common, model_dir=tiny_model_dir))
     resumed, _ = train(cfg)
     assert resumed["trainer/global_step"] == 5 and "before/val/loss_sparse" not in resumed
+    with open(tmp_path / "csv" / "metrics.csv") as f:  # the history of steps 0-2 survives the resume
+        steps = [int(float(row["step"])) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert steps[:3] == [0, 1, 2] and len(steps) == 5 and steps == sorted(steps)  # 3 steps before, 2 after
 
 
 @pytest.mark.parametrize(

@@ -84,6 +84,11 @@ def check_config(cfg: DictConfig) -> None:
             cfg.stage.datamodule.labels = str(labels)
         if module.budget is not None and module.budget < 1:
             _fail(f"stage.module.budget={module.budget!r}: the evaluated budget must be >= 1 (null = the labels' K)")
+    if not cfg.train.resume and any(checkpoint_dir(cfg).glob("*.ckpt")):
+        _fail(
+            f"{checkpoint_dir(cfg)} holds checkpoints of an earlier run: pass train.resume=true to continue it, or "
+            "start a new one in another folder (run_dir=<new folder>, or remove that one)"
+        )
     if cfg.train.resume and not (checkpoint_dir(cfg) / "last.ckpt").exists():
         _fail(
             f"train.resume=true but {checkpoint_dir(cfg) / 'last.ckpt'} does not exist: pass the folder of the run to "
@@ -92,12 +97,13 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def make_logger(logger_cfg: DictConfig, run_dir: str | Path, name: str, config: dict):
-    """Lightning's WandbLogger from conf/logger (offline: files under the run dir); a CSVLogger when disabled."""
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    """Lightning's WandbLogger from conf/logger (offline: files under the run dir); a CSVLogger when disabled,
+    whose metrics.csv keeps the history of the run it resumes."""
+    from lightning.pytorch.loggers import WandbLogger
 
     mode = logger_cfg.get("mode", "disabled")
     if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled":
-        return CSVLogger(save_dir=run_dir, name="csv", version="")
+        return _history_csv_logger(run_dir)
     return WandbLogger(
         project=logger_cfg.get("project", "adore"),
         entity=logger_cfg.get("entity"),
@@ -108,3 +114,37 @@ def make_logger(logger_cfg: DictConfig, run_dir: str | Path, name: str, config: 
         job_type="train",
         config=config,
     )
+
+
+def _history_csv_logger(run_dir):
+    """A CSVLogger that appends to an earlier run's metrics.csv (Lightning's own deletes it on a resume): rows
+    of steps before the first one logged now are kept, later ones (logged after the checkpoint) replaced."""
+    import csv
+
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class Writer(ExperimentWriter):
+        def __init__(self, log_dir: str) -> None:
+            path = Path(log_dir) / self.NAME_METRICS_FILE
+            self.earlier = list(csv.DictReader(path.open(newline=""))) if path.is_file() else []
+            super().__init__(log_dir)  # removes the file
+
+        def save(self) -> None:
+            if self.earlier and self.metrics:
+                first = min(int(m["step"]) for m in self.metrics)
+                self.metrics = [r for r in self.earlier if int(float(r["step"])) < first] + self.metrics
+                self.earlier = []
+            super().save()
+
+    class HistoryCSVLogger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Writer:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = Writer(log_dir=self.log_dir)
+            return self._experiment
+
+    return HistoryCSVLogger(save_dir=run_dir, name="csv", version="")
