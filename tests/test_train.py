@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose
+from conftest import PROJECT, compose
 
 from adore.controller import Controller
 from adore.labels import (
@@ -233,3 +233,30 @@ def test_packaged_model_finetunes_with_lora_on_cpu(tmp_path):
     assert metrics["val/loss_full"] < 5 and metrics["val/loss_sparse"] < 5  # a trained LM, not a random one
     tuned = load_model(ModelSpec(adapter=str(tmp_path / "adapter")))
     assert tuned.config.hidden_size == 576
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, tiny_model_dir, labels_run):
+    """`trainer=ddp` as shipped runs 2 gloo processes on a CPU machine; synced metrics equal a 1-process run's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    common = ["stage=controller", "logger.mode=disabled", f"K={K}", "train.threads=1", f"model.name_or_path={tiny_model_dir}",
+              f"stage.datamodule.labels={labels_run}", "trainer.max_steps=6", "stage.datamodule.num_val=2",
+              "stage.datamodule.pairs_per_sequence=64", "trainer.enable_progress_bar=false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    metrics = {}
+    for name, extra in (("one", ["stage.datamodule.batch_size=4"]), ("two", ["trainer=ddp", "stage.datamodule.batch_size=2"])):
+        cmd = [sys.executable, "train.py", *common, *extra, f"run_dir={tmp_path / name}"]
+        done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    one, two = metrics["one"], metrics["two"]
+    assert two["trainer/global_step"] == one["trainer/global_step"] == 6
+    for key in one:  # top-K overlap of fixed rankings over the whole validation set: synced exactly
+        if key.startswith(("before/val/recall", "val/recall_recency", "val/recall_h2o")):
+            assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    assert two["before/val/loss"] == pytest.approx(one["before/val/loss"], abs=0.01)  # pairs are sampled per rank
+    assert two["val/loss"] == pytest.approx(one["val/loss"], abs=0.02)
+    assert (tmp_path / "two" / "controller.pt").is_file()

@@ -168,7 +168,7 @@ class ControllerModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.pair_loss(batch, self.encode(batch))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["topk"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
         return loss
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
@@ -179,7 +179,7 @@ class ControllerModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         z = self.encode(batch)
-        self.log("val/loss", self.pair_loss(batch, z), prog_bar=True, batch_size=len(batch["topk"]))
+        self.log("val/loss", self.pair_loss(batch, z), prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
         for row, (topk, h2o) in enumerate(zip(batch["topk"], batch["h2o"])):
             T = len(topk)
             positive = dense_labels(topk.to(z.device), T)

@@ -80,7 +80,7 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.loss(batch, TOPK)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
