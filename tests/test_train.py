@@ -190,6 +190,8 @@ def test_resume_continues_from_the_saved_step(tmp_path, tiny_model_dir):
         ("labels", "model.adapter=/nowhere", "model.adapter='/nowhere'"),
         ("controller", "stage.datamodule.labels=/nowhere/labels.pt", "python train.py stage=labels"),
         ("finetune", "stage.name=typo", "stage.name='typo'"),
+        ("finetune", "stage.datamodule.batch_size=0", "stage.datamodule.batch_size=0 must be an integer >= 1"),
+        ("controller", "stage.datamodule.num_val=-1", "stage.datamodule.num_val=-1"),
     ],
 )
 def test_bad_configs_fail_at_start(tmp_path, monkeypatch, stage, override, message):

@@ -61,6 +61,11 @@ def check_config(cfg: DictConfig) -> None:
         _fail(f"K={cfg.K!r}: top-K keeps K >= 1 keys per query; pass e.g. K=64")
     build(cfg.model)  # ModelSpec checks device, quantize (CUDA only) and adapter without loading anything
     build(cfg.data)
+    loader = cfg.stage.datamodule
+    for key, least in (("batch_size", 1), ("num_train", 1), ("num_val", 0)):
+        value = loader.get(key, least)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+            _fail(f"stage.datamodule.{key}={value!r} must be an integer >= {least}")
     cuda = torch.cuda.is_available()
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if not cuda and accelerator in ("gpu", "cuda"):
