@@ -95,6 +95,7 @@ class Session:
         self.hist_valid[:, self.length : self.length + n] = valid
         self.length += n
         self.next_pos += valid.sum(1)
+        self._query_pos = self.query_pos  # once per feed: every view of this step reads it
         if self.shadow is not None:  # first, so that this step's scores see this query's full attention
             self.shadow.feed(input_ids, valid)
 
@@ -134,13 +135,13 @@ class Session:
     # ---- what the method sees ----------------------------------------------------------------------------
     def _score(self, cols: torch.Tensor) -> torch.Tensor:
         """The method's (B, k) scores of the history tokens `cols` (B, k) for the current query."""
-        tokens = Tokens(cols, self.hist_ids.gather(1, cols), self.hist_pos.gather(1, cols), self.query_pos)
+        history = {"ids": self.hist_ids, "positions": self.hist_pos}
         if self.shadow is not None:
-            tokens.full_attention = self.shadow.entered.last_attention.gather(1, cols)
-        return self.method.score(self.state, tokens)
+            history["full_attention"] = self.shadow.entered.last_attention
+        return self.method.score(self.state, Tokens(cols, self._query_pos, history))
 
     def _update_method(self, cols, valid, ids, pos, new_slots, recorder) -> None:
-        entered = Entered(cols, valid, ids, pos, self.query_pos, held=self.hist_slot >= 0)
+        entered = Entered(cols, valid, ids, pos, self._query_pos)
         if recorder is not None:
             if recorder.want_total:
                 entered.attention = self._on_columns(recorder.total)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,15 +42,30 @@ class State:
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-@dataclass
 class Tokens:
-    """The history tokens being scored: all (B, k)."""
+    """The history tokens being scored, all (B, k); ids, positions and full attention are gathered when read."""
 
-    cols: torch.Tensor  # history columns (the session's index of fed tokens)
-    ids: torch.Tensor  # token ids
-    positions: torch.Tensor  # original positions
-    query_pos: torch.Tensor  # (B, 1) position t of the newest token: the query the scores are for
-    full_attention: torch.Tensor | None = None  # with needs "full_attention": (B, k) weights, summed over heads/layers
+    def __init__(self, cols: torch.Tensor, query_pos: torch.Tensor, history: dict[str, torch.Tensor]):
+        self.cols = cols  # history columns (the session's index of fed tokens)
+        self.query_pos = query_pos  # (B, 1) position t of the newest token: the query the scores are for
+        self._history = history  # (B, T) per-column tensors of the session: ids, positions[, full_attention]
+
+    def _gather(self, name: str) -> torch.Tensor:
+        return self._history[name].gather(1, self.cols)
+
+    @cached_property
+    def ids(self) -> torch.Tensor:
+        return self._gather("ids")
+
+    @cached_property
+    def positions(self) -> torch.Tensor:
+        """Original positions."""
+        return self._gather("positions")
+
+    @cached_property
+    def full_attention(self) -> torch.Tensor:
+        """With needs "full_attention": the newest query's weights under full attention, summed over heads/layers."""
+        return self._gather("full_attention")
 
 
 @dataclass
@@ -61,7 +77,6 @@ class Entered:
     ids: torch.Tensor  # (B, n)
     positions: torch.Tensor  # (B, n)
     query_pos: torch.Tensor  # (B, 1)
-    held: torch.Tensor  # (B, T) True for the history tokens now in the cache
     attention: torch.Tensor | None = None  # (B, T) mass received from every query of this forward
     last_attention: torch.Tensor | None = None  # (B, T) the newest query's weights
     window_attention: torch.Tensor | None = None  # (B, w, T) the last w queries' weights
