@@ -156,7 +156,9 @@ class Pipeline:
         input_ids, mask = left_pad([ids], self.pad_token_id)
         session = Session(self.model, self.method, 1, len(ids) + max_new_tokens)
         logits = prefill(session, input_ids, mask.bool(), self.prefill_chunk)
-        steps = decode_steps(session, logits, max_new_tokens, self.eos_token_ids, self.pad_token_id, _sampling(sampling))
+        steps = decode_steps(
+            session, logits, max_new_tokens, self.eos_token_ids, self.pad_token_id, _sampling(sampling)
+        )
         out: list[int] = []
         sent = ""
         for nxt, _ in steps:

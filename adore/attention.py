@@ -40,9 +40,13 @@ class AttentionRecorder:
             self.last_rows = rows if self.last_rows is None else self.last_rows + rows
 
 
-def adore_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_recorder=None, **kwargs):
+def adore_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_recorder=None, **kwargs
+):
     if attention_recorder is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     keys = key.repeat_interleave(groups, dim=1)  # (B, H, C, D)
     values = value.repeat_interleave(groups, dim=1)
@@ -50,7 +54,11 @@ def adore_attention(module, query, key, value, attention_mask, scaling=None, dro
     starts = list(range(0, q_len, QUERY_CHUNK)) if attention_recorder.want_total else [max(0, q_len - QUERY_CHUNK)]
     outputs = []
     if starts[0] > 0:  # earlier queries need no weights
-        outputs.append(sdpa_attention_forward(module, query[:, :, : starts[0]], key, value, attention_mask[:, :, : starts[0]], scaling=scaling)[0])
+        outputs.append(
+            sdpa_attention_forward(
+                module, query[:, :, : starts[0]], key, value, attention_mask[:, :, : starts[0]], scaling=scaling
+            )[0]
+        )
     for s in starts:
         scores = torch.matmul(query[:, :, s : s + QUERY_CHUNK], keys.transpose(2, 3)) * scaling  # (B, H, c, C)
         scores = scores.masked_fill(~attention_mask[:, :, s : s + QUERY_CHUNK], float("-inf"))

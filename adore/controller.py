@@ -35,9 +35,12 @@ def bucketize(distance: torch.Tensor, num_buckets: int, max_distance: int) -> to
     """Log-spaced buckets (as T5's relative positions): exact below num_buckets/2, logarithmic above."""
     distance = distance.clamp(min=0)
     exact = num_buckets // 2
-    log_bucket = exact + (
-        torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
-    ).long()
+    log_bucket = (
+        exact
+        + (
+            torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+        ).long()
+    )
     return torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
 
 
@@ -52,7 +55,9 @@ class Controller(nn.Module):
         self.position = nn.Embedding(config.num_buckets, config.width)
         self.mlp = nn.Sequential(nn.Linear(config.width, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, 1))
 
-    def encode(self, embeds: torch.Tensor, valid: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, embeds: torch.Tensor, valid: torch.Tensor, h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the GRU over the valid tokens of each row, skipping padding.
 
         embeds: (B, T, d_model) LLM input embeddings; valid: (B, T) bool; h: (B, width) state before them.
@@ -107,7 +112,9 @@ class Controller(nn.Module):
         try:
             controller.load_state_dict(blob["state_dict"])
         except RuntimeError as err:
-            raise ValueError(f"{path}: its weights do not fit its own config ({str(err).splitlines()[0]}); retrain it") from None
+            raise ValueError(
+                f"{path}: its weights do not fit its own config ({str(err).splitlines()[0]}); retrain it"
+            ) from None
         return controller.eval()
 
 
@@ -121,5 +128,7 @@ def _read(path, map_location="cpu") -> dict:
             "`python train.py stage=controller` or restore the file"
         ) from None
     if not isinstance(blob, dict) or not {"config", "state_dict"} <= set(blob):
-        raise ValueError(f"{path} is not a controller checkpoint (no config / state_dict): pass controller.pt of a controller run")
+        raise ValueError(
+            f"{path} is not a controller checkpoint (no config / state_dict): pass controller.pt of a controller run"
+        )
     return blob

@@ -17,7 +17,9 @@ class GraphedForward:
         self.graphs: dict[tuple, tuple] = {}
 
     def _forward(self, ids, pos, mask):
-        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True, logits_to_keep=1).logits
+        return self.model(
+            input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache, use_cache=True, logits_to_keep=1
+        ).logits
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         key = (tuple(ids.shape), tuple(mask.shape), self.cache.keys.data_ptr())

@@ -31,7 +31,14 @@ from adore.models import load, load_config
 from adore.tasks import Context
 from adore.tracking import wandb_run
 
-NOT_SETTINGS = ("eval.overwrite", "eval.progress", "eval.cuda_graphs", "eval.lock_timeout_s", "logger", "budget")  # may change between a run and its resume
+NOT_SETTINGS = (
+    "eval.overwrite",
+    "eval.progress",
+    "eval.cuda_graphs",
+    "eval.lock_timeout_s",
+    "logger",
+    "budget",
+)  # may change between a run and its resume
 # (`budget` reaches a run only through method.m, which stays in the settings)
 
 
@@ -50,7 +57,7 @@ def model_tag(node) -> str:
 
 
 def task_suffix(node) -> str:
-    """"" for task generation, "-<task>[<task's own suffix>]" otherwise: other tasks on the same data get their own folder."""
+    """ "" for task generation, "-<task>[<task's own suffix>]" otherwise: other tasks on the same data get their own folder."""
     task = get_class(node._target_)
     if task.name == "generate":
         return ""
@@ -79,7 +86,9 @@ def validate(cfg: DictConfig):
     if not isinstance(cfg.budget, int) or cfg.budget < 1:
         raise ValueError(f"budget={cfg.budget!r} must be a positive integer (the KV budget m)")
     if not isinstance(cfg.get("task"), DictConfig) or "_target_" not in cfg.task:
-        raise ValueError(f"task={cfg.get('task')!r} is not a task config: use task=generate, perplexity, stream or long")
+        raise ValueError(
+            f"task={cfg.get('task')!r} is not a task config: use task=generate, perplexity, stream or long"
+        )
     if cfg.eval.bertscore_model == PACKAGED_BERTSCORE:
         bertscore_model_path(cfg.eval.bertscore_model)
     model_spec, data_spec, method, task = build(cfg.model), build(cfg.data), build(cfg.method), build(cfg.task)
@@ -133,7 +142,9 @@ def check_writable(run_dir: Path) -> None:
     """An output folder that cannot be created or written fails now, not after the model has loaded."""
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write run directory {run_dir}: {existing} is not writable; choose another out_root=...")
+        raise ValueError(
+            f"cannot write run directory {run_dir}: {existing} is not writable; choose another out_root=..."
+        )
 
 
 def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -215,7 +226,10 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
         if wb is not None:
             wb.log(scalars)
     shown = {k: v for k, v in scalars.items() if k.startswith(("eval/", "fidelity/kl", "fidelity/top1"))}
-    line = "  ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in (shown | {"perf/decode_tok_per_s": perf["perf/decode_tok_per_s"]}).items())
+    line = "  ".join(
+        f"{k.split('/')[1]}={v:.3g}"
+        for k, v in (shown | {"perf/decode_tok_per_s": perf["perf/decode_tok_per_s"]}).items()
+    )
     print(f"[{task.name} {data_spec.name} {method.tag}] {line}  -> {run_dir}")
     return result
 

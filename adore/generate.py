@@ -180,7 +180,11 @@ def decode_steps(
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.do_sample else None
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     suppress = torch.tensor(suppress_token_ids or [], dtype=torch.long, device=device)
-    done = torch.zeros(session.batch_size, dtype=torch.bool, device=device) if active is None else ~active.to(device).bool()
+    done = (
+        torch.zeros(session.batch_size, dtype=torch.bool, device=device)
+        if active is None
+        else ~active.to(device).bool()
+    )
     for step in range(max_new_tokens):
         if bool(done.all()):
             return
@@ -219,7 +223,9 @@ def decode(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     rebuilt_before = session.rebuilt
     step_s = [] if latencies else None
-    steps = decode_steps(session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, suppress_token_ids, active)
+    steps = decode_steps(
+        session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, suppress_token_ids, active
+    )
     synchronize(device)
     start = tick = time.perf_counter()
     done_steps = 0

@@ -35,12 +35,16 @@ def rouge(outputs: list[str], references: list[str]) -> dict[str, list[float]]:
     return {k: [100 * s[k].fmeasure for s in scores] for k in ("rouge1", "rouge2", "rougeL")}
 
 
-def bertscore_f(outputs: list[str], references: list[str], model: str = PACKAGED_BERTSCORE, batch_size: int = 32) -> list[float]:
+def bertscore_f(
+    outputs: list[str], references: list[str], model: str = PACKAGED_BERTSCORE, batch_size: int = 32
+) -> list[float]:
     """Per-example BERTScore F1 (x100)."""
     from bert_score import score
 
     path, num_layers = bertscore_model_path(model)
-    _, _, f1 = score(outputs, references, model_type=path, num_layers=num_layers, batch_size=batch_size, lang="en", verbose=False)
+    _, _, f1 = score(
+        outputs, references, model_type=path, num_layers=num_layers, batch_size=batch_size, lang="en", verbose=False
+    )
     return [100 * float(x) for x in f1]
 
 
@@ -51,7 +55,9 @@ def exact_match(outputs: list[str], answers: list[str | None]) -> list[float]:
     ]
 
 
-def quality(outputs: list[str], references: list[str], answers: list[str | None], bertscore_model: str | None) -> tuple[dict, dict]:
+def quality(
+    outputs: list[str], references: list[str], answers: list[str | None], bertscore_model: str | None
+) -> tuple[dict, dict]:
     """Corpus-level metrics and per-example scores for one dataset's outputs; accuracy where records carry a gold answer."""
     per_example = rouge(outputs, references)
     if bertscore_model:

@@ -36,7 +36,9 @@ class ModelSpec:
         if self.quantize == "4bit" and not torch.cuda.is_available():
             raise ValueError("model.quantize=4bit (QLoRA) needs CUDA and bitsandbytes; on CPU use model.quantize=null")
         if self.adapter is not None and not Path(self.adapter).is_dir():
-            raise ValueError(f"model.adapter={self.adapter!r} is not a folder: pass the adapter folder of a finetune run")
+            raise ValueError(
+                f"model.adapter={self.adapter!r} is not a folder: pass the adapter folder of a finetune run"
+            )
 
 
 def packaged_gguf() -> tuple[str, str]:

@@ -36,8 +36,10 @@ def hold(run_dir: Path, stale_after_s: float = 120.0, force: bool = False, poll_
                 lock.unlink(missing_ok=True)
                 continue
             if not waited:
-                print(f"[wait] {run_dir} is being run by {_holder(lock)}; waiting for it (its lock is taken over "
-                      f"if its heartbeat stops for {stale_after_s:g} s)")
+                print(
+                    f"[wait] {run_dir} is being run by {_holder(lock)}; waiting for it (its lock is taken over "
+                    f"if its heartbeat stops for {stale_after_s:g} s)"
+                )
                 waited = True
             time.sleep(poll_s)
     with os.fdopen(fd, "w") as f:

@@ -26,7 +26,9 @@ class Session:
     what `record` adds, e.g. for a shadow pass) and hands it over as `Entered` / `Tokens` views.
     """
 
-    def __init__(self, model, method, batch_size: int, max_len: int, cuda_graphs: bool = False, record: tuple[str, ...] = ()):
+    def __init__(
+        self, model, method, batch_size: int, max_len: int, cuda_graphs: bool = False, record: tuple[str, ...] = ()
+    ):
         config = model.config
         self.model, self.method = model, method
         self.batch_size = batch_size
@@ -82,7 +84,9 @@ class Session:
 
     # ---- the loop body -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def feed(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+    def feed(
+        self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, all_logits: bool = False
+    ) -> torch.Tensor:
         """Feed (B, n) tokens (`valid` False marks padding); return logits (B, n or 1, vocab) for them."""
         B, n = input_ids.shape
         input_ids = input_ids.to(self.device)
@@ -159,7 +163,11 @@ class Session:
     def _on_columns(self, per_slot: torch.Tensor) -> torch.Tensor:
         """(B, [w,] C) values of the cache slots -> (B, [w,] T) values of the history columns they hold (0 elsewhere)."""
         held = self.slot_valid if per_slot.dim() == 2 else self.slot_valid[:, None]
-        index = self.slot_col.clamp(min=0) if per_slot.dim() == 2 else self.slot_col.clamp(min=0)[:, None].expand_as(per_slot)
+        index = (
+            self.slot_col.clamp(min=0)
+            if per_slot.dim() == 2
+            else self.slot_col.clamp(min=0)[:, None].expand_as(per_slot)
+        )
         out = per_slot.new_zeros(*per_slot.shape[:-1], self.hist_ids.shape[1], dtype=torch.float32)
         return out.scatter_add_(-1, index, per_slot.float() * held)
 

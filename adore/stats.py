@@ -22,7 +22,9 @@ class Bootstrap:
 
     def __post_init__(self):
         if not isinstance(self.resamples, int) or self.resamples < 1:
-            raise ValueError(f"bootstrap.resamples={self.resamples!r} must be a positive integer (0 resamples: set it to 1)")
+            raise ValueError(
+                f"bootstrap.resamples={self.resamples!r} must be a positive integer (0 resamples: set it to 1)"
+            )
         if not 0 < self.level < 1:
             raise ValueError(f"bootstrap.level={self.level!r} must be in (0, 1), e.g. 0.95")
 
@@ -57,7 +59,12 @@ class Bootstrap:
         if len(diff) == 0:
             return {"diff": float("nan"), "ci": [float("nan"), float("nan")], "significant": False, "n": 0}
         low, high = self.interval(diff[self.indices(len(diff))].mean(1))
-        return {"diff": float(diff.mean()), "ci": [low, high], "significant": bool(low > 0 or high < 0), "n": int(len(diff))}
+        return {
+            "diff": float(diff.mean()),
+            "ci": [low, high],
+            "significant": bool(low > 0 or high < 0),
+            "n": int(len(diff)),
+        }
 
 
 def corpus_bleu_ci(outputs: list[str], references: list[str], bootstrap: Bootstrap) -> list[float]:
@@ -66,4 +73,6 @@ def corpus_bleu_ci(outputs: list[str], references: list[str], bootstrap: Bootstr
 
     metric = BLEU()
     stats = np.array(metric._extract_corpus_statistics(outputs, [references]), dtype=float)  # (n, 2 + 4 * 2)
-    return bootstrap.statistic_ci(len(outputs), lambda idx: metric._compute_score_from_stats(stats[idx].sum(0).tolist()).score)
+    return bootstrap.statistic_ci(
+        len(outputs), lambda idx: metric._compute_score_from_stats(stats[idx].sum(0).tolist()).score
+    )

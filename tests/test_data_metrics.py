@@ -45,7 +45,9 @@ def test_missing_offline_folder_names_the_source_and_the_fix(tmp_path):
         load_records(DataSpec(name="samsum", root=str(tmp_path)))
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="nope"), dict(name="chat", split="test"), dict(name="chat", source="web")])
+@pytest.mark.parametrize(
+    "kwargs", [dict(name="nope"), dict(name="chat", split="test"), dict(name="chat", source="web")]
+)
 def test_bad_data_config_fails_with_a_message(kwargs):
     with pytest.raises(ValueError, match="data\\."):
         DataSpec(**kwargs)

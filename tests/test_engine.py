@@ -29,8 +29,12 @@ def test_large_budget_equals_full_attention_generate(tiny, name):
     model, _ = tiny
     ids, mask = prompts()
     new = 12
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
-    out = generate(model, make_method(name, ids.shape[1] + new, model), ids, mask, new, eos_token_ids=[], pad_token_id=0)
+    ref = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    out = generate(
+        model, make_method(name, ids.shape[1] + new, model), ids, mask, new, eos_token_ids=[], pad_token_id=0
+    )
     assert torch.equal(out.tokens, ref[:, ids.shape[1] :])
 
 
@@ -72,7 +76,15 @@ def test_batched_equals_one_at_a_time(tiny, name):
     batched = generate(model, make_method(name, 8, model), ids, mask, 10, eos_token_ids=[], pad_token_id=0)
     for b in range(3):
         keep = mask[b].bool()
-        alone = generate(model, make_method(name, 8, model), ids[b : b + 1, keep], mask[b : b + 1, keep], 10, eos_token_ids=[], pad_token_id=0)
+        alone = generate(
+            model,
+            make_method(name, 8, model),
+            ids[b : b + 1, keep],
+            mask[b : b + 1, keep],
+            10,
+            eos_token_ids=[],
+            pad_token_id=0,
+        )
         assert torch.equal(batched.tokens[b], alone.tokens[0]), f"row {b}"
 
 
@@ -167,8 +179,18 @@ def test_prefill_chunks_keep_the_budget(tiny):
     assert out.stats["peak_kv_bytes"] < generate(model, Window(m=6), ids, mask, 5, [], 0).stats["peak_kv_bytes"]
 
 
-@pytest.mark.parametrize("bad", [lambda: Window(m=0), lambda: Streaming(m=4, sinks=4), lambda: H2O(m=8, recent_ratio=2.0),
-                                 lambda: Adore(m=8, R=-1), lambda: Adore(m=4, R=5), lambda: Adore(m=8, controller="/nonexistent.pt"), lambda: Full(m=8)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: Window(m=0),
+        lambda: Streaming(m=4, sinks=4),
+        lambda: H2O(m=8, recent_ratio=2.0),
+        lambda: Adore(m=8, R=-1),
+        lambda: Adore(m=4, R=5),
+        lambda: Adore(m=8, controller="/nonexistent.pt"),
+        lambda: Full(m=8),
+    ],
+)
 def test_bad_method_values_fail_with_a_message(bad):
     with pytest.raises(ValueError, match="method"):
         bad()
@@ -185,14 +207,33 @@ def packaged():
 def test_packaged_model_large_budget_equals_generate(packaged):
     """The real SmolLM2 backbone: every method with m >= total length gives transformers' greedy tokens."""
     model, tokenizer = packaged
-    chats = [[{"role": "user", "content": "Name three colours."}],
-             [{"role": "user", "content": "Summarize: Anna: lunch at 1? Ben: sure, see you at the cafe."}]]
-    batch = tokenizer.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
+    chats = [
+        [{"role": "user", "content": "Name three colours."}],
+        [{"role": "user", "content": "Summarize: Anna: lunch at 1? Ben: sure, see you at the cafe."}],
+    ]
+    batch = tokenizer.apply_chat_template(
+        chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"]
     new = 16
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    ref = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,
+    )
     for name in METHODS:
-        out = generate(model, make_method(name, ids.shape[1] + new, model), ids, mask, new, eos_token_ids=[], pad_token_id=tokenizer.pad_token_id)
+        out = generate(
+            model,
+            make_method(name, ids.shape[1] + new, model),
+            ids,
+            mask,
+            new,
+            eos_token_ids=[],
+            pad_token_id=tokenizer.pad_token_id,
+        )
         assert torch.equal(out.tokens, ref[:, ids.shape[1] :]), name
 
 
@@ -215,8 +256,14 @@ def test_cuda_graph_decode_equals_eager():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     model = LlamaForCausalLM(config).cuda().eval()
     ids = torch.randint(10, 1000, (3, 64), device="cuda")
     mask = torch.ones_like(ids)

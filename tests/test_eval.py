@@ -34,11 +34,15 @@ def test_every_method_runs_through_eval(tmp_path, tiny, tiny_model_dir, method):
 def test_rerun_skips_and_other_settings_do_not_overwrite(tmp_path, tiny_model_dir, capsys):
     cfg = eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8"))
     first = evaluate.run(cfg, str(tmp_path))
-    again = evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8", "eval.progress=true")), str(tmp_path))
+    again = evaluate.run(
+        eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=8", "eval.progress=true")), str(tmp_path)
+    )
     assert "[skip]" in capsys.readouterr().out and again["finished_at"] == first["finished_at"]
     with pytest.raises(FileExistsError, match="eval.overwrite=true"):
         evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=9")), str(tmp_path))
-    evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=9", "eval.overwrite=true")), str(tmp_path))
+    evaluate.run(
+        eval_cfg(*tiny_overrides(tiny_model_dir, "method=window", "budget=9", "eval.overwrite=true")), str(tmp_path)
+    )
     assert read_json(tmp_path / "results.json")["run"]["m"] == 9
 
 
@@ -81,7 +85,9 @@ def test_run_directory_names_carry_the_hyper_parameters():
     cfg = eval_cfg("method=adore", "method.m=64", "method.R=8", "data=chat")
     assert evaluate.method_tag(cfg.method) == "adore_m64_R8_untrained_seed0"
     assert evaluate.method_tag(eval_cfg("method=streaming", "budget=32").method) == "streaming_m32_s4"
-    assert evaluate.method_tag(eval_cfg("method=h2o", "budget=32", "method.recent_ratio=0.25").method) == "h2o_m32_r0.25"
+    assert (
+        evaluate.method_tag(eval_cfg("method=h2o", "budget=32", "method.recent_ratio=0.25").method) == "h2o_m32_r0.25"
+    )
     assert evaluate.method_tag(eval_cfg("method=random", "budget=32", "method.seed=3").method) == "random_m32_seed3"
     trained = evaluate.method_tag(eval_cfg("method=adore_trained", "budget=32").method)
     assert trained.startswith("adore_m32_R4_controller_smollm2_samsum_k64-") and len(trained.rsplit("-", 1)[1]) == 8
@@ -99,7 +105,7 @@ def test_every_method_setting_names_its_run_directory():
                 continue
             if f.name not in method.identity():
                 continue  # not a setting of this configuration (a trained controller has no seed)
-            for changed in ((value + 1, value + 2) if isinstance(value, int) else (value / 2,)):
+            for changed in (value + 1, value + 2) if isinstance(value, int) else (value / 2,):
                 try:
                     other = dataclasses.replace(method, **{f.name: changed})
                 except ValueError:
@@ -114,8 +120,17 @@ def test_every_method_setting_names_its_run_directory():
 def test_packaged_model_end_to_end_on_samsum(tmp_path):
     """The real SmolLM2 backbone, 2 SAMSum examples, through `python eval.py` as a user runs it."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "eval.py", "data=samsum", "eval.num_examples=2", "eval.max_new_tokens=24",
-           "logger=none", "eval.progress=false", f"hydra.run.dir={tmp_path}", f"out_root={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "eval.py",
+        "data=samsum",
+        "eval.num_examples=2",
+        "eval.max_new_tokens=24",
+        "logger=none",
+        "eval.progress=false",
+        f"hydra.run.dir={tmp_path}",
+        f"out_root={tmp_path}",
+    ]
     subprocess.run(cmd, cwd=PROJECT, env=env, check=True, timeout=600)
     result = read_json(tmp_path / "results.json")
     for key in ("eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/bertscore_f"):
@@ -165,7 +180,9 @@ def test_a_damaged_results_file_is_named_and_overwrite_replaces_it(tmp_path, tin
 
 def run_eval_py(*args: str, cwd=PROJECT) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "eval.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_every_job_of_a_sweep_is_validated_before_the_first_starts(tmp_path):
@@ -178,7 +195,9 @@ def test_every_job_of_a_sweep_is_validated_before_the_first_starts(tmp_path):
 
 def test_a_bad_value_is_one_line_without_a_traceback(tmp_path):
     done = run_eval_py("budget=0", f"hydra.run.dir={tmp_path}/run", "logger=none")
-    assert done.returncode != 0 and done.stderr.strip() == "error: budget=0 must be a positive integer (the KV budget m)"
+    assert (
+        done.returncode != 0 and done.stderr.strip() == "error: budget=0 must be a positive integer (the KV budget m)"
+    )
 
 
 @pytest.mark.parametrize("content, why", [(b"not a checkpoint", "not a readable controller checkpoint"),
@@ -229,7 +248,9 @@ def test_a_long_prompt_keeps_its_head_and_end_and_the_cut_is_recorded(tmp_path, 
 def test_empty_references_and_prompts_are_excluded_and_named(tmp_path, tiny_model_dir):
     import json
 
-    rows = json.loads((Path(os.environ.get("ADORE_DATA_DIR", PROJECT.parent / "shared/data")) / "samsum/test.json").read_text())[:4]
+    rows = json.loads(
+        (Path(os.environ.get("ADORE_DATA_DIR", PROJECT.parent / "shared/data")) / "samsum/test.json").read_text()
+    )[:4]
     rows[1]["summary"] = "  "
     rows[2]["dialogue"], rows[2]["instruction"] = "", ""
     (tmp_path / "data/samsum").mkdir(parents=True)

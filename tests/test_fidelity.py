@@ -52,14 +52,18 @@ def test_second_method_reuses_stored_full_outputs(tmp_path, tiny_model_dir, monk
     assert "[reference] reusing" in capsys.readouterr().out
     # a setting the outputs depend on changes: computed again, under another key
     monkeypatch.undo()
-    evaluate.run(cfg_for(tmp_path, tiny_model_dir, "method=streaming", "budget=6", "eval.max_new_tokens=5"), str(tmp_path / "c"))
+    evaluate.run(
+        cfg_for(tmp_path, tiny_model_dir, "method=streaming", "budget=6", "eval.max_new_tokens=5"), str(tmp_path / "c")
+    )
     assert "[reference] stored" in capsys.readouterr().out
     assert len(list((tmp_path / "reference").iterdir())) == 2
 
 
 def test_reference_text_can_be_teacher_forced(tmp_path, tiny_model_dir):
-    result = evaluate.run(cfg_for(tmp_path, tiny_model_dir, "method=window", "budget=500", "task.fidelity.source=reference"),
-                          str(tmp_path / "run"))
+    result = evaluate.run(
+        cfg_for(tmp_path, tiny_model_dir, "method=window", "budget=500", "task.fidelity.source=reference"),
+        str(tmp_path / "run"),
+    )
     assert result["metrics"]["fidelity/kl"] == pytest.approx(0, abs=1e-5)
 
 
@@ -98,12 +102,15 @@ def test_paired_bootstrap_detects_a_shift_and_not_noise():
         Bootstrap().paired([1, 2], [1, 2, 3])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("bootstrap.resamples=0", "bootstrap.resamples=0"),
-    ("bootstrap.level=1.5", "bootstrap.level=1.5"),
-    ("task.fidelity.source=gold", "task.fidelity.source='gold'"),
-    ("task.fidelity.top_k=0", "task.fidelity.top_k=0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("bootstrap.resamples=0", "bootstrap.resamples=0"),
+        ("bootstrap.level=1.5", "bootstrap.level=1.5"),
+        ("task.fidelity.source=gold", "task.fidelity.source='gold'"),
+        ("task.fidelity.top_k=0", "task.fidelity.top_k=0"),
+    ],
+)
 def test_bad_fidelity_and_bootstrap_values_fail_early(tmp_path, tiny_model_dir, override, message, monkeypatch):
     monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("model loaded before validation"))
     with pytest.raises(ValueError, match=message):

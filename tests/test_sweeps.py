@@ -21,7 +21,9 @@ from adore.registry import method_names
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = str(PROJECT / "conf")
 PRESETS = sorted(p.stem for p in (PROJECT / "conf/experiment").glob("*.yaml"))
-SIZED = sorted(p.removesuffix("_smoke") for p in PRESETS if p.endswith("_smoke"))  # presets with a paper and a smoke size
+SIZED = sorted(
+    p.removesuffix("_smoke") for p in PRESETS if p.endswith("_smoke")
+)  # presets with a paper and a smoke size
 
 
 def multirun(tiny_model_dir: str, out: Path, *more: str) -> subprocess.CompletedProcess:
@@ -49,7 +51,12 @@ def test_sweep_writes_one_run_directory_per_setting(swept):
     tags = sorted(p.parent.name for p in results)
     assert tags == ["streaming_m12_s4", "streaming_m8_s4", "window_m12", "window_m8"]
     runs = [read_json(p)["run"] for p in results]
-    assert sorted((r["method"], r["m"]) for r in runs) == [("streaming", 8), ("streaming", 12), ("window", 8), ("window", 12)]
+    assert sorted((r["method"], r["m"]) for r in runs) == [
+        ("streaming", 8),
+        ("streaming", 12),
+        ("window", 8),
+        ("window", 12),
+    ]
     assert all((p.parent / "predictions.jsonl").exists() for p in results)
 
 

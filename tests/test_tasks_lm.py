@@ -25,7 +25,9 @@ METHODS = method_names()
 
 
 def tiny_overrides(tiny_model_dir, *more):
-    return conftest.tiny_overrides(tiny_model_dir, "eval.num_examples=2", "eval.max_new_tokens=5", "eval.max_prompt_tokens=96", *more)
+    return conftest.tiny_overrides(
+        tiny_model_dir, "eval.num_examples=2", "eval.max_new_tokens=5", "eval.max_prompt_tokens=96", *more
+    )
 
 
 def texts(seed=0):
@@ -90,7 +92,9 @@ def test_chat_data_scores_the_reference_answers_given_the_prompt(tiny, tiny_mode
     task = Perplexity(num_tokens=40, max_doc_tokens=16, batch_size=2)
     kept, contexts, targets = task.texts(tiny[1], records)
     assert kept == [0, 1, 2]
-    assert [len(t) for t in targets] == [16, 16, 8] and contexts[0][-4:] == tiny[1]("<|im_start|>assistant\n")["input_ids"]
+    assert [len(t) for t in targets] == [16, 16, 8] and contexts[0][-4:] == tiny[1]("<|im_start|>assistant\n")[
+        "input_ids"
+    ]
     out = task.run(context(tiny, tiny_model_dir), Window(m=8), records)
     assert out.metrics["eval/tokens"] == 40 and out.metrics["eval/ppl"] > 1
     low, high = out.metrics["eval/ppl_ci"]
@@ -101,8 +105,14 @@ def test_chat_data_scores_the_reference_answers_given_the_prompt(tiny, tiny_mode
 # ---- stream -----------------------------------------------------------------------------------------------
 def test_segments_follow_the_chat_template(packaged_tokenizer):
     tok = packaged_tokenizer
-    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                           {"role": "user", "content": "Bye"}], "reference": "Ciao"}
+    record = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+        ],
+        "reference": "Ciao",
+    }
     turns = dialogue_turns(record, None)
     assert [t[1] for t in turns] == ["Hello", "Ciao"] and dialogue_turns(record, 1) == turns[:1]
     (first, _), (cut, after_eos) = segments(tok, turns, [tok.eos_token_id])
@@ -167,13 +177,26 @@ def test_long_generation_runs_length_factor_times_m(tiny, tiny_model_dir, method
 @pytest.mark.parametrize(
     "overrides, keys",
     [
-        (["task=perplexity", "data=wikitext2", "task.num_tokens=24", "task.max_doc_tokens=10", "method=window", "budget=4"],
-         {"eval/ppl", "eval/nll", "eval/ppl_ci", "eval/tokens"}),
+        (
+            [
+                "task=perplexity",
+                "data=wikitext2",
+                "task.num_tokens=24",
+                "task.max_doc_tokens=10",
+                "method=window",
+                "budget=4",
+            ],
+            {"eval/ppl", "eval/nll", "eval/ppl_ci", "eval/tokens"},
+        ),
         (["task=perplexity", "data=samsum", "task.num_tokens=12", "method=h2o", "budget=8"], {"eval/ppl"}),
-        (["task=stream", "data=chat", "task.max_turns=2", "method=streaming", "budget=8"],
-         {"eval/bleu", "eval/rougeL_ci", "eval/turns", "eval/context_tokens"}),
-        (["task=long", "data=chat", "task.length_factor=2", "method=adore", "budget=4"],
-         {"eval/repeated_ngram_fraction", "eval/repeated_ngram_fraction_ci"}),
+        (
+            ["task=stream", "data=chat", "task.max_turns=2", "method=streaming", "budget=8"],
+            {"eval/bleu", "eval/rougeL_ci", "eval/turns", "eval/context_tokens"},
+        ),
+        (
+            ["task=long", "data=chat", "task.length_factor=2", "method=adore", "budget=4"],
+            {"eval/repeated_ngram_fraction", "eval/repeated_ngram_fraction_ci"},
+        ),
     ],
 )
 def test_each_task_runs_through_eval(tmp_path, tiny_model_dir, overrides, keys):

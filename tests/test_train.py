@@ -249,7 +249,10 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, tiny_model_dir, 
               "stage.datamodule.pairs_per_sequence=64", "trainer.enable_progress_bar=false"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     metrics = {}
-    for name, extra in (("one", ["stage.datamodule.batch_size=4"]), ("two", ["trainer=ddp", "stage.datamodule.batch_size=2"])):
+    for name, extra in (
+        ("one", ["stage.datamodule.batch_size=4"]),
+        ("two", ["trainer=ddp", "stage.datamodule.batch_size=2"]),
+    ):
         cmd = [sys.executable, "train.py", *common, *extra, f"run_dir={tmp_path / name}"]
         done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

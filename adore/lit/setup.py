@@ -17,7 +17,9 @@ STAGES = ("finetune", "labels", "controller")
 
 # conf/trainer/ddp.yaml: a device count and precision that work where the run is, GPUs or CPU processes
 OmegaConf.register_new_resolver("ddp_devices", lambda: torch.cuda.device_count() or 2, replace=True)
-OmegaConf.register_new_resolver("if_cuda", lambda on_gpu, on_cpu: on_gpu if torch.cuda.is_available() else on_cpu, replace=True)
+OmegaConf.register_new_resolver(
+    "if_cuda", lambda on_gpu, on_cpu: on_gpu if torch.cuda.is_available() else on_cpu, replace=True
+)
 LATEST = "latest"  # stage.datamodule.labels: the newest outputs/train/labels/*/labels/labels.pt
 LABELS_GLOB = "outputs/train/labels/*/labels/labels.pt"
 CUDA_PRECISIONS = ("16-mixed", "16", 16, "16-true", "transformer-engine")

@@ -76,7 +76,9 @@ def load_examples(data_spec, num_examples: int | None, keep=None, fix: str | Non
     records = [r for r in load_records(data_spec) if keep is None or keep(r)]
     excluded = {
         "empty_reference": [r["id"] for r in records if blank(r.get("reference"))],
-        "empty_prompt": [r["id"] for r in records if r["messages"] and all(blank(m.get("content")) for m in r["messages"])],
+        "empty_prompt": [
+            r["id"] for r in records if r["messages"] and all(blank(m.get("content")) for m in r["messages"])
+        ],
     }
     dropped = {i for ids in excluded.values() for i in ids}
     records = [r for r in records if r["id"] not in dropped][:num_examples]
