@@ -140,11 +140,15 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
 
 def check_writable(run_dir: Path) -> None:
     """An output folder that cannot be created or written fails now, not after the model has loaded."""
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as err:
         raise ValueError(
-            f"cannot write run directory {run_dir}: {existing} is not writable; choose another out_root=..."
-        )
+            f"cannot write run directory {run_dir} ({err.strerror}): choose another out_root=..."
+        ) from None
 
 
 def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -234,11 +238,16 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
     return result
 
 
-class ValidateSweep(Callback):
-    """Hydra callback (conf/eval.yaml): before a multirun's first job starts, compose and validate every job, and
-    stop with one line per bad value if any fails, so that a sweep never dies half-way on a typo."""
+class StartupChecks(Callback):
+    """Hydra callback (conf/eval.yaml): the output folder is checked before Hydra writes into it, and before a
+    multirun's first job starts every job is composed and validated, so that a sweep never dies half-way on a
+    typo. A problem is one line per bad value, and nothing is started."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _writable_or_exit(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _writable_or_exit(Path(config.hydra.sweep.dir))
         from hydra import compose
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.global_hydra import GlobalHydra
@@ -257,3 +266,12 @@ class ValidateSweep(Callback):
         if problems:
             lines = [f"error: {why}\n  in {len(js)} of {len(jobs)} jobs, e.g. {js[0]}" for why, js in problems.items()]
             sys.exit("\n".join(["no job was started: the sweep has invalid settings", *lines]))
+
+
+def _writable_or_exit(folder: Path) -> None:
+    try:
+        check_writable(folder)
+    except ValueError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"error: {err}")

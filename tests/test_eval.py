@@ -259,3 +259,10 @@ def test_empty_references_and_prompts_are_excluded_and_named(tmp_path, tiny_mode
     result = evaluate.run(cfg, str(tmp_path / "run"))
     assert result["run"]["excluded"] == {"empty_reference": ["samsum-eval-1"], "empty_prompt": ["samsum-eval-2"]}
     assert result["run"]["num_examples"] == 2
+
+
+def test_an_unwritable_output_folder_fails_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("model loaded before validation"))
+    (tmp_path / "file").write_text("")  # a file where a folder should be: no user, root included, can write into it
+    with pytest.raises(ValueError, match="cannot write run directory .*choose another out_root"):
+        evaluate.run(eval_cfg("method=window"), str(tmp_path / "file" / "run"))
