@@ -139,16 +139,17 @@ def run(cfg: DictConfig, run_dir: str) -> dict:
 
 
 def check_writable(run_dir: Path) -> None:
-    """An output folder that cannot be created or written fails now, not after the model has loaded."""
+    """An output folder that cannot be created or written fails now, not after the model has loaded. Nothing is
+    left behind: a probe folder is made and removed in the deepest folder that exists."""
     import tempfile
 
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=run_dir).close()
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "a file is in the way", str(existing))
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".adore-probe-"))
     except OSError as err:
-        raise ValueError(
-            f"cannot write run directory {run_dir} ({err.strerror}): choose another out_root=..."
-        ) from None
+        raise ValueError(f"cannot write run directory {run_dir} ({err.strerror}): choose another out_root=...") from None
 
 
 def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
