@@ -27,7 +27,7 @@ import torch
 from tabulate import tabulate
 
 from adore.data import data_root
-from adore.generate import Generation, decode, synchronize, timed_prefill
+from adore.generate import Generation, decode, decode_steps, synchronize, timed_prefill
 from adore.io import write_json
 from adore.registry import build_method, method_config, method_names
 from adore.session import Session
@@ -74,7 +74,7 @@ def run_method(
     session = Session(model, method, B, L + new_tokens, cuda_graphs=cuda_graphs)
     logits, prefill_s = timed_prefill(session, ids, torch.ones_like(ids, dtype=torch.bool))
     kv_bytes = session.cache.nbytes  # after prefill's release: what decode holds
-    gen = decode(session, logits, new_tokens, [], 0, progress=progress, latencies=True)
+    gen = decode(session, decode_steps(session, logits, new_tokens, [], 0), new_tokens, 0, progress, latencies=True)
     latencies = gen.stats["step_s"]  # one per fed token: new_tokens - 1 (the first token comes from prefill)
     decode_s = sum(latencies)
     row = {

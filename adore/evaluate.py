@@ -149,7 +149,9 @@ def check_writable(run_dir: Path) -> None:
             raise NotADirectoryError(20, "a file is in the way", str(existing))
         os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".adore-probe-"))
     except OSError as err:
-        raise ValueError(f"cannot write run directory {run_dir} ({err.strerror}): choose another out_root=...") from None
+        raise ValueError(
+            f"cannot write run directory {run_dir} ({err.strerror}): choose another out_root=..."
+        ) from None
 
 
 def finished(cfg: DictConfig, run_dir: Path) -> dict | None:

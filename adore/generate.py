@@ -96,7 +96,8 @@ def generate(
     session = Session(model, method, B, L + max_new_tokens, cuda_graphs=cuda_graphs)
     valid = attention_mask.bool()
     logits, prefill_s = timed_prefill(session, input_ids, valid, prefill_chunk)
-    gen = decode(session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, progress, suppress_token_ids)
+    steps = decode_steps(session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, suppress_token_ids)
+    gen = decode(session, steps, max_new_tokens, pad_token_id, progress)
     gen.stats.update(prefill_s=prefill_s, prompt_tokens=int(valid.sum()), peak_kv_bytes=session.peak_kv_bytes)
     return gen
 
@@ -203,17 +204,13 @@ def decode_steps(
 @torch.no_grad()
 def decode(
     session: Session,
-    logits: torch.Tensor,
+    steps: Iterator,
     max_new_tokens: int,
-    eos_token_ids: list[int],
     pad_token_id: int,
-    sampling: Sampling | None = None,
     progress: bool = False,
-    suppress_token_ids: list[int] | None = None,
-    active: torch.Tensor | None = None,
     latencies: bool = False,
 ) -> Generation:
-    """Generate up to `max_new_tokens` per row from the logits of the last feed (`decode_steps` to the end).
+    """Run `steps` (a `decode_steps` of this session) to the end and collect its tokens and decode stats.
 
     `latencies`: the stats also hold `step_s`, the seconds of each step that fed a token (feed + pick,
     synchronised).
@@ -223,9 +220,6 @@ def decode(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     rebuilt_before = session.rebuilt
     step_s = [] if latencies else None
-    steps = decode_steps(
-        session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, suppress_token_ids, active
-    )
     synchronize(device)
     start = tick = time.perf_counter()
     done_steps = 0

@@ -15,11 +15,10 @@ class TOVA(Method):
     m: int = 128
     name: ClassVar[str] = "tova"
     label: ClassVar[str] = "TOVA"
-    per_token: ClassVar[tuple[str, ...]] = ("attention",)
     needs: ClassVar[frozenset[str]] = frozenset({"last_attention"})
 
     def update(self, state, entered):
-        state.tokens["attention"] = entered.last_attention
+        state.tokens["attention"] = entered.last_attention  # replaced every step: only the newest query counts
 
     def score(self, state, tokens):
         return state.tokens["attention"].gather(1, tokens.cols)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import Sampling, decode, left_pad, timed_prefill
+from adore.generate import Sampling, decode, decode_steps, left_pad, timed_prefill
 from adore.metrics import quality
 from adore.session import Session
 from adore.stats import Bootstrap, corpus_bleu_ci
@@ -150,16 +150,9 @@ class Stream:
             feed = [pending[b] + segs[b][k][ended_eos[b]] if active[b] else [] for b in range(B)]
             ids, mask = left_pad(feed, tok.pad_token_id)
             logits, prefill_s = timed_prefill(session, ids, mask.bool(), self.prefill_chunk)
-            gen = decode(
-                session,
-                logits,
-                self.max_new_tokens,
-                eos,
-                tok.pad_token_id,
-                self.sampling,
-                suppress_token_ids=None,
-                active=torch.tensor(active),
-            )
+            steps = decode_steps(session, logits, self.max_new_tokens, eos, tok.pad_token_id, self.sampling,
+                                 active=torch.tensor(active))  # fmt: skip
+            gen = decode(session, steps, self.max_new_tokens, tok.pad_token_id)
             stats.append(gen.stats | {"prefill_s": prefill_s, "prompt_tokens": int(mask.sum())})
             for b in range(B):
                 if not active[b]:
