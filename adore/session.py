@@ -53,7 +53,7 @@ class Session:
         self.rebuilt = 0  # tokens rebuilt so far (all rows)
         self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed
         self.needs = frozenset(method.needs) | frozenset(record)
-        rows = max(method.window if "window_attention" in self.needs else 0, 1 if "last_attention" in self.needs else 0)
+        rows = max(method.rows if "window_attention" in self.needs else 0, 1 if "last_attention" in self.needs else 0)
         self.recording = ("attention" in self.needs, rows) if "attention" in self.needs or rows else None
         self.shadow = None  # full attention over the same tokens, for methods that score by it
         if "full_attention" in self.needs:

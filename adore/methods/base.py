@@ -27,7 +27,7 @@ KEEP = 1e9  # a score bonus no learned or accumulated score reaches: "always kee
 NEEDS = {
     "attention": "Entered.attention: attention mass each history token received in this forward (all queries)",
     "last_attention": "Entered.last_attention: the newest query's attention over the history tokens",
-    "window_attention": "Entered.window_attention: the last `window` queries' attention rows",
+    "window_attention": "Entered.window_attention: the last `rows` queries' attention rows",
     "keys": "Entered.keys: the new tokens' cached keys, all layers",
     "embeddings": "Entered.embeddings: the new tokens' input embeddings",
     "full_attention": "Tokens.full_attention: the newest query's attention under full attention (a shadow pass)",
@@ -93,7 +93,7 @@ class Method:
     R: ClassVar[int] = 0  # released tokens rebuilt per step (a field of methods that rebuild)
     training_free: ClassVar[bool] = True  # a heuristic baseline (False: learned, or an oracle)
     needs: ClassVar[frozenset[str]] = frozenset()
-    window: ClassVar[int] = 1  # queries in `Entered.window_attention`
+    rows: ClassVar[int] = 1  # queries in `Entered.window_attention`
     per_token: ClassVar[tuple[str, ...]] = ()  # names of (B, T) float state tensors `start` allocates (zeros)
     short: ClassVar[dict[str, str]] = {}  # field -> its prefix in run-directory names (default: the field name)
 

@@ -31,25 +31,28 @@ class SnapKV(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.window is None:
-            self.window = max(1, self.m // 8)
-        if not 1 <= self.window < min(self.m, MAX_WINDOW + 1):
+        if not 1 <= self.rows < min(self.m, MAX_WINDOW + 1):
             raise ValueError(
-                f"method.window={self.window} must be in [1, min(m={self.m}, {MAX_WINDOW + 1})): the window's tokens are always kept"
+                f"method.window={self.rows} must be in [1, min(m={self.m}, {MAX_WINDOW + 1})): the window's tokens are always kept"
             )
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"method.kernel={self.kernel} must be a positive odd number (average-pooling width)")
 
+    @property
+    def rows(self) -> int:
+        """Queries in the observation window: `window`, or m // 8 when unset (one setting across an m sweep)."""
+        return self.window or max(1, self.m // 8)
+
     def start(self, batch_size, length, device, model):
-        rows = torch.zeros(batch_size, length, self.window, device=device)  # (B, T, window): the window's rows
+        rows = torch.zeros(batch_size, length, self.rows, device=device)  # (B, T, window): the window's rows
         return State(tokens={"rows": rows, "score": torch.zeros(batch_size, length, device=device)})
 
     def update(self, state, entered):
-        rows = torch.cat([state.tokens["rows"], entered.window_attention.transpose(1, 2)], dim=2)[..., -self.window :]
+        rows = torch.cat([state.tokens["rows"], entered.window_attention.transpose(1, 2)], dim=2)[..., -self.rows :]
         state.tokens["rows"] = rows
         pooled = F.avg_pool1d(rows.sum(2)[:, None], self.kernel, stride=1, padding=self.kernel // 2)
         state.tokens["score"] = pooled[:, 0]  # (B, T)
 
     def score(self, state, tokens):
-        in_window = tokens.positions > tokens.query_pos - self.window
+        in_window = tokens.positions > tokens.query_pos - self.rows
         return state.tokens["score"].gather(1, tokens.cols) + KEEP * in_window
