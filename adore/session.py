@@ -162,14 +162,12 @@ class Session:
 
     def _on_columns(self, per_slot: torch.Tensor) -> torch.Tensor:
         """(B, [w,] C) values of the cache slots -> (B, [w,] T) values of the history columns they hold (0 elsewhere)."""
-        held = self.slot_valid if per_slot.dim() == 2 else self.slot_valid[:, None]
-        index = (
-            self.slot_col.clamp(min=0)
-            if per_slot.dim() == 2
-            else self.slot_col.clamp(min=0)[:, None].expand_as(per_slot)
-        )
-        out = per_slot.new_zeros(*per_slot.shape[:-1], self.hist_ids.shape[1], dtype=torch.float32)
-        return out.scatter_add_(-1, index, per_slot.float() * held)
+        flat = per_slot.dim() == 2
+        rows = per_slot[:, None] if flat else per_slot  # (B, w, C)
+        index = self.slot_col.clamp(min=0)[:, None].expand_as(rows)
+        out = rows.new_zeros(*rows.shape[:-1], self.hist_ids.shape[1], dtype=torch.float32)
+        out.scatter_add_(-1, index, rows.float() * self.slot_valid[:, None])
+        return out[:, 0] if flat else out
 
     # ---- steps of feed -----------------------------------------------------------------------------------
     def _pick_rebuild(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
