@@ -27,7 +27,7 @@ from adore import runlock
 from adore.config import build
 from adore.io import read_json, write_json, write_jsonl
 from adore.metrics import PACKAGED_BERTSCORE, bertscore_model_path
-from adore.models import load, load_config
+from adore.models import DTYPES, load, load_config
 from adore.tasks import Context
 from adore.tracking import wandb_run
 
@@ -97,7 +97,30 @@ def validate(cfg: DictConfig):
     except OSError as err:
         raise ValueError(f"model.name_or_path={model_spec.name_or_path!r}: its config cannot be read ({err})") from None
     method.check(model_config)  # e.g. a controller trained on another backbone
+    check_memory(model_spec, model_config, method, task)
     return model_spec, data_spec, method, task
+
+
+def check_memory(model_spec, config, method, task) -> None:
+    """A batch whose KV cache cannot fit the device fails now, not after the model loads. Counts the cache of the
+    longest possible sequence (max_prompt_tokens + max_new_tokens) at the method's clamped capacity; weights aside."""
+    length = (getattr(task, "max_prompt_tokens", None) or 0) + (getattr(task, "max_new_tokens", None) or 0)
+    if not length:
+        return
+    batch = getattr(task, "batch_size", 1)
+    slots = length if method.m is None else min(method.m, length) + method.R + 1
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty(0, dtype=DTYPES[model_spec.dtype]).element_size()
+    need = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize * batch * slots
+    if model_spec.device.startswith("cuda"):
+        have = torch.cuda.mem_get_info(torch.device(model_spec.device))[0]
+    else:
+        have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > have:
+        raise ValueError(
+            f"eval.batch_size={batch} needs {need / 2**30:.1f} GiB of KV cache ({batch} rows x {slots} slots), "
+            f"more than the {have / 2**30:.1f} GiB free on {model_spec.device}: lower eval.batch_size or eval.max_prompt_tokens"
+        )
 
 
 USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError)  # a bad value or path: one line, no traceback

@@ -63,6 +63,7 @@ def test_math_reports_accuracy(tmp_path, tiny_model_dir):
         ("model.dtype=float8", "model.dtype='float8'"),
         ("method=adore method.controller=/nope.pt", "method.controller"),
         ("sampling.temperature=0", "sampling.temperature=0"),
+        ("eval.batch_size=100000000", "eval.batch_size=100000000 needs .* GiB of KV cache"),
     ],
 )
 def test_bad_values_fail_before_any_model_loads(override, message, monkeypatch):
