@@ -7,6 +7,7 @@ Compose the config, check it, instantiate datamodule, module, logger and trainer
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import hydra
@@ -42,6 +43,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     trainer = instantiate(cfg.trainer, logger=logger, default_root_dir=str(run_dir))
 
     metrics = {}
+    started = time.perf_counter()
     if cfg.stage.fit:
         if cfg.stage.validate_before and not cfg.train.resume:
             metrics.update(_prefixed(trainer.validate(module, datamodule=datamodule)[0], "before/"))
@@ -51,6 +53,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         metrics["trainer/global_step"] = trainer.global_step
     else:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    metrics["train/wall_s"] = time.perf_counter() - started  # this process's share (a resumed run: since resume)
     if trainer.is_global_zero:
         metrics.update(module.export(run_dir))
         write_json(run_dir / "metrics.json", metrics)

@@ -3,6 +3,13 @@
 `z_i` is computed once, when token i enters. `p_i` encodes the distance t - i between the current query
 position t and token i (bucketed, learned), so scores move as decoding moves on (project default);
 `position="absolute"` encodes i itself instead. Pure PyTorch: no Lightning, no transformers.
+
+Two levers beyond the paper (issue 12), each a config switch; both off is the paper's controller:
+
+* `input_layer`: x_i is the backbone's residual stream after that many decoder layers instead of the input
+  embedding (0): a contextual token state the forward computes anyway;
+* `query`: the score gains a bilinear term <W_q z_t, W_k z_i> / sqrt(width) between the current query's state
+  z_t and token i's, so two queries at the same distance can want different tokens (as attention does).
 """
 
 from __future__ import annotations
@@ -23,8 +30,14 @@ class ControllerConfig:
     num_buckets: int = 32
     max_distance: int = 4096  # distances beyond this share the last bucket
     position: str = "relative"  # relative: p encodes t - i; absolute: p encodes i
+    input_layer: int = 0  # x_i: 0 = the LLM's input embedding (paper); k = its residual stream after k layers
+    query: bool = False  # add a query-dependent bilinear term (False: the paper's query-independent score)
 
     def __post_init__(self):
+        if isinstance(self.input_layer, bool) or not isinstance(self.input_layer, int) or self.input_layer < 0:
+            raise ValueError(
+                f"controller input_layer={self.input_layer!r} must be an integer >= 0 (0: input embeddings)"
+            )
         if self.position not in ("relative", "absolute"):
             raise ValueError(f"controller position={self.position!r}: use 'relative' or 'absolute'")
         if self.num_buckets < 4 or self.width < 1:
@@ -54,6 +67,9 @@ class Controller(nn.Module):
         self.gru = nn.GRU(config.width, config.width, batch_first=True)
         self.position = nn.Embedding(config.num_buckets, config.width)
         self.mlp = nn.Sequential(nn.Linear(config.width, config.mlp_hidden), nn.GELU(), nn.Linear(config.mlp_hidden, 1))
+        if config.query:
+            self.q_proj = nn.Linear(config.width, config.width)
+            self.k_proj = nn.Linear(config.width, config.width)
 
     def encode(
         self, embeds: torch.Tensor, valid: torch.Tensor, h: torch.Tensor | None = None
@@ -82,16 +98,24 @@ class Controller(nn.Module):
         h_new = torch.where((lengths > 0)[:, None], h_last[0], h0)
         return z, h_new
 
-    def logits(self, z: torch.Tensor, token_pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, z: torch.Tensor, token_pos: torch.Tensor, query_pos: torch.Tensor, query_z: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Pre-sigmoid scores.
 
         z: (..., k, width) states of the scored tokens; token_pos: (..., k) their positions;
-        query_pos: (..., 1) or broadcastable, the current query position t. Returns (..., k).
+        query_pos: (..., 1) or broadcastable, the current query position t; query_z: (..., 1, width) or
+        broadcastable, the query's own state z_t (read only with `config.query`). Returns (..., k).
         """
         c = self.config
         where = query_pos - token_pos if c.position == "relative" else token_pos
         p = self.position(bucketize(where, c.num_buckets, c.max_distance))
-        return self.mlp(p + z).squeeze(-1)
+        out = self.mlp(p + z).squeeze(-1)
+        if c.query:
+            if query_z is None:
+                raise ValueError("a query-dependent controller (query=True) needs the query's state query_z")
+            out = out + (self.q_proj(query_z) * self.k_proj(z)).sum(-1) / math.sqrt(c.width)
+        return out
 
     def save(self, path, meta: dict | None = None) -> None:
         """`meta`: how it was trained (e.g. the labels' K), read back by `Controller.meta`."""

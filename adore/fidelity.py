@@ -41,6 +41,7 @@ class Fidelity:
     source: str = "full"  # full: full attention's greedy output is teacher-forced; reference: the dataset's text
     top_k: int = 256  # full attention's top-k log-probs stored per position (KL support)
     cache_dir: str = "outputs/reference"  # where full attention's outputs are stored, keyed by settings
+    diagnose: bool = False  # also record the release diagnostic (adore.diagnostic; one more full-attention pass)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -92,13 +93,16 @@ def forced_logits(
     prefill_chunk: int | None,
     progress: bool,
     visit,
-) -> None:
+    diagnose: bool = False,
+) -> dict[int, dict]:
     """Feed each prompt, then its forced tokens one `feed` at a time under `method`'s budget.
 
-    `visit(i, j, logits)` gets example i's (vocab,) logits predicting forced[i][j], for every j.
+    `visit(i, j, logits)` gets example i's (vocab,) logits predicting forced[i][j], for every j. With
+    `diagnose`, returns example i's release diagnostic (`adore.diagnostic`) by i.
     """
+    diagnostic = {}
     for batch in tqdm(batches, desc=f"teacher-force {method.tag}", disable=not progress, leave=False):
-        teacher_force(
+        stats = teacher_force(
             model,
             method,
             [prompts[i] for i in batch],
@@ -106,7 +110,10 @@ def forced_logits(
             pad_id,
             partial(_visit_rows, batch, visit),
             prefill_chunk,
+            diagnose=diagnose,
         )
+        diagnostic |= dict(zip(batch, stats.get("diagnostic", [])))
+    return diagnostic
 
 
 def _visit_rows(batch: list[int], visit, j: int, logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> None:
@@ -143,9 +150,10 @@ def build_reference(
 
 
 def divergence(
-    ref: Reference, model, method, prompts, batches, pad_id, prefill_chunk, progress
+    ref: Reference, model, method, prompts, batches, pad_id, prefill_chunk, progress, diagnose: bool = False
 ) -> dict[str, list[float]]:
-    """Per-example teacher-forced KL(full || method), top-1 agreement and rank of full's top token."""
+    """Per-example teacher-forced KL(full || method), top-1 agreement and rank of full's top token; with
+    `diagnose` (a bounded method), the release diagnostic as `release_<key>` (adore.diagnostic)."""
     sums = {k: [0.0] * len(prompts) for k in ("kl", "top1", "rank", "tail")}
 
     def visit(i, j, logits):
@@ -158,9 +166,18 @@ def divergence(
         sums["rank"][i] += float((logq > logq[best]).sum()) + 1
         sums["tail"][i] += float(p_tail)
 
-    forced_logits(model, method, prompts, ref.forced, batches, pad_id, prefill_chunk, progress, visit)
+    diagnostic = forced_logits(
+        model, method, prompts, ref.forced, batches, pad_id, prefill_chunk, progress, visit, diagnose
+    )
     counts = [max(len(f), 1) for f in ref.forced]
-    return {k: [s / c for s, c in zip(v, counts)] for k, v in sums.items()}
+    scores = {k: [s / c for s, c in zip(v, counts)] for k, v in sums.items()}
+    if diagnostic:
+        from adore.diagnostic import KEYS
+
+        # an example whose history never exceeded m has no counted step: None, left out of the means
+        for key in KEYS:
+            scores[f"release_{key}"] = [diagnostic[i].get(key) for i in range(len(prompts))]
+    return scores
 
 
 def kl_top_k(logp: torch.Tensor, idx: torch.Tensor, logq: torch.Tensor) -> tuple[float, float]:

@@ -130,6 +130,7 @@ def teacher_force(
     pad_id: int,
     step,
     prefill_chunk: int | None = None,
+    diagnose: bool = False,
 ) -> dict:
     """Prefill each row's context, then feed its targets one `feed` per token under `method`'s budget.
 
@@ -137,11 +138,12 @@ def teacher_force(
     whose targets have ended feeds padding (valid False) until the longest ends. Before feeding column t,
     `step(t, logits, ids, valid)` gets the (B, vocab) logits predicting ids[:, t], with the (B, T) target
     ids and validity on the session's device, so the method releases between any two predictions.
-    Perplexity and fidelity both read this. Returns the stats of `generate` (decode = the targets).
+    Perplexity and fidelity both read this. Returns the stats of `generate` (decode = the targets), and with
+    `diagnose` the release diagnostic of each row (`adore.diagnostic`) under "diagnostic".
     """
     ctx_ids, ctx_mask = left_pad(contexts, pad_id)  # (B, Lc)
     ids, valid = right_pad(targets, pad_id)  # (B, T)
-    session = Session(model, method, len(contexts), ctx_ids.shape[1] + ids.shape[1])
+    session = Session(model, method, len(contexts), ctx_ids.shape[1] + ids.shape[1], diagnose=diagnose)
     ids, valid = ids.to(session.device), valid.to(session.device)
     logits, prefill_s = timed_prefill(session, ctx_ids, ctx_mask.bool(), prefill_chunk)
     start = time.perf_counter()
@@ -157,7 +159,7 @@ def teacher_force(
         "decode_tokens": int((valid.sum(1) - 1).clamp(min=0).sum()),  # targets fed one at a time (the last is not fed)
         "rebuilt_tokens": session.rebuilt,
         "peak_kv_bytes": session.peak_kv_bytes,
-    }
+    } | ({"diagnostic": session.diagnostic.rows()} if session.diagnostic is not None else {})
 
 
 def decode_steps(

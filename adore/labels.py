@@ -3,7 +3,8 @@
 A key i is a positive for query t when it is among the top-K of the full-attention weights summed over heads
 and layers (the paper's "uniform scheduling": one decision for all layers). The labels file keeps, per
 sequence, the token ids, the (T, K) top-K key indices of each query (-1 where a query has fewer than K keys)
-and the (T, h2o_k) ranking of keys by attention accumulated over queries <= t, for the H2O baseline.
+the (T, K) share of the query's attention each of them holds (the listwise loss's target), and the (T, h2o_k)
+ranking of keys by attention accumulated over queries <= t, for the H2O baseline.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from adore.io import save_torch
 
-FORMAT = 1  # bumped when the file layout changes
+FORMAT = 2  # bumped when the file layout changes (2 added `mass`; format 1 files are still read)
+READABLE = (1, 2)
 
 
 def aggregate_attention(attentions) -> torch.Tensor:
@@ -42,15 +44,21 @@ def ranked_keys(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tens
     return index
 
 
-def attention_labels(attentions, valid: torch.Tensor, K: int, h2o_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K labels and the H2O ranking from one batch of full-attention weights.
+def attention_labels(
+    attentions, valid: torch.Tensor, K: int, h2o_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-K labels, their attention shares and the H2O ranking from one batch of full-attention weights.
 
     attentions: per-layer (B, H, T, T) softmax weights; valid: (B, T) bool (right padding).
-    Returns topk (B, T, K) and h2o (B, T, h2o_k) long key indices, -1 padded.
+    Returns topk (B, T, K) long key indices (-1 padded), mass (B, T, K) the share of the query's attention
+    (over heads and layers) each holds (0 where -1), and h2o (B, T, h2o_k) long key indices.
     """
     A = aggregate_attention(attentions) * valid[:, :, None]  # (B, T, T): padding queries add nothing
     accumulated = A.cumsum(dim=1)  # (B, T, T): attention key i received from queries s <= t
-    return ranked_keys(A, valid, K), ranked_keys(accumulated, valid, h2o_k)
+    topk = ranked_keys(A, valid, K)
+    share = A / A.sum(-1, keepdim=True).clamp(min=1e-9)  # each query's weights sum to 1
+    mass = share.gather(2, topk.clamp(min=0)) * (topk >= 0)
+    return topk, mass, ranked_keys(accumulated, valid, h2o_k)
 
 
 def index_dtype(max_length: int) -> torch.dtype:
@@ -58,11 +66,12 @@ def index_dtype(max_length: int) -> torch.dtype:
 
 
 def save_labels(path: str | Path, meta: dict, rows: list[dict]) -> Path:
-    """One file for the whole set: meta plus per-sequence `ids` (T,), `topk` (T, K), `h2o` (T, h2o_k), `id`."""
+    """One file for the whole set: meta plus per-sequence `ids` (T,), `topk` (T, K), `mass` (T, K) float16,
+    `h2o` (T, h2o_k), `id`."""
     blob = {
         "format": FORMAT,
         "meta": dict(meta),
-        **{key: [row[key] for row in rows] for key in ("id", "ids", "topk", "h2o")},
+        **{key: [row[key] for row in rows] for key in ("id", "ids", "topk", "mass", "h2o")},
     }
     save_torch(path, blob)
     return Path(path)
@@ -70,10 +79,12 @@ def save_labels(path: str | Path, meta: dict, rows: list[dict]) -> Path:
 
 def load_labels(path: str | Path) -> dict:
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("format") != FORMAT:
+    if blob.get("format") not in READABLE:
         raise ValueError(
-            f"{path} has labels format {blob.get('format')!r}, expected {FORMAT}: rerun `python train.py stage=labels`"
+            f"{path} has labels format {blob.get('format')!r}, expected one of {READABLE}: rerun `python train.py stage=labels`"
         )
+    if "mass" not in blob:  # format 1: no attention shares; the listwise loss then weighs the top-K alike
+        blob["mass"] = [((t >= 0) / (t >= 0).sum(-1, keepdim=True).clamp(min=1)).half() for t in blob["topk"]]
     return blob
 
 

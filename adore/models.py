@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,3 +147,50 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         sample = param.detach().flatten()[:1024].float().cpu().numpy()
         digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.tobytes())
     return digest.hexdigest()[:16]
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The backbone's stack of decoder layers (the `layers` ModuleList of Llama-style models)."""
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "layers" and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ValueError(f"{type(model).__name__} has no `layers` ModuleList: the residual stream cannot be read")
+
+
+class _Enough(Exception):
+    """Raised by a capture hook to stop a forward whose later layers are not needed."""
+
+
+@contextmanager
+def residual_stream(model: torch.nn.Module, layer: int, stop: bool = False):
+    """Capture the residual stream after `layer` decoder layers (>= 1) of every forward inside the block:
+    yields a list that receives one (B, T, d_model) tensor per forward. `stop`: end each forward there
+    (wrap the call in `run_until_captured`)."""
+    layers = decoder_layers(model)
+    if not 1 <= layer <= len(layers):
+        raise ValueError(
+            f"input_layer={layer}: the backbone has {len(layers)} decoder layers (use 1..{len(layers)}, or 0 for embeddings)"
+        )
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        if stop:
+            raise _Enough
+
+    handle = layers[layer - 1].register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def residual_after(model: torch.nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """(B, T, d_model): the residual stream after `layer` decoder layers, without running the layers above."""
+    with residual_stream(model, layer, stop=True) as captured:
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        except _Enough:
+            pass
+    return captured[0]

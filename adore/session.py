@@ -8,11 +8,14 @@ then release down to m slots by the method's scores. Generation, perplexity and 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from adore.attention import AttentionRecorder, register
 from adore.cache import SlotCache
 from adore.methods.base import Entered, Tokens
+from adore.models import residual_stream
 
 
 class Session:
@@ -27,7 +30,14 @@ class Session:
     """
 
     def __init__(
-        self, model, method, batch_size: int, max_len: int, cuda_graphs: bool = False, record: tuple[str, ...] = ()
+        self,
+        model,
+        method,
+        batch_size: int,
+        max_len: int,
+        cuda_graphs: bool = False,
+        record: tuple[str, ...] = (),
+        diagnose: bool = False,
     ):
         config = model.config
         self.model, self.method = model, method
@@ -53,6 +63,12 @@ class Session:
         self.rebuilt = 0  # tokens rebuilt so far (all rows)
         self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed
         self.needs = frozenset(method.needs) | frozenset(record)
+        self.diagnostic = None  # adore.diagnostic: what the kept cache holds of full attention, every step
+        if diagnose and method.m is not None:
+            from adore.diagnostic import ReleaseDiagnostic
+
+            self.needs |= {"full_attention"}
+            self.diagnostic = ReleaseDiagnostic(batch_size, method.m, device)
         rows = max(method.rows if "window_attention" in self.needs else 0, 1 if "last_attention" in self.needs else 0)
         self.recording = ("attention" in self.needs, rows) if "attention" in self.needs or rows else None
         self.shadow = None  # full attention over the same tokens, for methods that score by it
@@ -61,7 +77,7 @@ class Session:
 
             self.shadow = Session(model, Full(), batch_size, max_len, record=("last_attention",))
         self.graphed = None
-        if cuda_graphs and device.type == "cuda" and self.recording is None:
+        if cuda_graphs and device.type == "cuda" and self.recording is None and "hidden" not in self.needs:
             from adore.cuda_graph import GraphedForward
 
             self.graphed = GraphedForward(model, self.cache)
@@ -117,23 +133,35 @@ class Session:
         recorder = AttentionRecorder(*self.recording) if self.recording else None
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
-        if self.graphed is not None and n == 1 and not all_logits:  # decode steps: fixed shapes
-            logits = self.graphed(q_ids, q_pos, mask[:, None])
-        else:
-            logits = self.model(
-                input_ids=q_ids,
-                position_ids=q_pos,
-                attention_mask=mask[:, None],  # (B, 1, q, C)
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=n if all_logits else 1,
-                **extra,
-            ).logits
-        self._update_method(cols, valid, input_ids, pos, slots[:, -n:], recorder)
+        hidden = residual_stream(self.model, self.method.input_layer) if "hidden" in self.needs else nullcontext([])
+        with hidden as captured:
+            if self.graphed is not None and n == 1 and not all_logits:  # decode steps: fixed shapes
+                logits = self.graphed(q_ids, q_pos, mask[:, None])
+            else:
+                logits = self.model(
+                    input_ids=q_ids,
+                    position_ids=q_pos,
+                    attention_mask=mask[:, None],  # (B, 1, q, C)
+                    cache=self.cache,
+                    use_cache=True,
+                    logits_to_keep=n if all_logits else 1,
+                    **extra,
+                ).logits
+        self._update_method(cols, valid, input_ids, pos, slots[:, -n:], recorder, captured)
         if self.method.m is not None:
             self._release(self.method.m)
             if self.cache.capacity > self.method.m + self.method.R + 1:
                 self._resize(self.method.m + self.method.R + 1)
+        if self.diagnostic is not None:
+            T = self.length
+            self.diagnostic.observe(
+                self.shadow.entered.last_attention[:, :T],
+                self.hist_slot[:, :T] >= 0,
+                self.hist_valid[:, :T],
+                self.hist_pos[:, :T],
+                self._query_pos,
+                valid[:, -1],
+            )
         return logits
 
     # ---- what the method sees ----------------------------------------------------------------------------
@@ -144,7 +172,7 @@ class Session:
             history["full_attention"] = self.shadow.entered.last_attention
         return self.method.score(self.state, Tokens(cols, self._query_pos, history))
 
-    def _update_method(self, cols, valid, ids, pos, new_slots, recorder) -> None:
+    def _update_method(self, cols, valid, ids, pos, new_slots, recorder, hidden) -> None:
         entered = Entered(cols, valid, ids, pos, self._query_pos)
         if recorder is not None:
             if recorder.want_total:
@@ -157,6 +185,8 @@ class Session:
             entered.keys = self.cache.keys[:, self.cache.rows, :, new_slots]  # (B, n, layers, kv_heads, head_dim)
         if "embeddings" in self.needs:
             entered.embeddings = self.model.get_input_embeddings()(ids)  # (B, n, d_model)
+        if hidden:
+            entered.hidden = hidden[0][:, -ids.shape[1] :]  # (B, n, d_model): the new tokens come last
         self.entered = entered
         self.method.update(self.state, entered)
 

@@ -2,6 +2,11 @@
 
 Small-scale comparisons of release policies differ by a point or two; these say when that is more than the
 luck of which examples were drawn. Percentile bootstrap, seeded, vectorised over resamples.
+
+The unit of resampling is the example. Where several values belong to one unit (rows of one prompt scored against
+different references, in predictions files written before repeated prompts were grouped), `groups` labels each
+value's unit: whole units are drawn, and each resample's statistic is the mean over the values of the units drawn,
+so n rows of k copies give the interval of n / k examples, not one sqrt(k) too narrow.
 """
 
 from __future__ import annotations
@@ -37,20 +42,38 @@ class Bootstrap:
         low, high = np.nanpercentile(replicates, [tail, 100 - tail])
         return [float(low), float(high)]
 
-    def mean_ci(self, values) -> list[float]:
-        """Interval of the mean of per-example values (NaNs, e.g. examples without a score, are left out)."""
+    def means(self, values: np.ndarray, groups=None) -> tuple[np.ndarray, int]:
+        """(resamples,) means of `values` over resampled units, and the number of units. `groups`: one label per
+        value, values with the same label are one unit (None, or all labels distinct: every value is one)."""
+        if groups is not None:
+            labels: dict = {}
+            units = np.array([labels.setdefault(g, len(labels)) for g in groups], dtype=np.intp)
+            if len(units) != len(values):
+                raise ValueError(f"bootstrap groups need one label per value: got {len(units)} for {len(values)}")
+            if len(labels) < len(values):
+                sums = np.bincount(units, weights=values, minlength=len(labels))
+                counts = np.bincount(units, minlength=len(labels)).astype(float)
+                idx = self.indices(len(labels))
+                return sums[idx].sum(1) / counts[idx].sum(1), len(labels)
+        return values[self.indices(len(values))].mean(1), len(values)
+
+    def mean_ci(self, values, groups=None) -> list[float]:
+        """Interval of the mean of per-example values (NaNs, e.g. examples without a score, are left out);
+        `groups`: the resampling unit of each value (see `means`)."""
         values = np.asarray(values, dtype=float)
-        values = values[~np.isnan(values)]
-        if len(values) == 0:
+        keep = ~np.isnan(values)
+        if len(values) == 0 or not keep.any():
             return [float("nan"), float("nan")]
-        return self.interval(values[self.indices(len(values))].mean(1))
+        groups = None if groups is None else [g for g, k in zip(groups, keep) if k]
+        return self.interval(self.means(values[keep], groups)[0])
 
     def statistic_ci(self, n: int, statistic: Callable[[np.ndarray], float]) -> list[float]:
         """Interval of any statistic of a subset of examples (e.g. corpus BLEU), given their indices."""
         return self.interval(np.array([statistic(idx) for idx in self.indices(n)]))
 
-    def paired(self, a, b) -> dict:
-        """Paired test of mean(a) - mean(b) over the same examples: significant when the interval excludes 0."""
+    def paired(self, a, b, groups=None) -> dict:
+        """Paired test of mean(a) - mean(b) over the same examples: significant when the interval excludes 0.
+        `groups`: the resampling unit of each pair (see `means`); `n` counts units."""
         a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
         if a.shape != b.shape:
             raise ValueError(f"paired bootstrap needs scores of the same examples: got {a.shape} and {b.shape}")
@@ -58,21 +81,22 @@ class Bootstrap:
         diff = a[keep] - b[keep]
         if len(diff) == 0:
             return {"diff": float("nan"), "ci": [float("nan"), float("nan")], "significant": False, "n": 0}
-        low, high = self.interval(diff[self.indices(len(diff))].mean(1))
-        return {
-            "diff": float(diff.mean()),
-            "ci": [low, high],
-            "significant": bool(low > 0 or high < 0),
-            "n": int(len(diff)),
-        }
+        groups = None if groups is None else [g for g, k in zip(groups, keep) if k]
+        replicates, n = self.means(diff, groups)
+        low, high = self.interval(replicates)
+        return {"diff": float(diff.mean()), "ci": [low, high], "significant": bool(low > 0 or high < 0), "n": int(n)}
 
 
-def corpus_bleu_ci(outputs: list[str], references: list[str], bootstrap: Bootstrap) -> list[float]:
-    """Bootstrap interval of corpus BLEU from per-sentence n-gram statistics (one extraction, cheap resamples)."""
+def corpus_bleu_ci(outputs: list[str], references: list, bootstrap: Bootstrap) -> list[float]:
+    """Bootstrap interval of corpus BLEU from per-sentence n-gram statistics (one extraction, cheap resamples).
+    `references`: one text, or a list of texts (multi-reference BLEU), per output."""
     from sacrebleu.metrics import BLEU
 
+    from adore.metrics import reference_streams
+
     metric = BLEU()
-    stats = np.array(metric._extract_corpus_statistics(outputs, [references]), dtype=float)  # (n, 2 + 4 * 2)
+    stats = metric._extract_corpus_statistics(outputs, reference_streams(references))
+    stats = np.array(stats, dtype=float)  # (n, 2 + 4 * 2)
     return bootstrap.statistic_ci(
         len(outputs), lambda idx: metric._compute_score_from_stats(stats[idx].sum(0).tolist()).score
     )

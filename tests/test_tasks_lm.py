@@ -188,7 +188,10 @@ def test_long_generation_runs_length_factor_times_m(tiny, tiny_model_dir, method
             ],
             {"eval/ppl", "eval/nll", "eval/ppl_ci", "eval/tokens"},
         ),
-        (["task=perplexity", "data=samsum", "task.num_tokens=12", "method=h2o", "budget=8"], {"eval/ppl"}),
+        (
+            ["task=perplexity", "data=samsum", "task.num_tokens=12", "method=h2o", "budget=8", "eval.diagnose=true"],
+            {"eval/ppl", "fidelity/release_recall", "fidelity/release_kept_sink"},
+        ),
         (
             ["task=stream", "data=chat", "task.max_turns=2", "method=streaming", "budget=8"],
             {"eval/bleu", "eval/rougeL_ci", "eval/turns", "eval/context_tokens"},

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import PROJECT, compose
 
-from adore.controller import Controller
+from adore.controller import Controller, bucketize
 from adore.labels import (
     dense_labels,
     h2o_scores,
@@ -19,6 +20,7 @@ from adore.labels import (
     sample_pairs,
     selection_counts,
 )
+from adore.lit.setup import check_config
 from adore.models import ModelSpec, load_model
 from train import train
 
@@ -140,6 +142,55 @@ def test_controller_fast_dev_run_and_checkpoint_round_trip(tmp_path, tiny_model_
         z_a, z_b = loaded.encode(embeds, valid)[0], trained.encode(embeds, valid)[0]
         pos = torch.arange(9)
         torch.testing.assert_close(loaded.logits(z_a, pos, torch.tensor(8)), trained.logits(z_b, pos, torch.tensor(8)))
+
+
+RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_controller_recipe_trains_and_round_trips(recipe, tmp_path, tiny_model_dir, labels_run):
+    """Every lever (conf/recipe) trains a step; its checkpoint records the recipe and scores as trained."""
+    overrides = [f"recipe={recipe}", f"stage.datamodule.labels=[{labels_run},{labels_run}]"]  # two files, pooled
+    if "input_layer" in (CONF / "recipe" / f"{recipe}.yaml").read_text():
+        overrides.append("stage.module.controller.input_layer=1")  # the tiny model has 2 layers
+    cfg = make_cfg("controller", tmp_path, "debug=fdr", *overrides, model_dir=tiny_model_dir)
+    metrics, objects = train(cfg)
+    assert np.isfinite(metrics["val/loss"])
+    loaded = Controller.load(tmp_path / "controller.pt")
+    assert Controller.meta(tmp_path / "controller.pt")["recipe"] == recipe
+    trained = objects["module"].controller.eval()
+    x, valid = torch.randn(2, 9, loaded.config.d_model), torch.ones(2, 9, dtype=torch.bool)
+    with torch.no_grad():
+        z_a, z_b = loaded.encode(x, valid)[0], trained.encode(x, valid)[0]
+        pos = torch.arange(9)
+        a = loaded.logits(z_a, pos, torch.tensor(8), z_a[:, -1:])
+        torch.testing.assert_close(a, trained.logits(z_b, pos, torch.tensor(8), z_b[:, -1:]))
+
+
+def test_recipe_outside_the_controller_stage_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="recipe=query is a controller recipe"):
+        check_config(make_cfg("finetune", tmp_path, "recipe=query"))
+
+
+def test_shipped_paper_controller_loads_and_scores_as_before():
+    """The checkpoint shipped before the levers existed loads as the paper's controller, with the same scores."""
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "controller_smollm2_samsum_k64.pt"
+    loaded = Controller.load(path)
+    assert not loaded.config.query and loaded.config.input_layer == 0
+    blob = torch.load(path, weights_only=True)
+    torch.manual_seed(0)
+    x, valid = torch.randn(1, 12, loaded.config.d_model), torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        z = loaded.encode(x, valid)[0]
+        got = loaded.logits(z, torch.arange(12), torch.tensor(11))
+        # the paper's formula, by hand from the stored weights: MLP(p + z)
+        sd = blob["state_dict"]
+        p = sd["position.weight"][
+            bucketize(11 - torch.arange(12), loaded.config.num_buckets, loaded.config.max_distance)
+        ]
+        h = torch.nn.functional.gelu((p + z) @ sd["mlp.0.weight"].T + sd["mlp.0.bias"])
+        want = (h @ sd["mlp.2.weight"].T + sd["mlp.2.bias"]).squeeze(-1)
+    torch.testing.assert_close(got, want)
 
 
 def test_overfit_a_few_batches_lowers_the_loss(tmp_path, tiny_model_dir):

@@ -1,8 +1,15 @@
 """Stage `controller` (ADORE.md §2): fit `adore.controller.Controller` to the labels of stage `labels`.
 
-Loss: binary cross-entropy over sampled (t, i) pairs, i <= t, t >= K (earlier queries keep every key, so
-there is nothing to learn there). Validation, on held-out sequences: precision and recall of each method's
-top-`budget` keys against the top-K labels, for the controller, recency (window) and H2O.
+Loss (`loss`): `bce`, the paper's binary cross-entropy over sampled (t, i) pairs, i <= t, t >= K (earlier
+queries keep every key, so there is nothing to learn there); or `listwise`, a ranking loss on the keep
+decision: for sampled queries t, a softmax over all keys i <= t is fitted to the share of t's attention each
+top-K key holds, so that the highest scores go where the most attention mass is. Validation, on held-out
+sequences: precision and recall of each method's top-`budget` keys against the top-K labels, for the
+controller, recency (window) and H2O.
+
+`labels` may list several labels files (e.g. SAMSum, chat and math, from the same backbone): their sequences
+are pooled. A controller reading a hidden layer (`controller.input_layer` > 0) gets the backbone's residual
+stream, computed once per sequence at setup.
 """
 
 from __future__ import annotations
@@ -18,9 +25,10 @@ from torchmetrics import Metric
 
 from adore.controller import Controller, ControllerConfig
 from adore.labels import dense_labels, h2o_scores, load_labels, recency_scores, sample_pairs, selection_counts
-from adore.models import ModelSpec, load_model
+from adore.models import ModelSpec, load_model, residual_after
 
 METHODS = ("controller", "recency", "h2o")
+LOSSES = ("bce", "listwise")
 
 
 class ControllerDataModule(L.LightningDataModule):
@@ -28,7 +36,7 @@ class ControllerDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        labels: str,
+        labels: str | list[str],
         num_val: int = 24,
         batch_size: int = 8,
         pairs_per_sequence: int = 256,
@@ -37,7 +45,10 @@ class ControllerDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.path = labels
+        self.paths = [labels] if isinstance(labels, str) else list(labels)
+        if not self.paths:
+            raise ValueError("stage.datamodule.labels is empty: give labels.pt files or labels run folders")
+        self.path = self.paths[0]
         self.num_val, self.batch_size, self.num_workers, self.seed = num_val, batch_size, num_workers, seed
         self.pairs_per_sequence, self.pos_fraction = pairs_per_sequence, pos_fraction
         self.blob: dict | None = None
@@ -49,18 +60,29 @@ class ControllerDataModule(L.LightningDataModule):
 
     def _load(self):
         if self.blob is None:
-            self.blob = load_labels(self.path)
+            blobs = [load_labels(path) for path in self.paths]
+            for path, blob in zip(self.paths[1:], blobs[1:]):
+                for key in ("K", "model", "hidden_size", "vocab_size"):
+                    if blob["meta"][key] != blobs[0]["meta"][key]:
+                        raise ValueError(
+                            f"{path} was made with {key}={blob['meta'][key]!r}, {self.paths[0]} with "
+                            f"{blobs[0]['meta'][key]!r}: pool labels of one backbone and one K"
+                        )
+            self.blob = {key: [x for b in blobs for x in b[key]] for key in ("id", "ids", "topk", "mass", "h2o")}
+            self.blob["meta"] = blobs[0]["meta"] | {"sources": [b["meta"].get("data") for b in blobs]}
             n = len(self.blob["ids"])
             if n < 2 or self.num_val >= n:
                 raise ValueError(
-                    f"{self.path} holds {n} sequences: need more than stage.datamodule.num_val={self.num_val}"
+                    f"{', '.join(map(str, self.paths))} hold {n} sequences: need more than "
+                    f"stage.datamodule.num_val={self.num_val}"
                 )
 
     def setup(self, stage: str | None = None):
+        if hasattr(self, "train_set"):  # validate, then fit: the rows (and their residual streams) stay
+            return
         self._load()
-        rows = [
-            dict(zip(("ids", "topk", "h2o"), r)) for r in zip(self.blob["ids"], self.blob["topk"], self.blob["h2o"])
-        ]
+        keys = ("ids", "topk", "mass", "h2o")
+        rows = [dict(zip(keys, r)) for r in zip(*(self.blob[k] for k in keys))]
         # a seeded random hold-out: the labels file is ordered by length (longest first)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
         self.val_set = [rows[k] for k in order[: self.num_val]]
@@ -79,7 +101,12 @@ class ControllerDataModule(L.LightningDataModule):
             batch["valid"][row, :n] = True
             batch["t"][row, :p], batch["i"][row, :p], batch["y"][row, :p] = t, i, y
             batch["pair"][row, :p] = True
-        batch["topk"], batch["h2o"] = [r["topk"] for r in rows], [r["h2o"] for r in rows]
+        for key in ("topk", "mass", "h2o"):
+            batch[key] = [r[key] for r in rows]
+        if "x" in rows[0]:  # the backbone's residual stream (controller.input_layer > 0)
+            batch["x"] = torch.zeros(B, T, rows[0]["x"].shape[-1])
+            for row, r in enumerate(rows):
+                batch["x"][row, : len(r["x"])] = r["x"].float()
         return batch
 
     def train_dataloader(self):
@@ -131,15 +158,26 @@ class ControllerModule(L.LightningModule):
         weight_decay: float = 0.0,
         budget: int | None = None,
         h2o_recent_ratio: float = 0.5,
+        loss: str = "bce",
+        queries_per_sequence: int = 64,
+        recipe: str | None = None,
     ):
         super().__init__()
-        embeddings = load_model(model).get_input_embeddings().weight.detach().float().clone()  # (vocab, d_model)
+        if loss not in LOSSES:
+            raise ValueError(f"stage.module.loss={loss!r}: use one of {LOSSES}")
+        backbone = load_model(model)
+        embeddings = backbone.get_input_embeddings().weight.detach().float().clone()  # (vocab, d_model)
         self.register_buffer("embeddings", embeddings, persistent=False)  # frozen x_i; never in checkpoints
         self.controller = Controller(ControllerConfig(d_model=embeddings.shape[1], **(controller or {})))
+        # the backbone is needed once, for the residual stream of every sequence (setup); never a submodule
+        object.__setattr__(self, "backbone", backbone if self.controller.config.input_layer else None)
         self.lr, self.weight_decay = lr, weight_decay
         self.budget, self.h2o_recent_ratio = budget, h2o_recent_ratio
+        self.loss_name, self.queries_per_sequence, self.recipe = loss, queries_per_sequence, recipe
         self.overlap = nn.ModuleDict({name: TopKOverlap() for name in METHODS})
-        self.save_hyperparameters({"controller": controller, "lr": lr, "weight_decay": weight_decay, "budget": budget})
+        self.save_hyperparameters(
+            {"controller": controller, "lr": lr, "weight_decay": weight_decay, "budget": budget, "loss": loss}
+        )
 
     def setup(self, stage: str):
         meta = self.trainer.datamodule.meta
@@ -156,18 +194,61 @@ class ControllerModule(L.LightningModule):
                 f"lower the budget or rerun `python train.py stage=labels stage.module.h2o_k={self.budget}`"
             )
 
+        if self.backbone is not None:
+            self._residual_stream(self.trainer.datamodule)
+
+    @torch.no_grad()
+    def _residual_stream(self, datamodule, batch_size: int = 8) -> None:
+        """x_i of every sequence: the backbone's residual stream after `input_layer` layers (once, float16)."""
+        from tqdm.auto import tqdm
+
+        rows = [r for r in datamodule.train_set + datamodule.val_set if "x" not in r]
+        layer, device = self.controller.config.input_layer, self.backbone.device
+        for s in tqdm(range(0, len(rows), batch_size), desc=f"residual stream after layer {layer}"):
+            chunk = rows[s : s + batch_size]
+            T = max(len(r["ids"]) for r in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for j, r in enumerate(chunk):
+                ids[j, : len(r["ids"])], mask[j, : len(r["ids"])] = r["ids"].long(), 1
+            x = residual_after(self.backbone, layer, ids.to(device), mask.to(device)).float().cpu()
+            for j, r in enumerate(chunk):
+                r["x"] = x[j, : len(r["ids"])].half()  # (T, d_model)
+        object.__setattr__(self, "backbone", None)  # not needed any more
+
     def encode(self, batch) -> torch.Tensor:
-        """z: (B, T, width), one GRU pass over each sequence's input embeddings."""
-        embeds = F.embedding(batch["ids"], self.embeddings)  # (B, T, d_model)
-        return self.controller.encode(embeds, batch["valid"])[0]
+        """z: (B, T, width), one GRU pass over each sequence's x (input embeddings or residual stream)."""
+        x = batch["x"] if "x" in batch else F.embedding(batch["ids"], self.embeddings)  # (B, T, d_model)
+        return self.controller.encode(x, batch["valid"])[0]
 
     def pair_loss(self, batch, z) -> torch.Tensor:
-        z_i = z.gather(1, batch["i"][..., None].expand(-1, -1, z.shape[-1]))  # (B, P, width)
-        logits = self.controller.logits(z_i, batch["i"], batch["t"])  # (B, P)
+        gather = lambda index: z.gather(1, index[..., None].expand(-1, -1, z.shape[-1]))  # noqa: E731
+        logits = self.controller.logits(gather(batch["i"]), batch["i"], batch["t"], gather(batch["t"]))  # (B, P)
         return F.binary_cross_entropy_with_logits(logits[batch["pair"]], batch["y"][batch["pair"]])
 
+    def listwise_loss(self, batch, z) -> torch.Tensor:
+        """Cross-entropy between a softmax of the scores over keys i <= t and t's top-K attention shares."""
+        losses = []
+        for row, (topk, mass) in enumerate(zip(batch["topk"], batch["mass"])):
+            T = len(topk)
+            if T <= self.K:
+                continue
+            t = torch.randperm(T - self.K, device=z.device)[: self.queries_per_sequence] + self.K  # (Q,)
+            zr, pos = z[row, :T], torch.arange(T, device=z.device)
+            logits = self.controller.logits(zr[None], pos[None], t[:, None], zr[t][:, None])  # (Q, T)
+            logits = logits.masked_fill(pos[None] > t[:, None], float("-inf"))
+            index = topk[t.cpu()].long().to(z.device)
+            target = torch.zeros(len(t), T + 1, device=z.device)
+            target.scatter_add_(1, index.masked_fill(index < 0, T), mass[t.cpu()].float().to(z.device))
+            target = target[:, :T] / target[:, :T].sum(-1, keepdim=True).clamp(min=1e-9)
+            losses.append(-(target * F.log_softmax(logits, -1).clamp(min=-1e4)).sum(-1).mean())
+        return torch.stack(losses).mean() if losses else z.sum() * 0
+
+    def loss(self, batch, z) -> torch.Tensor:
+        return self.pair_loss(batch, z) if self.loss_name == "bce" else self.listwise_loss(batch, z)
+
     def training_step(self, batch, batch_idx):
-        loss = self.pair_loss(batch, self.encode(batch))
+        loss = self.loss(batch, self.encode(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
         return loss
 
@@ -175,11 +256,11 @@ class ControllerModule(L.LightningModule):
         """(T, T) controller logits of every key i (columns) for every query t (rows) of one sequence."""
         T = z.shape[0]
         pos = torch.arange(T, device=z.device)
-        return self.controller.logits(z[None], pos[None, :], pos[:, None])
+        return self.controller.logits(z[None], pos[None, :], pos[:, None], z[:, None])
 
     def validation_step(self, batch, batch_idx):
         z = self.encode(batch)
-        self.log("val/loss", self.pair_loss(batch, z), prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
+        self.log("val/loss", self.loss(batch, z), prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
         for row, (topk, h2o) in enumerate(zip(batch["topk"], batch["h2o"])):
             T = len(topk)
             positive = dense_labels(topk.to(z.device), T)
@@ -203,5 +284,16 @@ class ControllerModule(L.LightningModule):
     def export(self, run_dir: str | Path) -> dict:
         """Write `controller.pt` (`Controller.load` reads it; `method.controller=<run_dir>/controller.pt`)."""
         path = Path(run_dir) / "controller.pt"
-        self.controller.cpu().save(path, meta={"K": self.K})
+        meta = self.trainer.datamodule.meta
+        self.controller.cpu().save(
+            path,
+            meta={
+                "K": self.K,
+                "recipe": self.recipe,
+                "loss": self.loss_name,
+                "backbone": meta["model"],
+                "labels": [str(p) for p in self.trainer.datamodule.paths],
+                "sources": meta.get("sources"),
+            },
+        )
         return {"controller": str(path)}

@@ -31,13 +31,14 @@ class LabelsModule(L.LightningModule):
         out = self.model.base_model(  # the decoder without the LM head: no logits needed
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True
         )
-        topk, h2o = attention_labels(out.attentions, valid, self.K, self.h2o_k)
+        topk, mass, h2o = attention_labels(out.attentions, valid, self.K, self.h2o_k)
         for row, n in enumerate(valid.sum(1).tolist()):
             self.rows.append(
                 {
                     "id": batch["id"][row],
                     "ids": batch["input_ids"][row, :n].to(torch.int32).cpu(),
                     "topk": topk[row, :n].to(self.dtype_index).cpu(),  # (T, K)
+                    "mass": mass[row, :n].half().cpu(),  # (T, K)
                     "h2o": h2o[row, :n].to(self.dtype_index).cpu(),  # (T, h2o_k)
                 }
             )
@@ -49,6 +50,7 @@ class LabelsModule(L.LightningModule):
             "K": self.K,
             "h2o_k": self.h2o_k,
             "model": dataclasses.asdict(self.spec),
+            "data": getattr(getattr(self.trainer.datamodule, "data", None), "name", None),
             "hidden_size": self.model.config.hidden_size,
             "vocab_size": self.model.get_input_embeddings().num_embeddings,
             "num_sequences": len(self.rows),

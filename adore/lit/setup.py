@@ -89,10 +89,14 @@ def check_config(cfg: DictConfig) -> None:
             _fail(f"stage.datamodule.max_length={cfg.stage.datamodule.max_length!r}: need at least 2 tokens")
     if stage == "labels" and module.h2o_k < 1:
         _fail(f"stage.module.h2o_k={module.h2o_k!r}: the H2O ranking keeps >= 1 keys (default 2*K)")
+    if stage != "controller" and "recipe" in cfg.stage.module:
+        _fail(f"recipe={cfg.stage.module.recipe} is a controller recipe (conf/recipe): use it with stage=controller")
     if stage == "controller":
-        labels = resolve_labels(cfg.stage.datamodule.labels)
+        given = cfg.stage.datamodule.labels
+        many = OmegaConf.is_list(given) or isinstance(given, list | tuple)
+        labels = [str(resolve_labels(p)) for p in given] if many else str(resolve_labels(given))
         with open_dict(cfg):
-            cfg.stage.datamodule.labels = str(labels)
+            cfg.stage.datamodule.labels = labels
         if module.budget is not None and module.budget < 1:
             _fail(f"stage.module.budget={module.budget!r}: the evaluated budget must be >= 1 (null = the labels' K)")
     if not cfg.train.resume and any(checkpoint_dir(cfg).glob("*.ckpt")):

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from adore.controller import Controller, ControllerConfig
-from adore.methods.base import Method, State, file_identity
+from adore.methods.base import KEEP, Method, State, file_identity
 from adore.methods.oracle import check_R
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -19,7 +19,8 @@ class Adore(Method):
 
     `controller` is a checkpoint from `train.py stage=controller`; None builds a fresh random controller
     (seeded) so the engine runs before any training: it is labelled "untrained" everywhere. R=0 is the
-    no-rebuild ablation.
+    no-rebuild ablation. `sinks` / `recent` (null = off) always keep the first positions and the most recent
+    tokens, as StreamingLLM and H2O do; the controller ranks the rest (issue 12's guarantee lever).
     """
 
     m: int = 128
@@ -27,6 +28,8 @@ class Adore(Method):
     controller: str | None = None
     seed: int = 0
     config: dict = field(default_factory=dict)  # ControllerConfig fields for a fresh controller
+    sinks: int | None = None  # the first `sinks` positions are never released
+    recent: int | None = None  # the `recent` newest tokens are never released
     name: ClassVar[str] = "adore"
     training_free: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"embeddings"})
@@ -44,12 +47,28 @@ class Adore(Method):
                     f"method.controller={self.controller!r} does not exist: pass controller.pt from a "
                     "`python train.py stage=controller` run, or null for an untrained controller"
                 )
+        for key in ("sinks", "recent"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value < self.m):
+                raise ValueError(f"method.{key}={value!r} must be an integer in 1..m-1={self.m - 1}, or null (off)")
+        if (self.sinks or 0) + (self.recent or 0) >= self.m:
+            raise ValueError(
+                f"method.sinks + method.recent = {(self.sinks or 0) + (self.recent or 0)} leave the controller nothing "
+                f"of m={self.m}: lower them"
+            )
         self.net: Controller | None = None  # loaded on first use
-        self.K = Controller.meta(self.controller).get("K") if self.controller is not None else None  # labels' top-K
+        meta = Controller.meta(self.controller) if self.controller is not None else {}
+        self.K = meta.get("K")  # the labels' top-K
+        self.recipe = meta.get("recipe")  # the training recipe's name (conf/recipe), shown in labels
+        net_config = Controller.config_of(self.controller) if self.controller else ControllerConfig(1, **self.config)
+        self.input_layer, self.query = net_config.input_layer, net_config.query
+        self.needs = frozenset({"hidden" if self.input_layer else "embeddings"})
 
     @property
     def label(self) -> str:
-        return "ADORE" if self.controller else "ADORE (untrained)"
+        if self.controller is None:
+            return "ADORE (untrained)"
+        return f"ADORE [{self.recipe}]" if self.recipe else "ADORE"
 
     def identity(self) -> dict:
         if self.controller is None:  # a random controller: its seed and shape are what it is
@@ -60,10 +79,23 @@ class Adore(Method):
                 "controller": "untrained",
                 "seed": self.seed,
                 "config": self.config,
-            }
-        return {"name": self.name, "m": self.m, "R": self.R, "controller": file_identity(self.controller)}
+            } | self._guarantees()
+        return {
+            "name": self.name,
+            "m": self.m,
+            "R": self.R,
+            "controller": file_identity(self.controller),
+        } | self._guarantees()
+
+    def _guarantees(self) -> dict:
+        return {key: getattr(self, key) for key in ("sinks", "recent") if getattr(self, key) is not None}
 
     def check(self, model_config):
+        if self.input_layer > model_config.num_hidden_layers:
+            raise ValueError(
+                f"method.controller={self.controller!r} reads the residual stream after layer {self.input_layer}, but "
+                f"this model has {model_config.num_hidden_layers} layers: train a controller on this backbone"
+            )
         width = Controller.config_of(self.controller).d_model if self.controller else model_config.hidden_size
         if width != model_config.hidden_size:
             raise ValueError(
@@ -89,11 +121,18 @@ class Adore(Method):
         return state
 
     def update(self, state, entered):
-        """z_i = GRU(x_i, z_{i-1}) for the new tokens, once, when they enter."""
-        z, state.h = self.net.encode(entered.embeddings.float(), entered.valid, state.h)
+        """z_i = GRU(x_i, z_{i-1}) for the new tokens, once, when they enter (h: z of each row's newest token)."""
+        x = entered.hidden if self.input_layer else entered.embeddings
+        z, state.h = self.net.encode(x.float(), entered.valid, state.h)
         state.tokens["z"][:, entered.cols[0]] = z
 
     def score(self, state, tokens):
         z = state.tokens["z"]
         z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
-        return self.net.logits(z, tokens.positions, tokens.query_pos)
+        query_z = state.h[:, None] if self.query else None  # (B, 1, width): the newest token is the query
+        scores = self.net.logits(z, tokens.positions, tokens.query_pos, query_z)
+        if self.sinks:
+            scores = scores + KEEP * (tokens.positions < self.sinks)
+        if self.recent:
+            scores = scores + KEEP * (tokens.query_pos - tokens.positions < self.recent)
+        return scores

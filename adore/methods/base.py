@@ -30,6 +30,7 @@ NEEDS = {
     "window_attention": "Entered.window_attention: the last `rows` queries' attention rows",
     "keys": "Entered.keys: the new tokens' cached keys, all layers",
     "embeddings": "Entered.embeddings: the new tokens' input embeddings",
+    "hidden": "Entered.hidden: the new tokens' residual stream after `method.input_layer` decoder layers",
     "full_attention": "Tokens.full_attention: the newest query's attention under full attention (a shadow pass)",
 }
 
@@ -82,6 +83,7 @@ class Entered:
     window_attention: torch.Tensor | None = None  # (B, w, T) the last w queries' weights
     keys: torch.Tensor | None = None  # (layers, B, kv_heads, n, head_dim)
     embeddings: torch.Tensor | None = None  # (B, n, d_model)
+    hidden: torch.Tensor | None = None  # (B, n, d_model) residual stream after method.input_layer layers
 
 
 @dataclass

@@ -1,7 +1,13 @@
-"""Paired bootstrap tests on the per-example scores of two runs (predictions.jsonl, aligned by example id)."""
+"""Paired bootstrap tests on the per-example scores of two runs (predictions.jsonl, aligned by example id).
+
+Rows with the same prompt are one unit of resampling: runs written before repeated prompts were grouped
+(`adore.tasks.group_by_prompt`) hold one row per reference of a prompt, and resampling those rows one by one
+would give intervals too narrow by about sqrt(references per prompt).
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -23,7 +29,8 @@ PAIRED = ("data", "model", "adapter", "max_new_tokens")
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
 CAPTION = (
     "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
-    "examples both runs scored (aligned by id), and ✓ when the interval excludes 0. vs full: full attention on the "
+    "examples both runs scored (aligned by id; rows of one prompt resampled together, n counts prompts), and ✓ "
+    "when the interval excludes 0. vs full: full attention on the "
     "same data, model and generation length (quality only: full attention is the fidelity reference). vs best "
     "baseline: the training-free run (window, StreamingLLM, H2O, ...) with the highest mean ROUGE-L at the same "
     "cache size m. KL: lower is better. — : not tested."
@@ -52,9 +59,33 @@ def _per_example(rows: dict[str, dict], key: str) -> dict[str, float]:
     }
 
 
-def _aligned(a: dict[str, float], b: dict[str, float]) -> tuple[list[float], list[float]]:
-    ids = sorted(set(a) & set(b))
-    return [a[i] for i in ids], [b[i] for i in ids]
+def _aligned(a: dict[str, float], b: dict[str, float], only: set[str]) -> tuple[list[str], list[float], list[float]]:
+    ids = sorted(set(a) & set(b) & only)
+    return ids, [a[i] for i in ids], [b[i] for i in ids]
+
+
+def _unit(row: dict) -> str:
+    """What a row is resampled with: every row of the same prompt (its messages, or `prompt` in older files)."""
+    prompt = row.get("messages") or row.get("prompt")
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False) if prompt else f"id:{row['id']}"
+
+
+def _references(row: dict) -> list:
+    return row.get("references") or [row.get("reference")]
+
+
+def _comparable(mine: dict[str, dict], theirs: dict[str, dict], where: str) -> set[str]:
+    """Ids scored against the same references in both runs. A run written before repeated prompts were grouped
+    scored each row against one reference, one written after against all of the prompt's: not comparable."""
+    ids = set(mine) & set(theirs)
+    same = {i for i in ids if _references(mine[i]) == _references(theirs[i])}
+    if len(same) < len(ids):
+        warnings.warn(
+            f"{where}: {len(ids) - len(same)} examples were scored against other references in the two runs "
+            "(one of them written before repeated prompts were grouped): they are left out of the paired tests",
+            stacklevel=3,
+        )
+    return same
 
 
 def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
@@ -63,7 +94,8 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
     Every bounded method against full attention (quality metrics; full attention is the fidelity reference) and
     every method that is not training-free against the best baseline (the training-free run with the highest mean
     ROUGE-L) at the same dataset, model, adapter, max_new_tokens and cache size m. Columns: data, method (row
-    label), family (run label), vs, metric, diff (method - other), low, high, significant, n.
+    label), family (run label), vs, metric, diff (method - other), low, high, significant, n (prompts compared: rows
+    with the same prompt, as in runs written before repeated prompts were grouped, are resampled as one unit).
     """
     from adore.stats import Bootstrap
 
@@ -101,10 +133,11 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
             others.append((f"best baseline: {best['row']}", best, list(TESTS)))
         for vs, other, tested in others:
             theirs = _scores(other["path"], cache)
+            common = _comparable(mine, theirs, f"{r['path']} vs {other['path']}")
             for key in tested:
-                a, b = _aligned(_per_example(mine, key), _per_example(theirs, key))
+                ids, a, b = _aligned(_per_example(mine, key), _per_example(theirs, key), common)
                 if a:
-                    t = bootstrap.paired(a, b)
+                    t = bootstrap.paired(a, b, [_unit(mine[i]) for i in ids])
                     out.append(
                         [
                             r["data"],

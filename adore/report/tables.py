@@ -40,6 +40,21 @@ FIDELITY = {
     "fidelity/rougeL_vs_full": ("ROUGE-L vs full", 2),
     "fidelity/bertscore_f_vs_full": ("BERT-F vs full", 2),
 }
+# The release diagnostic (adore/diagnostic.py, eval.diagnose=true): what the kept cache holds of full attention.
+RELEASE = {
+    "fidelity/release_recall": ("recall@m", 3),
+    "fidelity/release_mass": ("kept mass", 3),
+    "fidelity/release_kept_sink": ("sink kept", 3),
+    "fidelity/release_mass_sink": ("sink mass", 3),
+    "fidelity/release_kept_age0_15": ("age<16 kept", 3),
+    "fidelity/release_mass_age0_15": ("age<16 mass", 3),
+    "fidelity/release_kept_age16_63": ("16-63 kept", 3),
+    "fidelity/release_mass_age16_63": ("16-63 mass", 3),
+    "fidelity/release_kept_age64_255": ("64-255 kept", 3),
+    "fidelity/release_mass_age64_255": ("64-255 mass", 3),
+    "fidelity/release_kept_age256_": ("256+ kept", 3),
+    "fidelity/release_mass_age256_": ("256+ mass", 3),
+}
 STREAM = {
     "eval/bleu": ("BLEU", 2),
     "eval/rougeL": ("ROUGE-L", 2),
@@ -234,6 +249,12 @@ def fidelity_table(df: pd.DataFrame) -> pd.DataFrame:
     return _metric_table(runs[~runs["reference"]], FIDELITY)
 
 
+def release_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Bounded methods x (dataset, recall@m | kept mass | per age bucket): where release loses attention mass."""
+    runs = generate_runs(df)
+    return _metric_table(runs[~runs["reference"]], RELEASE)
+
+
 def stream_table(df: pd.DataFrame) -> pd.DataFrame:
     """Stream generation (task=stream): methods x (dataset, BLEU | ROUGE-L | BERT-F | decode tok/s)."""
     return _metric_table(task_runs(df, "stream"), STREAM)
@@ -338,6 +359,15 @@ def build_tables(df: pd.DataFrame, paper: bool = False, tests: pd.DataFrame | bo
             "before the first difference; ROUGE-L / BERT-F vs full: the two outputs scored against each other (%). "
             f"mean ± half-width of the bootstrap interval; {MISSING} where a run or metric is missing."
         ), fidelity_table(df)))  # fmt: skip
+    if len(runs) and any(c in runs and runs[c].notna().any() for c in RELEASE):
+        tables.append(Table("release", "Release diagnostic", (
+            "After every teacher-forced step, for the newest query's full attention (a shadow pass, summed over "
+            "heads and layers; eval.diagnose=true): recall@m, the share of its top-m tokens the kept cache holds; "
+            "kept mass, the share of its attention the kept tokens hold; then per token age (query position minus "
+            "token position; the first 4 positions apart as sinks) the mass full attention puts there and the mass "
+            "the cache kept there (kept columns sum to kept mass). Steps whose history is within m are not counted. "
+            f"mean ± half-width of the bootstrap interval; {MISSING} where missing."
+        ), release_table(df)))  # fmt: skip
     if tests is not False:
         frame = significance.significance_table(significance.paired_tests(df) if tests is True else tests)
         if len(frame):

@@ -60,14 +60,41 @@ class Examples(list):
     excluded: dict[str, list[str]]
 
 
+def group_by_prompt(records: list[dict]) -> list[dict]:
+    """Records with the same prompt (identical `messages`, e.g. one dialogue listed once per reference summary)
+    as one record, in the order of their first row: generated once, scored against all the references and
+    resampled as one unit. Each record gets `references` (its rows' references, in order) and `ids` (its rows'
+    ids); `id`, `reference` and `answer` stay the first row's, and `answers` lists the gold answers where the
+    rows disagree. Documents (no messages) are never merged."""
+    import json
+
+    groups: dict = {}
+    for r in records:
+        key = json.dumps(r["messages"], sort_keys=True, ensure_ascii=False) if r["messages"] else ("id", r["id"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for rows in groups.values():
+        g = rows[0] | {"references": [r["reference"] for r in rows], "ids": [r["id"] for r in rows]}
+        answers = list(dict.fromkeys(r["answer"] for r in rows if r.get("answer") is not None))
+        if len(answers) > 1:
+            g["answers"] = answers
+        elif answers:
+            g["answer"] = answers[0]
+        out.append(g)
+    return out
+
+
 PROMPT_HEAD = 64  # a prompt over max_prompt_tokens keeps its first tokens (chat header, instruction) and its end
 
 
-def load_examples(data_spec, num_examples: int | None, keep=None, fix: str | None = None) -> Examples:
+def load_examples(
+    data_spec, num_examples: int | None, keep=None, fix: str | None = None, group: bool = False
+) -> Examples:
     """The first `num_examples` usable records that `keep` accepts; a ValueError with `fix` when none is left.
 
     Records with an empty reference (nothing to score against) or an empty prompt are excluded, counted and
-    named, never scored as 0."""
+    named, never scored as 0. `group`: rows with the same prompt are one example (`group_by_prompt`; an empty
+    reference leaves its group, a group left with none is gone), and `num_examples` counts examples."""
     from adore.data import load_records
 
     def blank(text) -> bool:
@@ -81,7 +108,14 @@ def load_examples(data_spec, num_examples: int | None, keep=None, fix: str | Non
         ],
     }
     dropped = {i for ids in excluded.values() for i in ids}
-    records = [r for r in records if r["id"] not in dropped][:num_examples]
+    records = [r for r in records if r["id"] not in dropped]
+    if group:
+        rows = len(records)
+        records = group_by_prompt(records)
+        if len(records) < rows:
+            print(f"[data] {data_spec.name}: {rows} rows share {len(records)} prompts: each prompt is generated "
+                  "once and scored against all of its references")  # fmt: skip
+    records = records[:num_examples]
     if dropped:
         print(f"[data] {data_spec.name}: excluded " + ", ".join(f"{len(v)} with an {k.replace('_', ' ')} ({', '.join(v[:3])}"
               + (", ..." if len(v) > 3 else "") + ")" for k, v in excluded.items() if v))  # fmt: skip

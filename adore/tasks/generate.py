@@ -2,6 +2,10 @@
 
 Reference-based quality (BLEU, ROUGE, BERTScore-F, accuracy for math), fidelity to full attention
 (`adore.fidelity`), a bootstrap interval on every quality number, and decode throughput.
+
+Rows of the data with the same prompt (a dialogue listed once per reference summary) are one example
+(`adore.tasks.group_by_prompt`): generated once, scored against all of its references (multi-reference
+BLEU, the best ROUGE / BERTScore-F over them, a match with any gold answer) and resampled as one unit.
 """
 
 from __future__ import annotations
@@ -56,14 +60,15 @@ class Generate:
         check_counts(self, ("batch_size", "max_new_tokens"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
 
     def load(self, data_spec) -> list[dict]:
-        return load_examples(data_spec, self.num_examples)
+        return load_examples(data_spec, self.num_examples, group=True)
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
         prompts, cut = encode_prompts(ctx.tokenizer, records, self.max_prompt_tokens)
         batches = batches_by_length([len(p) for p in prompts], self.batch_size)
         tokens, texts, stats = self._generate(ctx, method, prompts, batches, self.sampling)
-        references = [r["reference"] for r in records]
-        summary, per_example = quality(texts, references, [r["answer"] for r in records], self.bertscore_model)
+        references = [r.get("references") or [r["reference"]] for r in records]
+        answers = [r.get("answers") or r["answer"] for r in records]
+        summary, per_example = quality(texts, references, answers, self.bertscore_model)
         metrics = {f"eval/{k}": v for k, v in summary.items()}
         metrics["eval/bleu_ci"] = corpus_bleu_ci(texts, references, self.bootstrap)
         for k, values in per_example.items():
@@ -72,25 +77,33 @@ class Generate:
             own = (tokens, texts) if isinstance(method, Full) and not self.sampling.do_sample else None
             ref = self._reference(ctx, records, prompts, batches, any(cut), own)
             scores = self._fidelity(ctx, method, ref, prompts, batches, tokens, texts)
-            for k, values in scores.items():
-                metrics[f"fidelity/{k}"] = float(np.mean(values))
-                metrics[f"fidelity/{k}_ci"] = self.bootstrap.mean_ci(values)
+            for k, values in scores.items():  # release_* is None where history never exceeded m: left out
+                kept = [v for v in values if v is not None]
+                if not kept:
+                    continue
+                metrics[f"fidelity/{k}"] = float(np.mean(kept))
+                metrics[f"fidelity/{k}_ci"] = self.bootstrap.mean_ci(kept)
             per_example |= {f"fidelity_{k}": v for k, v in scores.items()}
             per_example["full_output"] = ref.texts
         rows = [
             {
                 "id": r["id"],
                 "messages": r["messages"],
-                "reference": r["reference"],
+                "reference": r["reference"],  # the first of `references` (what files before grouping held)
+                "references": references[i],
                 "answer": r["answer"],
                 "output": texts[i],
                 "prompt_cut_tokens": cut[i],
             }
+            | ({"ids": r["ids"]} if len(r.get("ids", ())) > 1 else {})  # the data rows merged into this example
+            | ({"answers": r["answers"]} if "answers" in r else {})
             | {k: v[i] for k, v in per_example.items()}
             for i, r in enumerate(records)
         ]
         run = {"num_examples": len(records), "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-               "truncated_prompts": sum(c > 0 for c in cut)}  # fmt: skip
+               "truncated_prompts": sum(c > 0 for c in cut),
+               "grouped_rows": sum(len(r.get("ids") or [r["id"]]) - 1 for r in records),  # rows merged into another
+               "num_references": sum(len(refs) for refs in references)}  # fmt: skip
         return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -157,10 +170,14 @@ class Generate:
     def _fidelity(
         self, ctx: Context, method, ref: Reference, prompts, batches, tokens, texts
     ) -> dict[str, list[float]]:
+        diagnose = self.fidelity.diagnose and method.m is not None
         scores = divergence(
-            ref, ctx.model, method, prompts, batches, ctx.tokenizer.pad_token_id, self.prefill_chunk, ctx.progress
-        )
+            ref, ctx.model, method, prompts, batches, ctx.tokenizer.pad_token_id, self.prefill_chunk, ctx.progress,
+            diagnose,
+        )  # fmt: skip
+        release = {k: v for k, v in scores.items() if k.startswith("release_")}  # the release diagnostic
         scores = {"kl": scores["kl"], "top1": scores["top1"], "rank": scores["rank"], "ref_tail_mass": scores["tail"]}
+        scores |= release
         scores["first_divergence"] = [float(first_divergence(a, b)) for a, b in zip(tokens, ref.tokens)]
         scores["identical"] = [float(a == b) for a, b in zip(tokens, ref.tokens)]
         scores["rougeL_vs_full"] = rouge(texts, ref.texts)["rougeL"]

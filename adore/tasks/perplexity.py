@@ -42,6 +42,7 @@ class Perplexity:
     max_prompt_tokens: int | None = 2048
     prefill_chunk: int | None = None
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    diagnose: bool = False  # the release diagnostic (adore.diagnostic) of every scored step, as diagnostic/*
 
     def __post_init__(self):
         check_counts(
@@ -58,6 +59,7 @@ class Perplexity:
         kept, contexts, targets = self.texts(ctx.tokenizer, records)
         records = [records[i] for i in kept]
         nll, count, stats = [0.0] * len(targets), [0] * len(targets), []
+        release: list[dict] = [{}] * len(targets)
         batches = batches_by_length([len(c) + len(t) for c, t in zip(contexts, targets)], self.batch_size)
         for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
             sums, counts, st = forced_nll(
@@ -67,10 +69,13 @@ class Perplexity:
                 [targets[i] for i in batch],
                 ctx.tokenizer.pad_token_id,
                 self.prefill_chunk,
+                self.diagnose and method.m is not None,
             )
             stats.append(st)
             for row, i in enumerate(batch):
                 nll[i], count[i] = sums[row], counts[row]
+                if "diagnostic" in st:
+                    release[i] = st["diagnostic"][row]
         nll_np, count_np = np.array(nll), np.array(count, dtype=float)
         mean_nll = float(nll_np.sum() / count_np.sum())
         metrics = {
@@ -81,6 +86,13 @@ class Perplexity:
             ),
             "eval/tokens": int(count_np.sum()),
         }
+        from adore.diagnostic import KEYS
+
+        for key in KEYS if any(release) else ():  # over the examples with a counted step
+            values = [r[key] for r in release if key in r]
+            if values:
+                metrics[f"fidelity/release_{key}"] = float(np.mean(values))
+                metrics[f"fidelity/release_{key}_ci"] = self.bootstrap.mean_ci(values)
         rows = [
             {
                 "id": r["id"],
@@ -89,6 +101,7 @@ class Perplexity:
                 "nll": nll[i],
                 "ppl": math.exp(nll[i] / max(count[i], 1)),
             }
+            | {f"release_{k}": v for k, v in release[i].items() if k != "steps"}
             for i, r in enumerate(records)
         ]
         run = {
@@ -121,14 +134,21 @@ class Perplexity:
 
 
 def forced_nll(
-    model, method, contexts: list[list[int]], targets: list[list[int]], pad_id: int, prefill_chunk: int | None = None
+    model,
+    method,
+    contexts: list[list[int]],
+    targets: list[list[int]],
+    pad_id: int,
+    prefill_chunk: int | None = None,
+    diagnose: bool = False,
 ) -> tuple[list[float], list[int], dict]:
-    """Summed NLL and token count of each row's targets, one `Session.feed` per target token (`teacher_force`)."""
+    """Summed NLL and token count of each row's targets, one `Session.feed` per target token (`teacher_force`);
+    with `diagnose`, the stats carry each row's release diagnostic."""
     nll = torch.zeros(len(contexts), dtype=torch.float64, device=model.device)
 
     def add(t, logits, ids, valid):
         logp = logits.float().log_softmax(-1).gather(1, ids[:, t : t + 1])[:, 0]
         nll.sub_(torch.where(valid[:, t], logp, 0).double())
 
-    stats = teacher_force(model, method, contexts, targets, pad_id, add, prefill_chunk)
+    stats = teacher_force(model, method, contexts, targets, pad_id, add, prefill_chunk, diagnose)
     return nll.tolist(), [len(t) for t in targets], stats
