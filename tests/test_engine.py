@@ -188,6 +188,8 @@ def test_prefill_chunks_keep_the_budget(tiny):
         lambda: Adore(m=8, R=-1),
         lambda: Adore(m=4, R=5),
         lambda: Adore(m=8, controller="/nonexistent.pt"),
+        lambda: Adore(m=8, sinks=0),
+        lambda: Adore(m=8, sinks=4, recent=4),
         lambda: Full(m=8),
     ],
 )
@@ -280,3 +282,17 @@ def test_capacity_is_clamped_to_what_the_session_can_hold(tiny):
     session = Session(model, Window(m=10**9), 2, 40)
     assert session.cache.capacity == 40 + 1
     assert Session(model, Adore(m=10**9, R=3), 2, 40).cache.capacity == 40 + 3 + 1
+
+
+@pytest.mark.parametrize("query", [False, True])
+def test_adore_guarantees_keep_sinks_and_recent_tokens(tiny, query):
+    """method.sinks / method.recent: those tokens are never released, whatever the (random) controller says."""
+    model, _ = tiny
+    ids, mask = prompts(batch=1, length=20)
+    session = Session(model, Adore(m=8, R=2, sinks=2, recent=3, config={"query": query}), 1, 30)
+    session.feed(ids, mask.bool())
+    for step in range(4):
+        session.feed(torch.tensor([[17 + step]]))
+        kept = session.cached_positions()[0]
+        newest = int(session.next_pos[0]) - 1
+        assert {0, 1, newest - 2, newest - 1, newest} <= set(kept) and len(kept) <= 8
