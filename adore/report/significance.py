@@ -32,8 +32,8 @@ CAPTION = (
     "examples both runs scored (aligned by id; rows of one prompt resampled together, n counts prompts), and ✓ "
     "when the interval excludes 0. vs full: full attention on the "
     "same data, model and generation length (quality only: full attention is the fidelity reference). vs best "
-    "baseline: the training-free run (window, StreamingLLM, H2O, ...) with the highest mean ROUGE-L at the same "
-    "cache size m. KL: lower is better. — : not tested."
+    "baseline: for each metric, the training-free run (window, StreamingLLM, H2O, ...) best on that metric at the "
+    "same cache size m (one row per such run, with the metrics it is best on). KL: lower is better. — : not tested."
 )
 
 
@@ -92,8 +92,8 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
     """Paired bootstrap tests on per-example scores (predictions.jsonl, aligned by id), one row per test.
 
     Every bounded method against full attention (quality metrics; full attention is the fidelity reference) and
-    every method that is not training-free against the best baseline (the training-free run with the highest mean
-    ROUGE-L) at the same dataset, model, adapter, max_new_tokens and cache size m. Columns: data, method (row
+    every method that is not training-free against the best baseline on each metric (the training-free run with the
+    best mean of that metric) at the same dataset, model, adapter, max_new_tokens and cache size m. Columns: data, method (row
     label), family (run label), vs, metric, diff (method - other), low, high, significant, n (prompts compared: rows
     with the same prompt, as in runs written before repeated prompts were grouped, are resampled as one unit).
     """
@@ -114,9 +114,11 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
             mask &= runs[c].isna() if pd.isna(r[c]) else runs[c] == r[c]
         return mask
 
-    def mean_rouge(row) -> float:
-        values = list(_per_example(_scores(row["path"], cache), "rougeL").values())
-        return sum(values) / len(values) if values else -math.inf
+    def mean_of(row, key) -> float:
+        """The run's mean of `key`, signed so that higher is better (-inf when it has none)."""
+        values = [v for v in _per_example(_scores(row["path"], cache), key).values() if v == v]
+        lower_is_better = key == "fidelity_kl"
+        return (-1 if lower_is_better else 1) * sum(values) / len(values) if values else -math.inf
 
     out = []
     for _, r in runs[~runs["reference"]].iterrows():
@@ -128,9 +130,14 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
         if len(full):
             others.append(("full", full.iloc[0], [k for k, (_, vs_full) in TESTS.items() if vs_full]))
         baselines = runs[same(r, (*PAIRED, "m")) & runs["training_free"] & ~runs["reference"]]
-        if not r["training_free"] and len(baselines):
-            best = max((b for _, b in baselines.iterrows()), key=mean_rouge)
-            others.append((f"best baseline: {best['row']}", best, list(TESTS)))
+        if not r["training_free"] and len(baselines):  # per metric, the baseline best on that metric
+            bests: dict = {}
+            for key, _ in TESTS.items():
+                best = max((b for _, b in baselines.iterrows()), key=lambda b, key=key: mean_of(b, key))
+                if mean_of(best, key) > -math.inf:
+                    bests.setdefault(best["row"], (best, []))[1].append(key)
+            for row, (best, keys_) in bests.items():
+                others.append((f"best baseline: {row}", best, keys_))
         for vs, other, tested in others:
             theirs = _scores(other["path"], cache)
             common = _comparable(mine, theirs, f"{r['path']} vs {other['path']}")
