@@ -167,6 +167,18 @@ def test_each_controller_recipe_trains_and_round_trips(recipe, tmp_path, tiny_mo
         torch.testing.assert_close(a, trained.logits(z_b, pos, torch.tensor(8), z_b[:, -1:]))
 
 
+def test_attention_ahead_sums_the_next_queries_shares():
+    from adore.lit.controller import attention_ahead
+
+    topk = torch.tensor([[0, -1], [1, 0], [2, 1]])  # (T=3, K=2) keys of each query, best first
+    mass = torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.7, 0.3]])
+    one = attention_ahead(topk, mass, torch.tensor([1, 2]), 1)
+    torch.testing.assert_close(one, torch.tensor([[0.4, 0.6, 0.0], [0.0, 0.3, 0.7]]))  # the query's own shares
+    two = attention_ahead(topk, mass, torch.tensor([0, 1]), 2)
+    # t=0: queries 0, 1 give key 0 mass 1.0 + 0.4 (key 1 does not exist yet at t=0); t=1: queries 1, 2
+    torch.testing.assert_close(two, torch.tensor([[1.0, 0.0, 0.0], [0.4 / 1.3, 0.9 / 1.3, 0.0]]))
+
+
 def test_recipe_outside_the_controller_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="recipe=query is a controller recipe"):
         check_config(make_cfg("finetune", tmp_path, "recipe=query"))

@@ -126,6 +126,22 @@ class ControllerDataModule(L.LightningDataModule):
         )
 
 
+def attention_ahead(topk: torch.Tensor, mass: torch.Tensor, t: torch.Tensor, horizon: int) -> torch.Tensor:
+    """(Q, T): for each query t, the share of attention each key i <= t gets from queries s in [t, t + horizon),
+    from the labels' top-K shares (mass below a query's top-K counts as 0), normalised to sum 1 over i <= t.
+
+    topk, mass: (T, K) one sequence's labels; t: (Q,) query positions."""
+    T = topk.shape[0]
+    index = topk.long()
+    dense = torch.zeros(T, T + 1, device=topk.device)  # (queries, keys + a spare column for -1)
+    dense.scatter_add_(1, index.masked_fill(index < 0, T), mass.float())
+    ahead = torch.cat([dense.new_zeros(1, T + 1), dense.cumsum(0)])  # ahead[s] = sum of rows < s
+    end = (t + horizon).clamp(max=T)
+    target = (ahead[end] - ahead[t])[:, :T]  # (Q, T): rows t .. end-1
+    target = target * (torch.arange(T, device=t.device)[None] <= t[:, None])  # keys that exist at t
+    return target / target.sum(-1, keepdim=True).clamp(min=1e-9)
+
+
 class _TrainCollate:
     def __init__(self, datamodule: ControllerDataModule):
         self.datamodule = datamodule
@@ -161,10 +177,15 @@ class ControllerModule(L.LightningModule):
         loss: str = "bce",
         queries_per_sequence: int = 64,
         recipe: str | None = None,
+        horizon: int = 1,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"stage.module.loss={loss!r}: use one of {LOSSES}")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"stage.module.horizon={horizon!r} must be an integer >= 1 (1: the current query only)")
+        if horizon > 1 and loss != "listwise":
+            raise ValueError(f"stage.module.horizon={horizon} needs stage.module.loss=listwise (its target is a mass)")
         backbone = load_model(model)
         embeddings = backbone.get_input_embeddings().weight.detach().float().clone()  # (vocab, d_model)
         self.register_buffer("embeddings", embeddings, persistent=False)  # frozen x_i; never in checkpoints
@@ -174,9 +195,17 @@ class ControllerModule(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.budget, self.h2o_recent_ratio = budget, h2o_recent_ratio
         self.loss_name, self.queries_per_sequence, self.recipe = loss, queries_per_sequence, recipe
+        self.horizon = horizon
         self.overlap = nn.ModuleDict({name: TopKOverlap() for name in METHODS})
         self.save_hyperparameters(
-            {"controller": controller, "lr": lr, "weight_decay": weight_decay, "budget": budget, "loss": loss}
+            {
+                "controller": controller,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "budget": budget,
+                "loss": loss,
+                "horizon": horizon,
+            }
         )
 
     def setup(self, stage: str):
@@ -227,7 +256,8 @@ class ControllerModule(L.LightningModule):
         return F.binary_cross_entropy_with_logits(logits[batch["pair"]], batch["y"][batch["pair"]])
 
     def listwise_loss(self, batch, z) -> torch.Tensor:
-        """Cross-entropy between a softmax of the scores over keys i <= t and t's top-K attention shares."""
+        """Cross-entropy between a softmax of the scores over keys i <= t and the attention shares they get from
+        the queries s in [t, t + horizon) (horizon 1: t's own top-K shares): what a release at t will miss."""
         losses = []
         for row, (topk, mass) in enumerate(zip(batch["topk"], batch["mass"])):
             T = len(topk)
@@ -237,10 +267,7 @@ class ControllerModule(L.LightningModule):
             zr, pos = z[row, :T], torch.arange(T, device=z.device)
             logits = self.controller.logits(zr[None], pos[None], t[:, None], zr[t][:, None])  # (Q, T)
             logits = logits.masked_fill(pos[None] > t[:, None], float("-inf"))
-            index = topk[t.cpu()].long().to(z.device)
-            target = torch.zeros(len(t), T + 1, device=z.device)
-            target.scatter_add_(1, index.masked_fill(index < 0, T), mass[t.cpu()].float().to(z.device))
-            target = target[:, :T] / target[:, :T].sum(-1, keepdim=True).clamp(min=1e-9)
+            target = attention_ahead(topk.to(z.device), mass.to(z.device), t, self.horizon)  # (Q, T)
             losses.append(-(target * F.log_softmax(logits, -1).clamp(min=-1e4)).sum(-1).mean())
         return torch.stack(losses).mean() if losses else z.sum() * 0
 
@@ -291,6 +318,7 @@ class ControllerModule(L.LightningModule):
                 "K": self.K,
                 "recipe": self.recipe,
                 "loss": self.loss_name,
+                "horizon": self.horizon,
                 "backbone": meta["model"],
                 "labels": [str(p) for p in self.trainer.datamodule.paths],
                 "sources": meta.get("sources"),
