@@ -40,9 +40,9 @@ class Pipeline:
 
     setting: str
     out: str
-    model: str
-    model_overrides: list[str]
-    data: str
+    backbone: str
+    backbone_overrides: list[str]
+    train_data: str
     K: int
     finetune: list[str] = field(default_factory=list)
     labels: dict = field(default_factory=dict)
@@ -73,7 +73,7 @@ class Pipeline:
 
     def _backbone(self) -> list[str]:
         adapter = [f"model.adapter={self.adapter}"] if self.adapter else []
-        return [f"model={self.model}", *self.model_overrides, *adapter]
+        return [f"model={self.backbone}", *self.backbone_overrides, *adapter]
 
     def _train(self, stage: str, folder: str, *overrides: str) -> list[str]:
         return [
@@ -92,7 +92,7 @@ class Pipeline:
     def _all_stages(self) -> list[Stage]:
         out = []
         if self.setting == "finetuned":
-            out.append(Stage("finetune", "finetune", self._train("finetune", "finetune", f"model={self.model}", *self.model_overrides, f"data={self.data}", *self.finetune),
+            out.append(Stage("finetune", "finetune", self._train("finetune", "finetune", f"model={self.backbone}", *self.backbone_overrides, f"data={self.train_data}", *self.finetune),
                              self.root / "finetune" / "adapter", self.root / "finetune" / "checkpoints"))  # fmt: skip
         for data in self.labels["data"]:
             folder = f"labels_{data}"

@@ -10,19 +10,24 @@ import pytest
 from conftest import PROJECT
 
 
+def _list(*items: str) -> str:
+    """A Hydra list override whose items are overrides themselves (quoted: they hold '=')."""
+    return "[" + ",".join(f"'{item}'" for item in items) + "]"
+
+
 def _pipeline(out, tiny_model_dir, *more):
     command = [
-        sys.executable, "pipeline.py", "setting=finetuned", f"out={out}", "K=8", "data=samsum",
-        f"model_overrides=[model.name_or_path={tiny_model_dir}]",
-        "finetune=[logger=none,trainer.max_steps=2,stage.datamodule.num_train=4,stage.datamodule.num_val=2,"
-        "stage.datamodule.max_length=96,stage.datamodule.batch_size=2,stage.module.lora.r=4,train.threads=1]",
+        sys.executable, "pipeline.py", "setting=finetuned", f"out={out}", "K=8", "train_data=samsum",
+        "backbone_overrides=" + _list(f"model.name_or_path={tiny_model_dir}"),
+        "finetune=" + _list("logger=none", "trainer.max_steps=2", "stage.datamodule.num_train=8", "stage.datamodule.num_val=2",
+                            "stage.datamodule.max_length=256", "stage.datamodule.batch_size=2", "stage.module.lora.r=4", "train.threads=1"),
         "labels.data=[samsum,math]",
-        "labels.overrides=[logger=none,stage.datamodule.num_train=4,stage.datamodule.max_length=96,stage.module.h2o_k=16]",
+        "labels.overrides=" + _list("logger=none", "stage.datamodule.num_train=8", "stage.datamodule.max_length=256", "stage.module.h2o_k=16"),
         "controller.recipes=[paper,query]",
-        "controller.overrides=[logger=none,trainer.max_steps=2,stage.datamodule.num_val=2,stage.datamodule.batch_size=2]",
+        "controller.overrides=" + _list("logger=none", "trainer.max_steps=2", "stage.datamodule.num_val=2", "stage.datamodule.batch_size=2"),
         "evaluation.data=[samsum]", "evaluation.budgets=[8]", "evaluation.baselines=[full,window]", "evaluation.R=[2]",
-        "evaluation.overrides=[logger=none,eval.num_examples=2,eval.batch_size=2,eval.max_new_tokens=4,"
-        "eval.bertscore_model=null,eval.progress=false,eval.diagnose=true]",
+        "evaluation.overrides=" + _list("logger=none", "eval.num_examples=2", "eval.batch_size=2", "eval.max_new_tokens=4",
+                                        "eval.bertscore_model=null", "eval.progress=false", "eval.diagnose=true"),
         *more,
     ]  # fmt: skip
     return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
