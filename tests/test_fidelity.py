@@ -115,3 +115,22 @@ def test_bad_fidelity_and_bootstrap_values_fail_early(tmp_path, tiny_model_dir, 
     monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("model loaded before validation"))
     with pytest.raises(ValueError, match=message):
         evaluate.run(cfg_for(tmp_path, tiny_model_dir, override), str(tmp_path / "never"))
+
+
+def test_full_attention_against_itself_is_not_rerun_and_is_exact(tiny):
+    """Full attention's own fidelity is taken as KL 0 / top-1 1 without a second pass: the pass it skips gives
+    exactly that, and the same bucketed tail mass."""
+    from adore.fidelity import Fidelity, build_reference, divergence
+    from adore.methods import Full
+
+    model, _ = tiny
+    torch.manual_seed(0)
+    prompts = torch.randint(10, 1000, (3, 12)).tolist()
+    forced = torch.randint(10, 1000, (3, 5)).tolist()
+    batches = [[0, 1], [2]]
+    ref = build_reference(model, Full(), prompts, forced, forced, ["", "", ""], batches, 0, Fidelity(top_k=8), None,
+                          False, {})  # fmt: skip
+    scores = divergence(ref, model, Full(), prompts, batches, 0, None, False)
+    assert scores["kl"] == pytest.approx([0.0] * 3, abs=1e-6) and scores["top1"] == [1.0] * 3
+    shortcut = [float((1 - lp.exp().sum(-1)).clamp(min=0).mean()) for lp in ref.top_logp]
+    assert scores["tail"] == pytest.approx(shortcut, abs=1e-6)

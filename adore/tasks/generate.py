@@ -171,10 +171,15 @@ class Generate:
         self, ctx: Context, method, ref: Reference, prompts, batches, tokens, texts
     ) -> dict[str, list[float]]:
         diagnose = self.fidelity.diagnose and method.m is not None
-        scores = divergence(
-            ref, ctx.model, method, prompts, batches, ctx.tokenizer.pad_token_id, self.prefill_chunk, ctx.progress,
-            diagnose,
-        )  # fmt: skip
+        if isinstance(method, Full):  # the reference's own forward again: KL 0, top-1 1, exactly; not rerun
+            n = len(prompts)
+            tail = [float((1 - lp.exp().sum(-1)).clamp(min=0).mean()) if len(lp) else 0.0 for lp in ref.top_logp]
+            scores = {"kl": [0.0] * n, "top1": [1.0] * n, "rank": [1.0] * n, "tail": tail}
+        else:
+            scores = divergence(
+                ref, ctx.model, method, prompts, batches, ctx.tokenizer.pad_token_id, self.prefill_chunk,
+                ctx.progress, diagnose,
+            )  # fmt: skip
         release = {k: v for k, v in scores.items() if k.startswith("release_")}  # the release diagnostic
         scores = {"kl": scores["kl"], "top1": scores["top1"], "rank": scores["rank"], "ref_tail_mass": scores["tail"]}
         scores |= release
