@@ -48,7 +48,6 @@ class ControllerDataModule(L.LightningDataModule):
         self.paths = [labels] if isinstance(labels, str) else list(labels)
         if not self.paths:
             raise ValueError("stage.datamodule.labels is empty: give labels.pt files or labels run folders")
-        self.path = self.paths[0]
         self.num_val, self.batch_size, self.num_workers, self.seed = num_val, batch_size, num_workers, seed
         self.pairs_per_sequence, self.pos_fraction = pairs_per_sequence, pos_fraction
         self.blob: dict | None = None
