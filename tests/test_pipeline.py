@@ -40,7 +40,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert (out / "finetune" / "adapter").is_dir()
     for data in ("samsum", "math"):
-        assert (out / "labels_samsum" / "labels" / "labels.pt").is_file()
+        assert (out / f"labels_{data}" / "labels" / "labels.pt").is_file()
         labels_cfg = (out / f"labels_{data}" / "config.yaml").read_text()
         assert str(out / "finetune" / "adapter") in labels_cfg  # labels of the fine-tuned backbone
     for recipe in ("paper", "query"):

@@ -61,6 +61,7 @@ class Adore(Method):
         self.K = meta.get("K")  # the labels' top-K
         self.recipe = meta.get("recipe")  # the training recipe's name (conf/recipe), shown in labels
         net_config = Controller.config_of(self.controller) if self.controller else ControllerConfig(1, **self.config)
+        self.width = net_config.d_model if self.controller else None  # the embedding width it reads (checked)
         self.input_layer, self.query = net_config.input_layer, net_config.query
         self.needs = frozenset({"hidden" if self.input_layer else "embeddings"})
 
@@ -96,7 +97,7 @@ class Adore(Method):
                 f"method.controller={self.controller!r} reads the residual stream after layer {self.input_layer}, but "
                 f"this model has {model_config.num_hidden_layers} layers: train a controller on this backbone"
             )
-        width = Controller.config_of(self.controller).d_model if self.controller else model_config.hidden_size
+        width = self.width or model_config.hidden_size
         if width != model_config.hidden_size:
             raise ValueError(
                 f"method.controller={self.controller!r} reads embeddings of width {width}, but this model's are "
