@@ -1,6 +1,9 @@
 """The attention function the engine registers with transformers.
 
-Without a recorder it is transformers' own SDPA over the engine's slot mask. Methods that read attention
+Without a recorder it is transformers' own SDPA over the engine's slot mask. `PLAIN_CAUSAL`, an empty 4-D mask
+(transformers passes any 4-D mask through untouched), says "slot i holds position i": a plain prompt into an
+empty cache. Then SDPA runs its own causal kernel with no dense mask, and a recorder computes each query
+chunk's weights over the keys up to that chunk only. Methods that read attention
 (H2O, TOVA, SnapKV, the oracle's shadow pass) need the weights, so with a recorder it computes eager attention
 (in query chunks, to bound memory; only the last chunk when only the last rows are wanted) and sums the
 weights over heads and layers: that extra cost is real and stays visible in the benchmark.
@@ -15,6 +18,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "adore"
 QUERY_CHUNK = 256
+PLAIN_CAUSAL = torch.ones(1, 1, 0, 0, dtype=torch.bool)  # the mask argument meaning "causal, slot i = position i"
+
+
+def is_plain_causal(mask) -> bool:
+    return mask is not None and mask.shape[-1] == 0
 
 
 class AttentionRecorder:
@@ -30,41 +38,47 @@ class AttentionRecorder:
         self.total: torch.Tensor | None = None  # (B, C)
         self.last_rows: torch.Tensor | None = None  # (B, rows, C)
 
-    def add(self, weights: torch.Tensor, last_chunk: bool) -> None:
-        """weights: (B, H, q, C) softmax weights of one layer and one query chunk."""
+    def add(self, weights: torch.Tensor, last_chunk: bool, slots: int) -> None:
+        """weights: (B, H, q, w) softmax weights of one layer and one query chunk over the first w of `slots` slots."""
+        width = weights.shape[-1]
         if self.want_total:
-            mass = weights.sum(dim=(1, 2))
-            self.total = mass if self.total is None else self.total + mass
+            if self.total is None:
+                self.total = weights.new_zeros(weights.shape[0], slots)
+            self.total[:, :width] += weights.sum(dim=(1, 2))
         if self.rows and last_chunk:
-            rows = weights[:, :, -self.rows :].sum(dim=1)
-            self.last_rows = rows if self.last_rows is None else self.last_rows + rows
+            if self.last_rows is None:
+                self.last_rows = weights.new_zeros(weights.shape[0], min(self.rows, weights.shape[2]), slots)
+            self.last_rows[..., :width] += weights[:, :, -self.rows :].sum(dim=1)
 
 
 def adore_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_recorder=None, **kwargs
 ):
+    plain = is_plain_causal(attention_mask)
     if attention_recorder is None:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            module, query, key, value, None if plain else attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     groups = getattr(module, "num_key_value_groups", 1)
     keys = key.repeat_interleave(groups, dim=1)  # (B, H, C, D)
     values = value.repeat_interleave(groups, dim=1)
-    q_len = query.shape[2]
+    q_len, slots = query.shape[2], key.shape[2]
     starts = list(range(0, q_len, QUERY_CHUNK)) if attention_recorder.want_total else [max(0, q_len - QUERY_CHUNK)]
     outputs = []
     if starts[0] > 0:  # earlier queries need no weights
-        outputs.append(
-            sdpa_attention_forward(
-                module, query[:, :, : starts[0]], key, value, attention_mask[:, :, : starts[0]], scaling=scaling
-            )[0]
-        )
+        early = None if plain else attention_mask[:, :, : starts[0]]
+        outputs.append(sdpa_attention_forward(module, query[:, :, : starts[0]], key, value, early, scaling=scaling)[0])
     for s in starts:
-        scores = torch.matmul(query[:, :, s : s + QUERY_CHUNK], keys.transpose(2, 3)) * scaling  # (B, H, c, C)
-        scores = scores.masked_fill(~attention_mask[:, :, s : s + QUERY_CHUNK], float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(query.dtype)
-        attention_recorder.add(weights, last_chunk=s == starts[-1])
-        outputs.append(torch.matmul(weights, values).transpose(1, 2))  # (B, c, H, D)
+        end = min(s + QUERY_CHUNK, q_len)
+        width = end if plain else slots  # plain: keys past the chunk's last query are all in its future
+        scores = torch.matmul(query[:, :, s:end], keys[:, :, :width].transpose(2, 3)) * scaling  # (B, H, c, w)
+        if plain:
+            allowed = torch.arange(width, device=query.device) <= torch.arange(s, end, device=query.device)[:, None]
+        else:
+            allowed = attention_mask[:, :, s:end]
+        weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")).float(), dim=-1).to(query.dtype)
+        attention_recorder.add(weights, last_chunk=s == starts[-1], slots=slots)
+        outputs.append(torch.matmul(weights, values[:, :, :width]).transpose(1, 2))  # (B, c, H, D)
     return torch.cat(outputs, dim=1).contiguous(), None
 
 

@@ -1,6 +1,8 @@
-"""Decode-throughput benchmark: every method in one process, ratios to full attention measured in the same run.
+"""Decode-throughput benchmark: every method in one process, ratios to the floor and to full attention measured
+in the same run.
 
-    python -m adore.bench --prompt-len 4096 --new-tokens 256 --batch 4 --m 256 --R 0,8
+    python -m adore.bench --prompt-len 4096 --new-tokens 256 --batch 1,4,16 --m 256 --R 0,8
+    python -m adore.bench --kv-budget-gib 4 --m 256 --R 8          # the largest batch of each method in 4 GiB of KV
 
 Methods are the configs of conf/method/ (`adore.registry`), built as `eval.py method=<name> budget=<m>`
 builds them: `--methods` takes their names (default: every one but `oracle`, whose shadow full-attention
@@ -14,6 +16,19 @@ from decode. Each method is warmed up first; CUDA is synchronised before every c
 adds transformers' own `generate` with full attention (decode time = generate(N) - generate(1)).
 `--model llama2-7b-random` builds a Llama-2-7B-shaped model with random weights (speed does not depend on
 the values) for GPU runs.
+
+The floor: `floor_m<m>` and `floor_ctx<L>` are a bare forward, one token per row, over a cache already holding m
+tokens / the prompt plus half the new tokens (full attention's mean), with no bookkeeping: the best any engine
+can do. `x_floor` is each row against its own floor (bounded methods: m; full attention: the context).
+`--rebuild` / `--rebuild-every` add rows per rebuild policy for methods that rebuild; `rebuilt/step` is the
+tokens rebuilt per row and step and `kept` the share of them the same step's release kept.
+
+`--kv-budget-gib`: each method runs the largest batch whose KV cache fits the budget (bounded methods hold
+min(m, context) + R + 1 slots per row, full attention the whole context): how a bounded cache becomes
+throughput, and how the paper's +221.8 % reads. A batch of hundreds cannot prefill 4k tokens on a CPU in
+reasonable time, so this mode (and `--synthetic-prompt`) starts decoding from the state a prefill leaves, with
+random keys and values: history of L tokens, the newest ones cached. Decode cost depends on shapes, not values;
+prefill is then not timed.
 """
 
 from __future__ import annotations
@@ -26,8 +41,10 @@ import time
 import torch
 from tabulate import tabulate
 
+from adore.attention import PLAIN_CAUSAL, register
+from adore.cache import SlotCache
 from adore.data import data_root
-from adore.generate import Generation, decode, decode_steps, synchronize, timed_prefill
+from adore.generate import Generation, decode, decode_steps, synchronize, teacher_force, timed_prefill
 from adore.io import write_json
 from adore.registry import build_method, method_config, method_names
 from adore.session import Session
@@ -67,18 +84,35 @@ def prompts(tokenizer, vocab_size: int, batch: int, length: int) -> torch.Tensor
 
 
 def run_method(
-    model, method, ids: torch.Tensor, new_tokens: int, progress: bool = False, cuda_graphs: bool = False
+    model,
+    method,
+    ids: torch.Tensor,
+    new_tokens: int,
+    progress: bool = False,
+    cuda_graphs: bool = False,
+    synthetic: bool = False,
+    prefill_chunk: int | None = None,
 ) -> tuple[dict, Generation]:
-    """Prefill (B, L) `ids`, then greedy-decode `new_tokens` per row with `decode`: the row and the output."""
+    """Prefill (B, L) `ids` (`synthetic`: assume it, see the module doc; `prefill_chunk`: in chunks, releasing
+    between them), then greedy-decode `new_tokens` per row with `decode`: the row and the output."""
     B, L = ids.shape
     session = Session(model, method, B, L + new_tokens, cuda_graphs=cuda_graphs)
-    logits, prefill_s = timed_prefill(session, ids, torch.ones_like(ids, dtype=torch.bool))
+    if synthetic:
+        logits, prefill_s = assume_prefilled(session, ids), None
+    else:
+        chunk = prefill_chunk or L  # None: one shot
+        logits, prefill_s = timed_prefill(session, ids, torch.ones_like(ids, dtype=torch.bool), chunk)
     kv_bytes = session.cache.nbytes  # after prefill's release: what decode holds
+    rebuilt_before, kept_before = session.rebuilt, session.rebuilt_kept
     gen = decode(session, decode_steps(session, logits, new_tokens, [], 0), new_tokens, 0, progress, latencies=True)
-    latencies = gen.stats["step_s"]  # one per fed token: new_tokens - 1 (the first token comes from prefill)
+    # one per fed token: new_tokens - 1 (the first token comes from prefill); the first step, which captures the
+    # CUDA graphs of this session's cache, is not timed
+    latencies = gen.stats["step_s"][1:] if len(gen.stats["step_s"]) > 1 else gen.stats["step_s"]
     decode_s = sum(latencies)
+    rebuilt = session.rebuilt - rebuilt_before
     row = {
-        "method": method.tag,
+        "method": method.tag + (f"_chunk{prefill_chunk}" if prefill_chunk else ""),
+        "batch": B,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "decode_tok_per_s": B * len(latencies) / decode_s,
@@ -88,8 +122,118 @@ def run_method(
         "kv_bytes_decode": kv_bytes,
         "kv_bytes_peak": session.peak_kv_bytes,
         "rebuilt_tokens": session.rebuilt,
+        "rebuilt_per_step": rebuilt / (B * len(gen.stats["step_s"])),  # every decode feed, the untimed one too
+        "rebuilt_kept": (session.rebuilt_kept - kept_before) / rebuilt if rebuilt else None,
     }
     return row, gen
+
+
+def assume_prefilled(session: Session, ids: torch.Tensor) -> torch.Tensor:
+    """Put `session` in the state a prefill of `ids` (B, L) leaves, without running it: the history holds the L
+    tokens, the newest min(capacity - R - 1, L) are cached with random keys and values, method state is zeros.
+    Then one real feed (the last prompt token) sets up the method's running state; its logits are returned."""
+    B, L = ids.shape
+    device = session.device
+    first = ids[:, :-1].to(device)
+    n = first.shape[1]
+    session._grow_history(n)
+    session.hist_ids[:, :n] = first
+    session.hist_pos[:, :n] = torch.arange(n, device=device)
+    session.hist_valid[:, :n] = True
+    session.length, session.next_pos[:] = n, n
+    keep = min(n, session.cache.capacity - session.method.R - 1 if session.method.m is not None else n)
+    cols = torch.arange(n - keep, n, device=device).expand(B, -1)
+    slots = torch.arange(keep, device=device).expand(B, -1)
+    session.slot_col[:, :keep], session.slot_pos[:, :keep] = cols, cols
+    session.hist_slot.scatter_(1, cols, slots)
+    session.occupied = keep
+    session.cache.keys.normal_()
+    session.cache.values.normal_()
+    return session.feed(ids[:, -1:].to(device))
+
+
+@torch.no_grad()
+def run_floor(model, batch: int, cached: int, new_tokens: int) -> dict:
+    """A bare forward, one token per row, over a cache holding `cached` tokens (random keys and values): no
+    release, no bookkeeping, only the model and an argmax. Each step overwrites the same slot, so the cache
+    holds the same number of tokens at every step."""
+    config, device = model.config, model.device
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = SlotCache(
+        config.num_hidden_layers, batch, config.num_key_value_heads, head_dim, cached + 1, model.dtype, device
+    )
+    cache.keys.normal_()
+    cache.values.normal_()
+    cache.write_slots = torch.full((batch, 1), cached, device=device)
+    model.set_attn_implementation(register())
+    pos = torch.full((batch, 1), cached, device=device)
+    token = torch.randint(100, config.vocab_size, (batch, 1), device=device)
+    step = lambda t: (
+        model(  # noqa: E731  (PLAIN_CAUSAL with one query: attend to every slot, no mask)
+            input_ids=t, position_ids=pos, attention_mask=PLAIN_CAUSAL, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        .logits[:, -1]
+        .argmax(-1, keepdim=True)
+    )
+    for _ in range(2):
+        token = step(token)
+    latencies = []
+    for _ in range(new_tokens - 1):
+        synchronize(device)
+        start = time.perf_counter()
+        token = step(token)
+        synchronize(device)
+        latencies.append(time.perf_counter() - start)
+    decode_s = sum(latencies)
+    return {
+        "method": f"floor_{cached}",
+        "batch": batch,
+        "prefill_s": None,
+        "decode_s": decode_s,
+        "decode_tok_per_s": batch * len(latencies) / decode_s,
+        "latency_ms_mean": 1000 * decode_s / len(latencies),
+        "latency_ms_p50": 1000 * statistics.median(latencies),
+        "latency_ms_p90": 1000 * sorted(latencies)[int(0.9 * (len(latencies) - 1))],
+        "kv_bytes_decode": cache.nbytes,
+        "kv_bytes_peak": cache.nbytes,
+        "rebuilt_tokens": 0,
+        "rebuilt_per_step": 0.0,
+        "rebuilt_kept": None,
+    }
+
+
+@torch.no_grad()
+def forced_logp(model, method, ids: torch.Tensor, forced: torch.Tensor, prefill_chunk: int | None = None):
+    """Teacher-force `forced` (B, N) after the prompts `ids` under `method` (prefill in one shot unless
+    `prefill_chunk`): its (N, B, vocab) log-probabilities (`kl` against full attention's gives the distance)."""
+    logps = []
+    teacher_force(
+        model,
+        method,
+        ids.tolist(),
+        forced.tolist(),
+        0,
+        lambda t, logits, *_: logps.append(logits.float().log_softmax(-1)),
+        prefill_chunk or ids.shape[1],
+    )
+    return torch.stack(logps)
+
+
+def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
+    """Mean KL(full || method) over steps and rows, in nats."""
+    return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
+
+
+def kv_bytes_per_row(model, slots: int) -> int:
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty(0, dtype=model.dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize * slots
+
+
+def slots_of(method, context: int) -> int:
+    """KV slots per row a method holds while decoding a `context`-token sequence (the session's capacity)."""
+    return context if method.m is None else min(method.m, context) + method.R + 1
 
 
 @torch.no_grad()
@@ -108,6 +252,7 @@ def run_hf_generate(model, ids: torch.Tensor, new_tokens: int) -> dict:
     steps = new_tokens - 1
     return {
         "method": "hf_generate_full",
+        "batch": ids.shape[0],
         "prefill_s": times[1],
         "decode_s": decode_s,
         "decode_tok_per_s": ids.shape[0] * steps / decode_s,
@@ -117,11 +262,16 @@ def run_hf_generate(model, ids: torch.Tensor, new_tokens: int) -> dict:
         "kv_bytes_decode": None,
         "kv_bytes_peak": None,
         "rebuilt_tokens": 0,
+        "rebuilt_per_step": 0.0,
+        "rebuilt_kept": None,
     }
 
 
-def methods_for(names: list[str], m: int, R: list[int], controller: str | None) -> list[tuple[str, dict]]:
-    """(config name, overrides) per row: one per value of `R` for configs with an `R` field."""
+def methods_for(
+    names: list[str], m: int, R: list[int], controller: str | None, rebuild: list[str], every: list[int]
+) -> list[tuple[str, dict]]:
+    """(config name, overrides) per row: one per value of `R` for configs with an `R` field, times one per
+    rebuild policy and period for configs that rebuild (R > 0)."""
     unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")
@@ -129,7 +279,12 @@ def methods_for(names: list[str], m: int, R: list[int], controller: str | None) 
     for name in names:
         fields = method_config(name, m)
         extra = {"controller": controller} if controller and "controller" in fields else {}
-        rows += [(name, extra | {"R": r}) for r in R] if "R" in fields else [(name, extra)]
+        if "R" not in fields:
+            rows.append((name, extra))
+            continue
+        for r in R:
+            policies = [{}] if r == 0 else [{"rebuild": p, "rebuild_every": k} for p in rebuild for k in every]
+            rows += [(name, extra | {"R": r} | policy) for policy in policies]
     return rows
 
 
@@ -150,6 +305,14 @@ def runnable(model, specs: list[tuple[str, dict]], m: int, ids: torch.Tensor, cu
     return methods
 
 
+def comma_list(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"{flag}={text!r} must be a comma list of {kind.__name__}, e.g. {flag} 1,4") from None
+    return values
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="packaged:smollm2", help="packaged:smollm2, a hub id/folder, or llama2-7b-random")
@@ -157,48 +320,99 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", default="4", help="comma list: rows per batch size, e.g. 1,4,16")
     p.add_argument("--m", type=int, default=256)
     p.add_argument("--R", default="0,8", help="comma list: one row per value for methods with an R field")
+    p.add_argument("--rebuild", default="top", help="comma list of rebuild policies (top, survivors) for R > 0")
+    p.add_argument("--rebuild-every", default="1", help="comma list: rebuild on every k-th step, for R > 0")
     p.add_argument(
         "--controller", default=None, help="controller.pt for methods with a controller field (default: the config's)"
     )
     p.add_argument("--methods", default=None, help=f"comma list of {method_names()} (default: all but oracle)")
     p.add_argument("--hf-generate", action="store_true", help="also time transformers' generate (full attention)")
+    p.add_argument("--kv-budget-gib", type=float, default=None, help="each method at the largest batch whose KV fits")
+    p.add_argument("--synthetic-prompt", action="store_true", help="decode from an assumed prefill (random KV)")
+    p.add_argument(
+        "--prefill-chunk", default="0", help="comma list: bounded methods prefill in chunks of N (0: one shot, whatever the length)"
+    )
+    p.add_argument(
+        "--kl", action="store_true", help="KL(full || method) with full attention's greedy output teacher-forced"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU; not h2o/oracle)"
     )
     p.add_argument("--out", default="outputs/bench/bench.json")
     args = p.parse_args(argv)
-    for key in ("prompt_len", "new_tokens", "batch", "m"):
+    for key in ("prompt_len", "new_tokens", "m"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)} must be positive")
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (the first token comes from prefill)")
+    batches = comma_list(args.batch, int, "--batch")
+    chunks = [c or None for c in comma_list(args.prefill_chunk, int, "--prefill-chunk")]
+    if min(batches) < 1:
+        raise SystemExit(f"--batch={args.batch!r}: every batch size must be positive")
+    if args.kv_budget_gib is not None and args.kv_budget_gib <= 0:
+        raise SystemExit(f"--kv-budget-gib={args.kv_budget_gib} must be positive (GiB of KV cache)")
+    if args.kv_budget_gib is not None and args.hf_generate:
+        raise SystemExit("--hf-generate times one batch: drop it with --kv-budget-gib")
+    if args.kl and (args.synthetic_prompt or args.kv_budget_gib is not None):
+        raise SystemExit("--kl needs real prompts: drop --synthetic-prompt / --kv-budget-gib")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        R = [int(r) for r in args.R.split(",")]
-    except ValueError:
-        raise SystemExit(f"--R={args.R!r} must be a comma list of integers, e.g. 0,8") from None
+    R = comma_list(args.R, int, "--R")
+    rebuild, every = args.rebuild.split(","), comma_list(args.rebuild_every, int, "--rebuild-every")
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     names = args.methods.split(",") if args.methods else [n for n in method_names() if n != "oracle"]
-    specs = methods_for(names, args.m, R, args.controller)
+    if args.kl and "full" not in names:
+        raise SystemExit("--kl measures the distance to full attention: add full to --methods")
+    specs = methods_for(names, args.m, R, args.controller, rebuild, every)
+    specs.sort(key=lambda spec: spec[0] != "full")  # full attention first: --kl needs its output
+    for _, overrides in specs:  # bad policy values fail before the model loads
+        build_method(_, args.m, **overrides)
 
     model, tokenizer = build_model(args.model, dtype, args.device)
-    ids = prompts(tokenizer, model.config.vocab_size, args.batch, args.prompt_len).to(model.device)
-    methods = runnable(model, specs, args.m, ids, args.cuda_graphs)
-    rows = []
-    if args.hf_generate:
-        rows.append(run_hf_generate(model, ids, args.new_tokens))
-    for method in methods:
-        rows.append(run_method(model, method, ids, args.new_tokens, progress=True, cuda_graphs=args.cuda_graphs)[0])
-    full = next((r for r in rows if r["method"] == "full"), None)
-    hf = next((r for r in rows if r["method"] == "hf_generate_full"), None)
+    context = args.prompt_len + args.new_tokens
+    synthetic = args.synthetic_prompt or args.kv_budget_gib is not None
+    warm = prompts(tokenizer, model.config.vocab_size, 2, min(args.prompt_len, 128)).to(model.device)
+    methods = runnable(model, specs, args.m, warm, args.cuda_graphs)
+    plan = []  # (batch, [methods]) in run order
+    if args.kv_budget_gib is None:
+        plan = [(b, methods) for b in batches]
+    else:
+        budget = int(args.kv_budget_gib * 2**30)
+        for method in methods:
+            plan.append((budget // kv_bytes_per_row(model, slots_of(method, context)), [method]))
+        if any(b < 1 for b, _ in plan):
+            raise SystemExit(f"--kv-budget-gib={args.kv_budget_gib} does not hold one row of some method: raise it")
+    rows, floors = [], {}
+    for batch, batch_methods in plan:
+        ids = prompts(tokenizer, model.config.vocab_size, batch, args.prompt_len).to(model.device)
+        if args.hf_generate:
+            rows.append(run_hf_generate(model, ids, args.new_tokens))
+        full_logp = full_tokens = None
+        for method in batch_methods:
+            cached = args.m if method.m is not None else args.prompt_len + args.new_tokens // 2
+            if (batch, cached) not in floors:
+                floors[batch, cached] = run_floor(model, batch, cached, args.new_tokens)
+                rows.append(floors[batch, cached])
+            for chunk in chunks if method.m is not None else [None]:
+                row, gen = run_method(model, method, ids, args.new_tokens, True, args.cuda_graphs, synthetic, chunk)
+                row["floor"] = floors[batch, cached]["method"]
+                if args.kl:
+                    if method.m is None:
+                        full_tokens = gen.tokens
+                        full_logp = forced_logp(model, method, ids, full_tokens)
+                    row["kl_full"] = kl(full_logp, forced_logp(model, method, ids, full_tokens, chunk))
+                rows.append(row)
+    by_name = {(r["method"], r["batch"]): r for r in rows}
+    full = [r for r in rows if r["method"] == "full"]
     for r in rows:
-        r["x_full"] = r["decode_tok_per_s"] / full["decode_tok_per_s"] if full else None
-        r["x_hf_generate"] = r["decode_tok_per_s"] / hf["decode_tok_per_s"] if hf else None
+        floor = by_name.get((r.get("floor"), r["batch"]))
+        r["x_floor"] = r["decode_tok_per_s"] / floor["decode_tok_per_s"] if floor else None
+        ref = next((f for f in full if f["batch"] == r["batch"]), full[0] if args.kv_budget_gib and full else None)
+        r["x_full"] = r["decode_tok_per_s"] / ref["decode_tok_per_s"] if ref else None
     device = (
         torch.cuda.get_device_name()
         if model.device.type == "cuda"
@@ -207,34 +421,31 @@ def main(argv=None):
     setup = {k: v for k, v in vars(args).items() if k not in ("out",)} | {"device_name": device, "dtype": str(dtype)}
     write_json(args.out, {"setup": setup, "rows": rows, "torch": torch.__version__})
     headers = [
-        "method",
-        "prefill_s",
-        "decode tok/s",
-        "x full",
-        "x hf generate",
-        "ms/token",
-        "p50 ms",
-        "p90 ms",
-        "KV MiB (decode)",
-        "rebuilt",
-    ]
+        "method", "batch", "prefill_s", "decode tok/s", "x floor", "x full", "ms/step", "p90 ms",
+        "KV MiB (decode)", "KV MiB (peak)", "rebuilt/step", "kept", "KL to full",
+    ]  # fmt: skip
     table = [
         [
             r["method"],
+            r["batch"],
             r["prefill_s"],
             r["decode_tok_per_s"],
+            r["x_floor"],
             r["x_full"],
-            r["x_hf_generate"],
             r["latency_ms_mean"],
-            r["latency_ms_p50"],
             r["latency_ms_p90"],
             None if r["kv_bytes_decode"] is None else r["kv_bytes_decode"] / 2**20,
-            r["rebuilt_tokens"],
+            None if r["kv_bytes_peak"] is None else r["kv_bytes_peak"] / 2**20,
+            r["rebuilt_per_step"],
+            r["rebuilt_kept"],
+            r.get("kl_full"),
         ]
         for r in rows
     ]
+    budget = f", KV budget {args.kv_budget_gib} GiB" if args.kv_budget_gib else ""
     print(
-        f"\n{args.model} on {device}, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch {args.batch}, m={args.m}, R={args.R}"
+        f"\n{args.model} on {device}, prompt {args.prompt_len}{' (assumed)' if synthetic else ''}, "
+        f"{args.new_tokens} new tokens, m={args.m}, R={args.R}{budget}"
     )
     print(tabulate(table, headers=headers, floatfmt=".2f", missingval="—"))
     print(f"written to {args.out}")

@@ -102,10 +102,26 @@ def generate(
     return gen
 
 
+AUTO_CHUNK_ABOVE = (16, 2048)  # chunked prefill by default for prompts longer than 16 m and 2,048 tokens
+AUTO_CHUNK = 4  # ... in chunks of 4 m
+
+
+def prefill_chunk_for(m: int | None, length: int, chunk: int | None = None) -> int:
+    """The chunk a prompt of `length` tokens is fed in: `chunk` when given; else the whole prompt, unless a
+    bounded method's prompt exceeds m by a wide margin (16 m, and 2,048 tokens: below that the prompt's KV is
+    small), which is fed in chunks of 4 m so that prefill holds m + 5 m + R + 1 slots instead of the prompt."""
+    if chunk:
+        return chunk
+    factor, floor = AUTO_CHUNK_ABOVE
+    if m is not None and length > max(factor * m, floor):
+        return AUTO_CHUNK * m
+    return max(length, 1)
+
+
 def prefill(session: Session, input_ids: torch.Tensor, valid: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Feed (B, L) tokens in chunks of `chunk` (None: at once), releasing to m between chunks; last logits."""
+    """Feed (B, L) tokens in chunks (`prefill_chunk_for`), releasing to m between chunks; last logits."""
     L = input_ids.shape[1]
-    chunk = chunk or max(L, 1)
+    chunk = prefill_chunk_for(session.method.m, L, chunk)
     logits = None
     for s in range(0, L, chunk):
         logits = session.feed(input_ids[:, s : s + chunk], valid[:, s : s + chunk])
@@ -158,6 +174,7 @@ def teacher_force(
         "decode_s": time.perf_counter() - start,
         "decode_tokens": int((valid.sum(1) - 1).clamp(min=0).sum()),  # targets fed one at a time (the last is not fed)
         "rebuilt_tokens": session.rebuilt,
+        "rebuilt_kept_tokens": session.rebuilt_kept,
         "peak_kv_bytes": session.peak_kv_bytes,
     } | ({"diagnostic": session.diagnostic.rows()} if session.diagnostic is not None else {})
 
@@ -220,7 +237,7 @@ def decode(
     device, B = session.device, session.batch_size
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    rebuilt_before = session.rebuilt
+    rebuilt_before, kept_before = session.rebuilt, session.rebuilt_kept
     step_s = [] if latencies else None
     synchronize(device)
     start = tick = time.perf_counter()
@@ -244,6 +261,7 @@ def decode(
         "generated_tokens": generated,
         "decode_tokens": generated - int((lengths > 0).sum()),  # the first token of a row comes from the last feed
         "rebuilt_tokens": session.rebuilt - rebuilt_before,
+        "rebuilt_kept_tokens": session.rebuilt_kept - kept_before,
         "peak_kv_bytes": session.peak_kv_bytes,
     }
     if step_s is not None:

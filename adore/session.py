@@ -1,9 +1,16 @@
 """One batch of sequences fed through a fixed KV budget: the engine's single loop body (ADORE.md §3).
 
 `Session.feed` takes the next tokens of every row (one decode token, a prompt, a teacher-forced token, a
-user turn of a stream) and does, in order: pick up to R released tokens to rebuild (highest scores), run
-them together with the new tokens in one forward pass at their original positions (causal by position),
-then release down to m slots by the method's scores. Generation, perplexity and streaming all call it.
+user turn of a stream) and does, in order: pick up to R released tokens to rebuild (the method's rebuild
+policy), run them together with the new tokens in one forward pass at their original positions (causal by
+position), then release down to m slots by the method's scores. Generation, perplexity and streaming all
+call it.
+
+A decode step under a budget is tensor work only: no `.item()`, `nonzero` or `int(tensor)` (each a host sync
+on a GPU). With `static_shapes` (the default on CUDA) the forward of every decode step also has one shape,
+R rebuild columns + the new token (padding where fewer are picked), so its CUDA graph is captured once. On
+the CPU a sync costs nothing, so there the rebuild is cut to the rows' largest count. The bookkeeping around
+the forward still indexes the history with host counters (`length`), so it runs eagerly, outside the graph.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from contextlib import nullcontext
 
 import torch
 
-from adore.attention import AttentionRecorder, register
+from adore.attention import PLAIN_CAUSAL, AttentionRecorder, register
 from adore.cache import SlotCache
 from adore.methods.base import Entered, Tokens
 from adore.models import residual_stream
@@ -38,6 +45,7 @@ class Session:
         cuda_graphs: bool = False,
         record: tuple[str, ...] = (),
         diagnose: bool = False,
+        static_shapes: bool | None = None,
     ):
         config = model.config
         self.model, self.method = model, method
@@ -57,11 +65,15 @@ class Session:
         self.hist_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.hist_slot = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        # one trailing column more: a scatter's target for entries that must write nowhere (no nonzero needed)
+        self.hist_slot = torch.full((batch_size, max_len + 1), -1, dtype=torch.long, device=device)
         self.length = 0  # history columns used
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.rebuilt = 0  # tokens rebuilt so far (all rows)
-        self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed
+        self.occupied = 0  # an upper bound, known on the host, of any row's occupied slots (no sync to know it)
+        self.feeds = 0  # feed calls so far (rebuild_every counts them)
+        self._rebuilt = torch.zeros((), dtype=torch.long, device=device)  # tokens rebuilt so far (all rows)
+        self._rebuilt_kept = torch.zeros((), dtype=torch.long, device=device)  # of those, still cached after their step
+        self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed (-1: none)
         self.needs = frozenset(method.needs) | frozenset(record)
         self.diagnostic = None  # adore.diagnostic: what the kept cache holds of full attention, every step
         if diagnose and method.m is not None:
@@ -76,6 +88,7 @@ class Session:
             from adore.methods.full import Full
 
             self.shadow = Session(model, Full(), batch_size, max_len, record=("last_attention",))
+        self.static_shapes = device.type == "cuda" if static_shapes is None else static_shapes
         self.graphed = None
         if cuda_graphs and device.type == "cuda" and self.recording is None and "hidden" not in self.needs:
             from adore.cuda_graph import GraphedForward
@@ -85,6 +98,21 @@ class Session:
         self.state = method.start(batch_size, max_len, device, model)
 
     # ---- views -------------------------------------------------------------------------------------------
+    @property
+    def rebuilt(self) -> int:
+        """Tokens rebuilt so far, all rows (reading it syncs: read it after the loop)."""
+        return int(self._rebuilt)
+
+    @property
+    def rebuilt_kept(self) -> int:
+        """Rebuilt tokens that the same step's release kept (the rest informed one step and were dropped again)."""
+        return int(self._rebuilt_kept)
+
+    @property
+    def trash(self) -> int:
+        """The spare last column of `hist_slot`."""
+        return self.hist_slot.shape[1] - 1
+
     @property
     def slot_valid(self) -> torch.Tensor:
         return self.slot_col >= 0  # (B, C)
@@ -105,6 +133,7 @@ class Session:
     ) -> torch.Tensor:
         """Feed (B, n) tokens (`valid` False marks padding); return logits (B, n or 1, vocab) for them."""
         B, n = input_ids.shape
+        first = self.length == 0
         input_ids = input_ids.to(self.device)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.to(self.device).bool()
         self._grow_history(self.length + n)
@@ -114,6 +143,7 @@ class Session:
         self.hist_pos[:, self.length : self.length + n] = pos
         self.hist_valid[:, self.length : self.length + n] = valid
         self.length += n
+        self.feeds += 1
         self.next_pos += valid.sum(1)
         self._query_pos = self.query_pos  # once per feed: every view of this step reads it
         if self.shadow is not None:  # first, so that this step's scores see this query's full attention
@@ -126,22 +156,24 @@ class Session:
         q_pos = torch.where(q_valid, self.hist_pos.gather(1, q_cols), 0)
         slots = self._claim_slots(q_cols, q_valid, q_pos)
 
-        # causal by position over the slots; padding queries see only their own slot (no empty softmax rows)
-        own = torch.zeros(B, q_cols.shape[1], self.cache.capacity, dtype=torch.bool, device=self.device)
-        own.scatter_(2, slots[..., None], True)
-        mask = (self.slot_valid[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own
         recorder = AttentionRecorder(*self.recording) if self.recording else None
+        if self._plain_prompt(first, valid):
+            mask = PLAIN_CAUSAL  # SDPA's own causal kernel, no dense mask
+        else:  # causal by position over the slots; padding queries see only their own slot (no empty softmax rows)
+            own = torch.zeros(B, q_cols.shape[1], self.cache.capacity, dtype=torch.bool, device=self.device)
+            own.scatter_(2, slots[..., None], True)
+            mask = ((self.slot_valid[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own)[:, None]
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
         hidden = residual_stream(self.model, self.method.input_layer) if "hidden" in self.needs else nullcontext([])
         with hidden as captured:
             if self.graphed is not None and n == 1 and not all_logits:  # decode steps: fixed shapes
-                logits = self.graphed(q_ids, q_pos, mask[:, None])
+                logits = self.graphed(q_ids, q_pos, mask)
             else:
                 logits = self.model(
                     input_ids=q_ids,
                     position_ids=q_pos,
-                    attention_mask=mask[:, None],  # (B, 1, q, C)
+                    attention_mask=mask,  # (B, 1, q, C), or PLAIN_CAUSAL
                     cache=self.cache,
                     use_cache=True,
                     logits_to_keep=n if all_logits else 1,
@@ -150,6 +182,8 @@ class Session:
         self._update_method(cols, valid, input_ids, pos, slots[:, -n:], recorder, captured)
         if self.method.m is not None:
             self._release(self.method.m)
+            self.occupied = min(self.occupied, self.method.m)
+            self._count_kept_rebuilt()
             if self.cache.capacity > self.method.m + self.method.R + 1:
                 self._resize(self.method.m + self.method.R + 1)
         if self.diagnostic is not None:
@@ -163,6 +197,11 @@ class Session:
                 valid[:, -1],
             )
         return logits
+
+    def _plain_prompt(self, first: bool, valid: torch.Tensor) -> bool:
+        """A prompt without padding into an empty cache: slot i holds token i (the lowest free slots, in order),
+        so plain causal attention is the mask."""
+        return first and valid.shape[1] > 1 and bool(valid.all())
 
     # ---- what the method sees ----------------------------------------------------------------------------
     def _score(self, cols: torch.Tensor) -> torch.Tensor:
@@ -201,48 +240,71 @@ class Session:
 
     # ---- steps of feed -----------------------------------------------------------------------------------
     def _pick_rebuild(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-R released tokens among the first `seen` columns, by score (ADORE.md §3.2); (B, r), r <= R."""
+        """Released tokens to rebuild among the first `seen` columns, by the method's rebuild policy; (B, r), r <= R.
+
+        `top` (the paper, ADORE.md §3.2): the R highest-scoring released tokens, every step. `survivors`: of
+        those, only the ones that rank within the m best of all tokens (cached and released) at this step's
+        scores, i.e. the ones the release is expected to keep; the others would be released again in the same
+        step. `rebuild_every` = k rebuilds on every k-th feed only.
+        """
         R = self.method.R if self.method.m is not None else 0
         empty = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
         self.last_rebuilt_cols = empty
-        if R == 0:
-            return empty, empty.bool()
-        released = self.hist_valid[:, :seen] & (self.hist_slot[:, :seen] < 0)
-        if not released.any():
+        if R == 0 or seen == 0 or self.feeds % getattr(self.method, "rebuild_every", 1):
             return empty, empty.bool()
         cols = torch.arange(seen, device=self.device).expand(self.batch_size, -1)
-        scores = self._score(cols).masked_fill(~released, float("-inf"))
-        top = scores.topk(min(R, seen), dim=1)
+        scores = self._score(cols)
+        released = self.hist_valid[:, :seen] & (self.hist_slot[:, :seen] < 0)
+        top = scores.masked_fill(~released, float("-inf")).topk(min(R, seen), dim=1)  # sorted: picks come first
         ok = torch.isfinite(top.values)
-        self.last_rebuilt_cols = torch.where(ok, top.indices, -1)
-        self.rebuilt += int(ok.sum())
-        return top.indices, ok
+        if getattr(self.method, "rebuild", "top") == "survivors":
+            competing = scores.masked_fill(~self.hist_valid[:, :seen], float("-inf"))
+            kth = competing.topk(min(self.method.m, seen), dim=1).values[:, -1:]
+            ok &= top.values >= kth
+        picked = top.indices
+        if not self.static_shapes:  # CPU: forward only as many as the fullest row rebuilds (a sync is free here)
+            width = int(ok.sum(1).max())
+            picked, ok = picked[:, :width], ok[:, :width]
+        self.last_rebuilt_cols = torch.where(ok, picked, -1)
+        self._rebuilt += ok.sum()
+        return picked, ok
+
+    def _count_kept_rebuilt(self) -> None:
+        cols = self.last_rebuilt_cols
+        if cols.shape[1]:
+            cached = self.hist_slot.gather(1, torch.where(cols >= 0, cols, self.trash)) >= 0
+            self._rebuilt_kept += ((cols >= 0) & cached).sum()
 
     def _claim_slots(self, q_cols, q_valid, q_pos) -> torch.Tensor:
-        """Free slots for the q tokens, lowest first (one index for all layers); records the links."""
+        """Free slots for the q tokens, lowest first (one index for all layers); records the links.
+
+        Columns within a row are distinct (rebuilt ones are released, new ones are new), so the scatters are
+        race-free; padding writes to the spare column. The host bound `occupied` says when a resize might be
+        needed: a decode step under a budget never asks the device.
+        """
         need = q_cols.shape[1]
+        if self.occupied + need > self.cache.capacity:
+            self.occupied = int(self.slot_valid.sum(1).max())  # exact, once: the bound may be loose
+            if self.occupied + need > self.cache.capacity:
+                self._resize(self.occupied + need)
+        self.occupied += need
         free = ~self.slot_valid
-        if int(free.sum(1).min()) < need:
-            self._resize(int(self.slot_valid.sum(1).max()) + need)
-            free = ~self.slot_valid
         slots = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :need]  # (B, q)
         self.slot_col.scatter_(1, slots, torch.where(q_valid, q_cols, -1))
         self.slot_pos.scatter_(1, slots, q_pos)
-        rows, j = q_valid.nonzero(as_tuple=True)
-        self.hist_slot[rows, q_cols[rows, j]] = slots[rows, j]
+        self.hist_slot.scatter_(1, torch.where(q_valid, q_cols, self.trash), slots)
         return slots
 
     def _release(self, m: int) -> None:
         """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3)."""
-        valid = self.slot_valid
-        if int(valid.sum(1).max()) <= m:
+        if self.occupied <= m:  # the host bound: nothing to release, no scores needed
             return
+        valid = self.slot_valid
         scores = self._score(self.slot_col.clamp(min=0)).masked_fill(~valid, float("-inf"))
         keep = torch.zeros_like(valid).scatter_(1, scores.topk(m, dim=1).indices, True)
         drop = valid & ~keep
-        rows, slots = drop.nonzero(as_tuple=True)
-        self.hist_slot[rows, self.slot_col[rows, slots]] = -1
-        self.slot_col[rows, slots] = -1
+        self.hist_slot.scatter_(1, torch.where(drop, self.slot_col, self.trash), -1)
+        self.slot_col.masked_fill_(drop, -1)
 
     def _resize(self, capacity: int) -> None:
         """Move the cached tokens (in slot order) into a cache of `capacity` slots: one gather, all layers."""
@@ -256,8 +318,8 @@ class Session:
         self.slot_col = torch.where(taken, self.slot_col.gather(1, src), -1)
         self.slot_pos = torch.where(taken, self.slot_pos.gather(1, src), 0)
         self.hist_slot.fill_(-1)
-        rows, slots = self.slot_valid.nonzero(as_tuple=True)
-        self.hist_slot[rows, self.slot_col[rows, slots]] = slots
+        slots = torch.arange(capacity, device=self.device).expand(self.batch_size, -1)
+        self.hist_slot.scatter_(1, torch.where(self.slot_col >= 0, self.slot_col, self.trash), slots)
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.nbytes)
 
     def _grow_history(self, length: int) -> None:
@@ -265,8 +327,9 @@ class Session:
         if length <= size:
             return
         extra = max(length, 2 * size) - size
+        self.hist_slot[:, size] = -1  # the spare column becomes a history column; a new spare comes last
         pad = lambda t, v: torch.cat([t, torch.full((self.batch_size, extra), v, dtype=t.dtype, device=self.device)], 1)  # noqa: E731
         self.hist_ids, self.hist_pos = pad(self.hist_ids, 0), pad(self.hist_pos, 0)
-        self.hist_valid, self.hist_slot = pad(self.hist_valid, False), pad(self.hist_slot, -1)
+        self.hist_valid, self.hist_slot = pad(self.hist_valid, False), pad(self.hist_slot, -1)  # the spare moves last
         for key, t in self.state.tokens.items():  # the method's per-token state grows alike, with zeros
             self.state.tokens[key] = torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1)

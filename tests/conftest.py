@@ -67,6 +67,14 @@ def tiny(tiny_model_dir):
     return load(ModelSpec(name_or_path=tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def packaged():
+    """The packaged SmolLM2-135M (the real backbone) and its tokenizer."""
+    from adore.models import load
+
+    return load(ModelSpec())
+
+
 # ---- the real configs, composed once per call and shrunk (tests run the configs users run) ----------------
 CONF = str(PROJECT / "conf")
 

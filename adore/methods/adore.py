@@ -8,7 +8,7 @@ import torch
 
 from adore.controller import Controller, ControllerConfig
 from adore.methods.base import KEEP, Method, State, file_identity
-from adore.methods.oracle import check_R
+from adore.methods.oracle import check_R, check_rebuild, rebuild_identity
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +28,8 @@ class Adore(Method):
     controller: str | None = None
     seed: int = 0
     config: dict = field(default_factory=dict)  # ControllerConfig fields for a fresh controller
+    rebuild: str = "top"  # rebuild policy: "top" (the paper's top-R every step) or "survivors" (Session._pick_rebuild)
+    rebuild_every: int = 1  # rebuild on every k-th step only
     sinks: int | None = None  # the first `sinks` positions are never released
     recent: int | None = None  # the `recent` newest tokens are never released
     name: ClassVar[str] = "adore"
@@ -38,6 +40,7 @@ class Adore(Method):
     def __post_init__(self):
         super().__post_init__()
         check_R(self.R, self.m)
+        check_rebuild(self.rebuild, self.rebuild_every)
         if self.controller is not None:
             in_project = PROJECT / self.controller
             if not Path(self.controller).is_file() and in_project.is_file():
@@ -89,7 +92,8 @@ class Adore(Method):
         } | self._guarantees()
 
     def _guarantees(self) -> dict:
-        return {key: getattr(self, key) for key in ("sinks", "recent") if getattr(self, key) is not None}
+        guarantees = {key: getattr(self, key) for key in ("sinks", "recent") if getattr(self, key) is not None}
+        return rebuild_identity(self) | guarantees
 
     def check(self, model_config):
         if self.input_layer > model_config.num_hidden_layers:

@@ -17,6 +17,8 @@ class Oracle(Method):
 
     m: int = 128
     R: int = 4
+    rebuild: str = "top"
+    rebuild_every: int = 1
     name: ClassVar[str] = "oracle"
     label: ClassVar[str] = "Oracle"
     training_free: ClassVar[bool] = False  # it reads full attention: an upper bound, not a baseline
@@ -25,6 +27,10 @@ class Oracle(Method):
     def __post_init__(self):
         super().__post_init__()
         check_R(self.R, self.m)
+        check_rebuild(self.rebuild, self.rebuild_every)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "m": self.m, "R": self.R} | rebuild_identity(self)
 
     def score(self, state, tokens):
         return tokens.full_attention
@@ -37,3 +43,20 @@ def check_R(R, m: int) -> None:
         raise ValueError(
             f"method.R={R} exceeds method.m={m}: a step keeps only m tokens, so at most m rebuilt ones can stay; use R <= m"
         )
+
+
+REBUILD_POLICIES = ("top", "survivors")
+PAPER_REBUILD = {"rebuild": "top", "rebuild_every": 1}  # adore.session.Session._pick_rebuild says what each does
+
+
+def check_rebuild(policy, every) -> None:
+    if policy not in REBUILD_POLICIES:
+        raise ValueError(f"method.rebuild={policy!r}: choose one of {list(REBUILD_POLICIES)}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"method.rebuild_every={every!r} must be a positive integer (rebuild on every k-th step)")
+
+
+def rebuild_identity(method) -> dict:
+    """The rebuild policy's settings where they differ from the paper's rule (top-R every step): runs written
+    before the policies existed used that rule, so their identity stays as it was."""
+    return {key: getattr(method, key) for key, paper in PAPER_REBUILD.items() if getattr(method, key) != paper}

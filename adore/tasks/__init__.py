@@ -210,5 +210,7 @@ def sum_stats(stats: list[dict]) -> dict:
         "perf/decode_tok_per_s": total("decode_tokens") / max(total("decode_s"), 1e-9),
         "perf/prefill_tok_per_s": total("prompt_tokens") / max(total("prefill_s"), 1e-9),
         "perf/rebuilt_tokens": total("rebuilt_tokens"),
+        "perf/rebuilt_per_step": total("rebuilt_tokens") / max(total("decode_tokens"), 1),  # per row and step
+        "perf/rebuilt_kept": total("rebuilt_kept_tokens") / max(total("rebuilt_tokens"), 1),  # share the release kept
         "perf/peak_kv_bytes": max([s.get("peak_kv_bytes", 0) for s in stats] + [0]),
     }
