@@ -245,12 +245,13 @@ class Session:
         `top` (the paper, ADORE.md §3.2): the R highest-scoring released tokens, every step. `survivors`: of
         those, only the ones that rank within the m best of all tokens (cached and released) at this step's
         scores, i.e. the ones the release is expected to keep; the others would be released again in the same
-        step. `rebuild_every` = k rebuilds on every k-th feed only.
+        step. `rebuild_every` = k rebuilds on every k-th feed only. The first forward of a session rebuilds
+        nothing (the method has no running state yet).
         """
         R = self.method.R if self.method.m is not None else 0
         empty = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
         self.last_rebuilt_cols = empty
-        if R == 0 or seen == 0 or self.feeds % getattr(self.method, "rebuild_every", 1):
+        if R == 0 or seen == 0 or self.entered is None or self.feeds % getattr(self.method, "rebuild_every", 1):
             return empty, empty.bool()
         cols = torch.arange(seen, device=self.device).expand(self.batch_size, -1)
         scores = self._score(cols)
