@@ -59,26 +59,28 @@ def adore_attention(
         return sdpa_attention_forward(
             module, query, key, value, None if plain else attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    groups = getattr(module, "num_key_value_groups", 1)
-    keys = key.repeat_interleave(groups, dim=1)  # (B, H, C, D)
-    values = value.repeat_interleave(groups, dim=1)
-    q_len, slots = query.shape[2], key.shape[2]
+    B, H, q_len, D = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
     starts = list(range(0, q_len, QUERY_CHUNK)) if attention_recorder.want_total else [max(0, q_len - QUERY_CHUNK)]
     outputs = []
     if starts[0] > 0:  # earlier queries need no weights
         early = None if plain else attention_mask[:, :, : starts[0]]
         outputs.append(sdpa_attention_forward(module, query[:, :, : starts[0]], key, value, early, scaling=scaling)[0])
+    groups = H // kv_heads  # query heads grouped by the KV head they share: keys and values are never repeated
     for s in starts:
         end = min(s + QUERY_CHUNK, q_len)
+        c = end - s
         width = end if plain else slots  # plain: keys past the chunk's last query are all in its future
-        scores = torch.matmul(query[:, :, s:end], keys[:, :, :width].transpose(2, 3)) * scaling  # (B, H, c, w)
+        chunk = query[:, :, s:end].reshape(B, kv_heads, groups * c, D)
+        scores = torch.matmul(chunk, key[:, :, :width].transpose(2, 3)).view(B, H, c, width) * scaling
         if plain:
             allowed = torch.arange(width, device=query.device) <= torch.arange(s, end, device=query.device)[:, None]
         else:
             allowed = attention_mask[:, :, s:end]
         weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")).float(), dim=-1).to(query.dtype)
         attention_recorder.add(weights, last_chunk=s == starts[-1], slots=slots)
-        outputs.append(torch.matmul(weights, values[:, :, :width]).transpose(1, 2))  # (B, c, H, D)
+        out = torch.matmul(weights.view(B, kv_heads, groups * c, width), value[:, :, :width])
+        outputs.append(out.view(B, H, c, D).transpose(1, 2))  # (B, c, H, D)
     return torch.cat(outputs, dim=1).contiguous(), None
 
 

@@ -168,13 +168,11 @@ def run_floor(model, batch: int, cached: int, new_tokens: int) -> dict:
     model.set_attn_implementation(register())
     pos = torch.full((batch, 1), cached, device=device)
     token = torch.randint(100, config.vocab_size, (batch, 1), device=device)
-    step = lambda t: (
-        model(  # noqa: E731  (PLAIN_CAUSAL with one query: attend to every slot, no mask)
-            input_ids=t, position_ids=pos, attention_mask=PLAIN_CAUSAL, cache=cache, use_cache=True, logits_to_keep=1
-        )
-        .logits[:, -1]
-        .argmax(-1, keepdim=True)
-    )
+
+    def step(t):  # PLAIN_CAUSAL with one query: attend to every slot, no mask
+        kwargs = dict(attention_mask=PLAIN_CAUSAL, cache=cache, use_cache=True, logits_to_keep=1)
+        return model(input_ids=t, position_ids=pos, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+
     for _ in range(2):
         token = step(token)
     latencies = []
@@ -268,10 +266,15 @@ def run_hf_generate(model, ids: torch.Tensor, new_tokens: int) -> dict:
 
 
 def methods_for(
-    names: list[str], m: int, R: list[int], controller: str | None, rebuild: list[str], every: list[int]
+    names: list[str],
+    m: int,
+    R: list[int],
+    controller: str | None,
+    rebuild: list[str] | None = None,
+    every: list[int] | None = None,
 ) -> list[tuple[str, dict]]:
     """(config name, overrides) per row: one per value of `R` for configs with an `R` field, times one per
-    rebuild policy and period for configs that rebuild (R > 0)."""
+    rebuild policy and period for configs that rebuild (R > 0; None: the config's)."""
     unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")
@@ -283,7 +286,10 @@ def methods_for(
             rows.append((name, extra))
             continue
         for r in R:
-            policies = [{}] if r == 0 else [{"rebuild": p, "rebuild_every": k} for p in rebuild for k in every]
+            policies = [{}]
+            if r > 0:  # None: the config's value
+                policies = [{"rebuild": p, "rebuild_every": k} for p in rebuild or [None] for k in every or [None]]
+                policies = [{key: v for key, v in policy.items() if v is not None} for policy in policies]
             rows += [(name, extra | {"R": r} | policy) for policy in policies]
     return rows
 
@@ -323,8 +329,8 @@ def main(argv=None):
     p.add_argument("--batch", default="4", help="comma list: rows per batch size, e.g. 1,4,16")
     p.add_argument("--m", type=int, default=256)
     p.add_argument("--R", default="0,8", help="comma list: one row per value for methods with an R field")
-    p.add_argument("--rebuild", default="top", help="comma list of rebuild policies (top, survivors) for R > 0")
-    p.add_argument("--rebuild-every", default="1", help="comma list: rebuild on every k-th step, for R > 0")
+    p.add_argument("--rebuild", default=None, help="comma list of rebuild policies (top, survivors) for R > 0")
+    p.add_argument("--rebuild-every", default=None, help="comma list: rebuild on every k-th step, for R > 0")
     p.add_argument(
         "--controller", default=None, help="controller.pt for methods with a controller field (default: the config's)"
     )
@@ -333,7 +339,9 @@ def main(argv=None):
     p.add_argument("--kv-budget-gib", type=float, default=None, help="each method at the largest batch whose KV fits")
     p.add_argument("--synthetic-prompt", action="store_true", help="decode from an assumed prefill (random KV)")
     p.add_argument(
-        "--prefill-chunk", default="0", help="comma list: bounded methods prefill in chunks of N (0: one shot, whatever the length)"
+        "--prefill-chunk",
+        default="0",
+        help="comma list: bounded methods prefill in chunks of N (0: one shot, whatever the length)",
     )
     p.add_argument(
         "--kl", action="store_true", help="KL(full || method) with full attention's greedy output teacher-forced"
@@ -362,7 +370,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     R = comma_list(args.R, int, "--R")
-    rebuild, every = args.rebuild.split(","), comma_list(args.rebuild_every, int, "--rebuild-every")
+    rebuild = args.rebuild.split(",") if args.rebuild else None  # None: the method config's
+    every = comma_list(args.rebuild_every, int, "--rebuild-every") if args.rebuild_every else None
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     names = args.methods.split(",") if args.methods else [n for n in method_names() if n != "oracle"]
     if args.kl and "full" not in names:

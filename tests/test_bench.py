@@ -13,7 +13,7 @@ from adore.registry import build_method, method_config, method_names
 
 def test_bench_runs_every_method(tmp_path, tiny_model_dir, capsys):
     """Every method config runs (one row per R where it has one), or is skipped with a note when it cannot run."""
-    args = "--prompt-len 24 --new-tokens 4 --batch 2 --m 8 --R 0,2 --hf-generate".split()
+    args = "--prompt-len 24 --new-tokens 4 --batch 2 --m 8 --R 0,2 --rebuild-every 1 --hf-generate".split()
     rows = bench.main(
         [*args, "--model", tiny_model_dir, "--methods", ",".join(method_names()), "--out", str(tmp_path / "b.json")]
     )
@@ -23,7 +23,8 @@ def test_bench_runs_every_method(tmp_path, tiny_model_dir, capsys):
     for name in sorted(method_names(), key=lambda n: n != "full"):  # full attention first
         if name != "adore_trained":
             has_R = "R" in method_config(name, 8)
-            expected += [build_method(name, 8, R=r).tag for r in (0, 2)] if has_R else [build_method(name, 8).tag]
+            rows_of = [build_method(name, 8, R=0), build_method(name, 8, R=2, rebuild_every=1)] if has_R else []
+            expected += [m.tag for m in rows_of] if has_R else [build_method(name, 8).tag]
     tags = [r["method"] for r in rows if not r["method"].startswith("floor_")]
     assert tags == ["hf_generate_full", *expected]
     # generate(4) - generate(1) of a tiny model is noise (it can come out negative on a loaded machine)

@@ -162,7 +162,7 @@ def test_rebuilt_tokens_attend_causally(tiny):
     """Rebuilt tokens come back at their original (earlier) positions, never at the current query's."""
     model, _ = tiny
     ids, mask = prompts(batch=1, length=14)
-    session = Session(model, Adore(m=5, R=2), 1, 64)
+    session = Session(model, Adore(m=5, R=2, rebuild_every=1), 1, 64)
     logits = session.feed(ids, mask.bool())
     for _ in range(6):
         logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))

@@ -84,14 +84,15 @@ def test_unknown_task_names_the_choices():
 
 def test_run_directory_names_carry_the_hyper_parameters():
     cfg = eval_cfg("method=adore", "method.m=64", "method.R=8", "data=chat")
-    assert evaluate.method_tag(cfg.method) == "adore_m64_R8_untrained_seed0"
+    assert evaluate.method_tag(cfg.method) == "adore_m64_R8_untrained_seed0_rebuild_every8"  # the default policy
     assert evaluate.method_tag(eval_cfg("method=streaming", "budget=32").method) == "streaming_m32_s4"
     assert (
         evaluate.method_tag(eval_cfg("method=h2o", "budget=32", "method.recent_ratio=0.25").method) == "h2o_m32_r0.25"
     )
     assert evaluate.method_tag(eval_cfg("method=random", "budget=32", "method.seed=3").method) == "random_m32_seed3"
     trained = evaluate.method_tag(eval_cfg("method=adore_trained", "budget=32").method)
-    assert trained.startswith("adore_m32_R4_controller_smollm2_future_k64-") and len(trained.rsplit("-", 1)[1]) == 8
+    assert trained.startswith("adore_m32_R4_controller_smollm2_future_k64-") and trained.endswith("_rebuild_every8")
+    assert len(trained.rsplit("-", 1)[1].split("_")[0]) == 8  # the checkpoint's hash prefix
 
 
 def test_every_method_setting_names_its_run_directory():

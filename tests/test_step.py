@@ -32,7 +32,7 @@ def variants():
 
 def check_golden(model, tag: str, name: str, R):
     ids, mask = golden_prompts(49152)
-    method = make_method(name, 16, model, **({} if R is None else {"R": R}))
+    method = make_method(name, 16, model, **({} if R is None else {"R": R, "rebuild_every": 1}))  # the paper's rule
     out = generate(model, method, ids, mask, 12, [], 0)
     assert out.tokens.tolist() == GOLDEN[f"{tag}/{name}/{R}"], f"{name} R={R} decodes differently than before"
 
@@ -64,7 +64,7 @@ def decode_a_few(model, method, static: bool, steps: int = 6, batch: int = 2):
 @pytest.mark.parametrize(
     "name,overrides",
     [(n, {}) for n in method_names() if n not in REBUILDING]
-    + [("adore", {"R": 3}), ("adore", {"R": 3, "rebuild": "survivors"}), ("oracle", {"R": 3})],
+    + [("adore", {"R": 3, "rebuild_every": 1}), ("adore", {"R": 3, "rebuild": "survivors"}), ("oracle", {"R": 3})],
 )
 def test_a_decode_step_never_syncs_with_the_host(tiny, name, overrides):
     """With static shapes (the CUDA default) a decode step is tensor work only: the profiler sees no op that
@@ -84,8 +84,9 @@ def test_static_shapes_decode_like_compact_ones(tiny, rebuild):
     """Static shapes run R rebuild columns every step (padding where fewer are picked); the CPU default runs
     only as many as the fullest row picks. Same tokens."""
     model, _ = tiny
-    static = decode_a_few(model, make_method("adore", 8, model, R=3, rebuild=rebuild), static=True, steps=10)
-    compact = decode_a_few(model, make_method("adore", 8, model, R=3, rebuild=rebuild), static=False, steps=10)
+    make = lambda: make_method("adore", 8, model, R=3, rebuild=rebuild, rebuild_every=1)  # noqa: E731
+    static = decode_a_few(model, make(), static=True, steps=10)
+    compact = decode_a_few(model, make(), static=False, steps=10)
     assert torch.equal(static[1], compact[1])
     torch.testing.assert_close(static[2], compact[2], rtol=1e-4, atol=1e-4)
     assert static[0].rebuilt == compact[0].rebuilt > 0
@@ -163,3 +164,11 @@ def test_a_prompt_far_longer_than_m_is_chunked_by_default(tiny):
     prefill(session, torch.randint(10, 1000, (1, L)), torch.ones(1, L, dtype=torch.bool))
     per_slot = session.cache.nbytes // session.cache.capacity
     assert session.peak_kv_bytes <= (m + 4 * m + R + 1) * per_slot
+
+
+def test_rebuild_policy_names_runs_only_where_it_matters():
+    from adore.methods import Adore
+
+    assert Adore(m=8, R=0).tag == "adore_m8_R0_untrained_seed0"  # R = 0: no policy in the name
+    assert Adore(m=8, R=2, rebuild_every=1).tag == "adore_m8_R2_untrained_seed0"  # the paper's rule, as before
+    assert Adore(m=8, R=2).tag == "adore_m8_R2_untrained_seed0_rebuild_every8"

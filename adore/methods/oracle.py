@@ -57,6 +57,8 @@ def check_rebuild(policy, every) -> None:
 
 
 def rebuild_identity(method) -> dict:
-    """The rebuild policy's settings where they differ from the paper's rule (top-R every step): runs written
-    before the policies existed used that rule, so their identity stays as it was."""
+    """The rebuild policy's settings where they differ from the paper's rule (top-R every step), and none when
+    R = 0: runs written before the policies existed used that rule, so their identity stays as it was."""
+    if not method.R:  # nothing is rebuilt: the policy changes nothing
+        return {}
     return {key: getattr(method, key) for key, paper in PAPER_REBUILD.items() if getattr(method, key) != paper}
