@@ -108,17 +108,12 @@ def run_method(
     # one per fed token: new_tokens - 1 (the first token comes from prefill); the first step, which captures the
     # CUDA graphs of this session's cache, is not timed
     latencies = gen.stats["step_s"][1:] if len(gen.stats["step_s"]) > 1 else gen.stats["step_s"]
-    decode_s = sum(latencies)
     rebuilt = session.rebuilt - rebuilt_before
     row = {
         "method": method.tag + (f"_chunk{prefill_chunk}" if prefill_chunk else ""),
         "batch": B,
         "prefill_s": prefill_s,
-        "decode_s": decode_s,
-        "decode_tok_per_s": B * len(latencies) / decode_s,
-        "latency_ms_mean": 1000 * decode_s / len(latencies),
-        "latency_ms_p50": 1000 * statistics.median(latencies),
-        "latency_ms_p90": 1000 * sorted(latencies)[int(0.9 * (len(latencies) - 1))],
+        **step_times(latencies, B),
         "kv_bytes_decode": kv_bytes,
         "kv_bytes_peak": session.peak_kv_bytes,
         "rebuilt_tokens": session.rebuilt,
@@ -126,6 +121,18 @@ def run_method(
         "rebuilt_kept": (session.rebuilt_kept - kept_before) / rebuilt if rebuilt else None,
     }
     return row, gen
+
+
+def step_times(latencies: list[float], batch: int) -> dict:
+    """Decode time, tokens/s and per-step latency (mean, p50, p90) of timed steps of `batch` rows."""
+    decode_s = sum(latencies)
+    return {
+        "decode_s": decode_s,
+        "decode_tok_per_s": batch * len(latencies) / decode_s,
+        "latency_ms_mean": 1000 * decode_s / len(latencies),
+        "latency_ms_p50": 1000 * statistics.median(latencies),
+        "latency_ms_p90": 1000 * sorted(latencies)[int(0.9 * (len(latencies) - 1))],
+    }
 
 
 def assume_prefilled(session: Session, ids: torch.Tensor) -> torch.Tensor:
@@ -182,16 +189,11 @@ def run_floor(model, batch: int, cached: int, new_tokens: int) -> dict:
         token = step(token)
         synchronize(device)
         latencies.append(time.perf_counter() - start)
-    decode_s = sum(latencies)
     return {
         "method": f"floor_{cached}",
         "batch": batch,
         "prefill_s": None,
-        "decode_s": decode_s,
-        "decode_tok_per_s": batch * len(latencies) / decode_s,
-        "latency_ms_mean": 1000 * decode_s / len(latencies),
-        "latency_ms_p50": 1000 * statistics.median(latencies),
-        "latency_ms_p90": 1000 * sorted(latencies)[int(0.9 * (len(latencies) - 1))],
+        **step_times(latencies, batch),
         "kv_bytes_decode": cache.nbytes,
         "kv_bytes_peak": cache.nbytes,
         "rebuilt_tokens": 0,
