@@ -42,12 +42,12 @@ import torch
 from tabulate import tabulate
 
 from adore.attention import PLAIN_CAUSAL, register
-from adore.cache import SlotCache
+from adore.cache import SlotCache, kv_bytes_per_slot
 from adore.data import data_root
 from adore.generate import Generation, decode, decode_steps, synchronize, teacher_force, timed_prefill
 from adore.io import write_json
 from adore.registry import build_method, method_config, method_names
-from adore.session import Session
+from adore.session import Session, capacity_for
 
 
 def build_model(name: str, dtype: torch.dtype, device: str):
@@ -165,10 +165,7 @@ def run_floor(model, batch: int, cached: int, new_tokens: int) -> dict:
     release, no bookkeeping, only the model and an argmax. Each step overwrites the same slot, so the cache
     holds the same number of tokens at every step."""
     config, device = model.config, model.device
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache = SlotCache(
-        config.num_hidden_layers, batch, config.num_key_value_heads, head_dim, cached + 1, model.dtype, device
-    )
+    cache = SlotCache.for_model(config, batch, cached + 1, model.dtype, device)
     cache.keys.normal_()
     cache.values.normal_()
     cache.write_slots = torch.full((batch, 1), cached, device=device)
@@ -222,18 +219,6 @@ def forced_logp(model, method, ids: torch.Tensor, forced: torch.Tensor, prefill_
 def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
     """Mean KL(full || method) over steps and rows, in nats."""
     return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
-
-
-def kv_bytes_per_row(model, slots: int) -> int:
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize * slots
-
-
-def slots_of(method, context: int) -> int:
-    """KV slots per row a method holds while decoding a `context`-token sequence (the session's capacity)."""
-    return context if method.m is None else min(method.m, context) + method.R + 1
 
 
 @torch.no_grad()
@@ -394,7 +379,9 @@ def main(argv=None):
     else:
         budget = int(args.kv_budget_gib * 2**30)
         for method in methods:
-            plan.append((budget // kv_bytes_per_row(model, slots_of(method, context)), [method]))
+            plan.append(
+                (budget // (kv_bytes_per_slot(model.config, model.dtype) * capacity_for(method, context)), [method])
+            )
         if any(b < 1 for b, _ in plan):
             raise SystemExit(f"--kv-budget-gib={args.kv_budget_gib} does not hold one row of some method: raise it")
     rows, floors = [], {}

@@ -12,7 +12,23 @@ import torch
 from transformers.cache_utils import Cache
 
 
+def kv_bytes_per_slot(config, dtype: torch.dtype) -> int:
+    """Bytes one cached token takes: keys and values of every layer and KV head."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim_of(config) * itemsize
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class SlotCache(Cache):
+    @classmethod
+    def for_model(cls, config, batch_size: int, capacity: int, dtype, device) -> SlotCache:
+        """A cache of `capacity` slots per row shaped for a model of `config`."""
+        layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+        return cls(layers, batch_size, kv_heads, head_dim_of(config), capacity, dtype, device)
+
     def __init__(self, num_layers: int, batch_size: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
         super().__init__(layers=[])
         shape = (num_layers, batch_size, kv_heads, capacity, head_dim)

@@ -24,10 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import adore
 from adore import runlock
+from adore.cache import kv_bytes_per_slot
 from adore.config import build
 from adore.io import read_json, write_json, write_jsonl
 from adore.metrics import PACKAGED_BERTSCORE, bertscore_model_path
 from adore.models import DTYPES, load, load_config
+from adore.session import capacity_for
 from adore.tasks import Context
 from adore.tracking import wandb_run
 
@@ -108,10 +110,8 @@ def check_memory(model_spec, config, method, task) -> None:
     if not length:
         return
     batch = getattr(task, "batch_size", 1)
-    slots = length if method.m is None else min(method.m, length) + method.R + 1
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    itemsize = torch.empty(0, dtype=DTYPES[model_spec.dtype]).element_size()
-    need = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize * batch * slots
+    slots = capacity_for(method, length)
+    need = kv_bytes_per_slot(config, DTYPES[model_spec.dtype]) * batch * slots
     if model_spec.device.startswith("cuda"):
         have = torch.cuda.mem_get_info(torch.device(model_spec.device))[0]
     else:

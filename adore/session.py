@@ -25,6 +25,12 @@ from adore.methods.base import Entered, Tokens
 from adore.models import residual_stream
 
 
+def capacity_for(method, length: int) -> int:
+    """KV slots per row a session of `length` tokens holds: never more than it can fill, so a budget above the
+    whole sequence allocates the sequence (+ R rebuilt + the new token in flight)."""
+    return length if method.m is None else min(method.m, length) + method.R + 1
+
+
 class Session:
     """Cache, history and method state for B sequences.
 
@@ -53,12 +59,8 @@ class Session:
         device = model.device
         self.device = device
         model.set_attn_implementation(register())
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        # never more slots than the session can fill: a budget above the whole sequence allocates the sequence
-        capacity = max_len if method.m is None else min(method.m, max_len) + method.R + 1
-        self.cache = SlotCache(
-            config.num_hidden_layers, batch_size, config.num_key_value_heads, head_dim, capacity, model.dtype, device
-        )
+        capacity = capacity_for(method, max_len)
+        self.cache = SlotCache.for_model(config, batch_size, capacity, model.dtype, device)
         self.peak_kv_bytes = self.cache.nbytes
         self.slot_col = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.slot_pos = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
