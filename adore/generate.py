@@ -109,7 +109,7 @@ AUTO_CHUNK = 4  # ... in chunks of 4 m
 def prefill_chunk_for(m: int | None, length: int, chunk: int | None = None) -> int:
     """The chunk a prompt of `length` tokens is fed in: `chunk` when given; else the whole prompt, unless a
     bounded method's prompt exceeds m by a wide margin (16 m, and 2,048 tokens: below that the prompt's KV is
-    small), which is fed in chunks of 4 m so that prefill holds m + 5 m + R + 1 slots instead of the prompt."""
+    small), which is fed in chunks of 4 m so that prefill holds 5 m + R + 1 slots instead of the prompt."""
     if chunk:
         return chunk
     factor, floor = AUTO_CHUNK_ABOVE

@@ -45,8 +45,8 @@ def check_R(R, m: int) -> None:
         )
 
 
-REBUILD_POLICIES = ("top", "survivors")
-PAPER_REBUILD = {"rebuild": "top", "rebuild_every": 1}  # adore.session.Session._pick_rebuild says what each does
+REBUILD_POLICIES = ("top", "survivors")  # adore.session.Session._pick_rebuild says what each does
+PAPER_REBUILD = {"rebuild": "top", "rebuild_every": 1}
 
 
 def check_rebuild(policy, every) -> None:
