@@ -10,6 +10,16 @@ Two levers beyond the paper (issue 12), each a config switch; both off is the pa
   embedding (0): a contextual token state the forward computes anyway;
 * `query`: the score gains a bilinear term <W_q z_t, W_k z_i> / sqrt(width) between the current query's state
   z_t and token i's, so two queries at the same distance can want different tokens (as attention does).
+
+`heads` > 0 replaces the GRU and MLP by an attention probe (issue 12): the score of token i for query t is the
+log of a mixture of `heads` softmax attention heads over every past token,
+
+    log sigma_t(i) = log sum_h w_h softmax_{j <= t}(<q_{t,h}, k_{j,h}> / sqrt(head_dim) + b_h(t - j))_i,
+
+the shape of the label itself (attention summed over the backbone's heads and layers). k_i reads x_i; q_t reads
+x_{t-1} and the input embedding of token t, both known *before* token t's forward, so the rebuild pick of the
+step that feeds token t is scored for token t itself (a query that needed token t's own forward would pick
+for the previous query: one step late).
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ class ControllerConfig:
     position: str = "relative"  # relative: p encodes t - i; absolute: p encodes i
     input_layer: int = 0  # x_i: 0 = the LLM's input embedding (paper); k = its residual stream after k layers
     query: bool = False  # add a query-dependent bilinear term (False: the paper's query-independent score)
+    heads: int = 0  # > 0: an attention probe of that many heads instead of the GRU + MLP (module docstring)
+    head_dim: int = 32  # the probe's query/key width per head
 
     def __post_init__(self):
         if isinstance(self.input_layer, bool) or not isinstance(self.input_layer, int) or self.input_layer < 0:
@@ -40,6 +52,12 @@ class ControllerConfig:
             )
         if self.position not in ("relative", "absolute"):
             raise ValueError(f"controller position={self.position!r}: use 'relative' or 'absolute'")
+        for key in ("heads", "head_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (key == "head_dim" and value < 1):
+                raise ValueError(f"controller {key}={value!r} must be an integer >= {int(key == 'head_dim')}")
+        if self.heads and self.query:
+            raise ValueError("controller heads > 0 (an attention probe) is query-dependent already: set query=false")
         if self.num_buckets < 4 or self.width < 1:
             raise ValueError(f"controller needs num_buckets >= 4 and width >= 1, got {self.num_buckets}, {self.width}")
 
@@ -63,6 +81,13 @@ class Controller(nn.Module):
     def __init__(self, config: ControllerConfig):
         super().__init__()
         self.config = config
+        if config.heads:  # the attention probe: no GRU, no MLP
+            D, width = config.d_model, config.heads * config.head_dim
+            self.key_norm, self.key = nn.LayerNorm(D), nn.Linear(D, width)
+            self.query_norm, self.query = nn.LayerNorm(2 * D), nn.Linear(2 * D, width)
+            self.head_bias = nn.Embedding(config.num_buckets, config.heads)  # b_h(t - j)
+            self.head_mix = nn.Parameter(torch.zeros(config.heads))  # log w_h, before normalisation
+            return
         self.proj = nn.Linear(config.d_model, config.width)
         self.gru = nn.GRU(config.width, config.width, batch_first=True)
         self.position = nn.Embedding(config.num_buckets, config.width)
@@ -71,15 +96,27 @@ class Controller(nn.Module):
             self.q_proj = nn.Linear(config.width, config.width)
             self.k_proj = nn.Linear(config.width, config.width)
 
+    @property
+    def state_width(self) -> int:
+        """Width of the per-token state z_i the engine stores for every history token."""
+        return self.config.heads * self.config.head_dim if self.config.heads else self.config.width
+
     def encode(
         self, embeds: torch.Tensor, valid: torch.Tensor, h: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the GRU over the valid tokens of each row, skipping padding.
+        """Run the GRU over the valid tokens of each row, skipping padding (the probe: one key per token).
 
-        embeds: (B, T, d_model) LLM input embeddings; valid: (B, T) bool; h: (B, width) state before them.
-        Returns z: (B, T, width) (zeros at invalid columns) and the new state h: (B, width).
+        embeds: (B, T, d_model) x_i (input embeddings or residual stream); valid: (B, T) bool; h: (B, width)
+        state before them. Returns z: (B, T, state_width) (zeros at invalid columns) and the new state h:
+        (B, width); the probe's h is x of each row's newest valid token (B, d_model), what the next query reads.
         """
         B, T, _ = embeds.shape
+        if self.config.heads:
+            z = self.key(self.key_norm(embeds)) * valid[..., None]  # (B, T, heads * head_dim)
+            last = (valid.long() * torch.arange(1, T + 1, device=valid.device)).argmax(1)  # (B,) newest valid
+            newest = embeds.gather(1, last[:, None, None].expand(-1, 1, embeds.shape[-1]))[:, 0]
+            h_new = newest if h is None else torch.where(valid.any(1)[:, None], newest, h)
+            return z, h_new
         x = self.proj(embeds)  # (B, T, width)
         h0 = torch.zeros(B, self.config.width, dtype=x.dtype, device=x.device) if h is None else h
         if T == 1:  # the decode step: no packing needed
@@ -98,16 +135,30 @@ class Controller(nn.Module):
         h_new = torch.where((lengths > 0)[:, None], h_last[0], h0)
         return z, h_new
 
+    def queries(self, previous: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The probe's query of token t from x_{t-1} (`previous`, zeros for the first token) and token t's input
+        embedding: (..., d_model) each -> (..., heads * head_dim)."""
+        return self.query(self.query_norm(torch.cat([previous, embeds], -1)))
+
     def logits(
-        self, z: torch.Tensor, token_pos: torch.Tensor, query_pos: torch.Tensor, query_z: torch.Tensor | None = None
+        self,
+        z: torch.Tensor,
+        token_pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        query_z: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pre-sigmoid scores.
+        """Pre-sigmoid scores (the probe: log attention shares).
 
         z: (..., k, width) states of the scored tokens; token_pos: (..., k) their positions;
         query_pos: (..., 1) or broadcastable, the current query position t; query_z: (..., 1, width) or
-        broadcastable, the query's own state z_t (read only with `config.query`). Returns (..., k).
+        broadcastable, the query's own state z_t (read only with `config.query`; the probe's query from
+        `queries`). The probe normalises over the k tokens given, so they must be all tokens <= t; tokens
+        after t and those where `key_valid` (..., k) is False get -inf. Returns (..., k).
         """
         c = self.config
+        if c.heads:
+            return self._log_attention(z, token_pos, query_pos, query_z, key_valid)
         where = query_pos - token_pos if c.position == "relative" else token_pos
         p = self.position(bucketize(where, c.num_buckets, c.max_distance))
         out = self.mlp(p + z).squeeze(-1)
@@ -116,6 +167,21 @@ class Controller(nn.Module):
                 raise ValueError("a query-dependent controller (query=True) needs the query's state query_z")
             out = out + (self.q_proj(query_z) * self.k_proj(z)).sum(-1) / math.sqrt(c.width)
         return out
+
+    def _log_attention(self, z, token_pos, query_pos, query, key_valid) -> torch.Tensor:
+        c = self.config
+        if query is None:
+            raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
+        keys = z.unflatten(-1, (c.heads, c.head_dim))  # (..., k, heads, head_dim)
+        query = query.unflatten(-1, (c.heads, c.head_dim))  # (..., 1, heads, head_dim)
+        bias = self.head_bias(bucketize(query_pos - token_pos, c.num_buckets, c.max_distance))  # (..., k, heads)
+        s = torch.einsum("...khd,...qhd->...kh", keys, query) / math.sqrt(c.head_dim) + bias  # (..., k, heads); q = 1
+        allowed = token_pos <= query_pos
+        if key_valid is not None:
+            allowed = allowed & key_valid
+        s = s.masked_fill(~allowed[..., None], -1e9)  # finite: no NaN in the gradients of masked keys
+        shares = s.log_softmax(-2) + self.head_mix.log_softmax(0)  # (..., k, heads): log w_h softmax_h
+        return torch.logsumexp(shares, -1).masked_fill(~allowed, float("-inf"))
 
     def save(self, path, meta: dict | None = None) -> None:
         """`meta`: how it was trained (e.g. the labels' K), read back by `Controller.meta`."""

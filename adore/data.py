@@ -24,6 +24,7 @@ GSM8K_INSTRUCTION = "Solve the problem step by step. End with 'The answer is <nu
 # Offline sizes and the deterministic train/eval split of sets that ship as one file (seeded permutation).
 SPLIT_SEED = 0
 TRAIN_SIZE = {"chat": 800, "math": 500, "gsm8k": 1000}
+WIKITEXT_EVAL_ARTICLES = 32  # offline WikiText-2 (its test file): articles 0-31 are `eval`, 32-61 `train` (labels)
 
 
 @dataclass
@@ -202,6 +203,7 @@ def split_articles(lines: list[str]) -> list[str]:
 def _wikitext2(spec: DataSpec) -> list[dict]:
     """WikiText-2 raw test articles (offline or `wikitext` on the hub); any other hub id (e.g. PG-19,
     `deepmind/pg19`) gives one document per row of its `text` column."""
+    first = 0  # index of the first article returned, kept in the ids
     if spec.source == "hub":
         hub_id = spec.hub_id or "wikitext"
         split = spec.hub_split or ("train" if spec.split == "train" else "test")
@@ -209,14 +211,15 @@ def _wikitext2(spec: DataSpec) -> list[dict]:
             texts = split_articles([row["text"] for row in _hub_rows(hub_id, split, "wikitext-2-raw-v1")])
         else:
             texts = [row["text"] for row in _hub_rows(hub_id, split)]
-    else:
-        if spec.split != "eval":
-            raise ValueError(
-                "data=wikitext2 offline holds only the test split: use data.split=eval (or data.source=hub)"
-            )
+    else:  # the test file only: its first WIKITEXT_EVAL_ARTICLES articles are evaluated, the rest trained on
         path = _require(data_root(spec.root) / "wikitext-2/wiki.test.raw", "WikiText-2")
         texts = split_articles(path.read_text(encoding="utf-8").splitlines())
-    return [{"id": f"wikitext2-{i}", "messages": [], "reference": text, "answer": None} for i, text in enumerate(texts)]
+        first = 0 if spec.split == "eval" else WIKITEXT_EVAL_ARTICLES
+        texts = texts[:WIKITEXT_EVAL_ARTICLES] if spec.split == "eval" else texts[first:]
+    return [
+        {"id": f"wikitext2-{first + i}", "messages": [], "reference": text, "answer": None}
+        for i, text in enumerate(texts)
+    ]
 
 
 LOADERS = {"chat": _chat, "math": _math, "gsm8k": _gsm8k, "samsum": _samsum, "wikitext2": _wikitext2}

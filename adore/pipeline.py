@@ -132,6 +132,7 @@ class Pipeline:
         if self.controllers():
             controllers = ",".join(str(p) for p in self.controllers())
             R = ",".join(map(str, ev.get("R", [4])))
+            every = ",".join(map(str, ev.get("rebuild_every", [1])))
             for extra in ["", *ev.get("adore", [])]:
                 command = [
                     self.python,
@@ -140,6 +141,7 @@ class Pipeline:
                     "method=adore",
                     f"method.controller={controllers}",
                     f"method.R={R}",
+                    f"method.rebuild_every={every}",
                     *shlex.split(extra),
                     *common,
                 ]

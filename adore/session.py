@@ -148,6 +148,7 @@ class Session:
         self.feeds += 1
         self.next_pos += valid.sum(1)
         self._query_pos = self.query_pos  # once per feed: every view of this step reads it
+        self.method.arrive(self.state, Entered(cols, valid, input_ids, pos, self._query_pos))
         if self.shadow is not None:  # first, so that this step's scores see this query's full attention
             self.shadow.feed(input_ids, valid)
 
@@ -206,12 +207,14 @@ class Session:
         return first and valid.shape[1] > 1 and bool(valid.all())
 
     # ---- what the method sees ----------------------------------------------------------------------------
-    def _score(self, cols: torch.Tensor) -> torch.Tensor:
-        """The method's (B, k) scores of the history tokens `cols` (B, k) for the current query."""
+    def _score(self, cols: torch.Tensor, rebuild: bool = False) -> torch.Tensor:
+        """The method's (B, k) scores of the history tokens `cols` (B, k) for the current query (`rebuild`: its
+        scores for the rebuild pick)."""
         history = {"ids": self.hist_ids, "positions": self.hist_pos}
         if self.shadow is not None:
             history["full_attention"] = self.shadow.entered.last_attention
-        return self.method.score(self.state, Tokens(cols, self._query_pos, history))
+        score = self.method.rebuild_score if rebuild else self.method.score
+        return score(self.state, Tokens(cols, self._query_pos, history))
 
     def _update_method(self, cols, valid, ids, pos, new_slots, recorder, hidden) -> None:
         entered = Entered(cols, valid, ids, pos, self._query_pos)
@@ -256,7 +259,7 @@ class Session:
         if R == 0 or seen == 0 or self.entered is None or self.feeds % getattr(self.method, "rebuild_every", 1):
             return empty, empty.bool()
         cols = torch.arange(seen, device=self.device).expand(self.batch_size, -1)
-        scores = self._score(cols)
+        scores = self._score(cols, rebuild=True)
         released = self.hist_valid[:, :seen] & (self.hist_slot[:, :seen] < 0)
         top = scores.masked_fill(~released, float("-inf")).topk(min(R, seen), dim=1)  # sorted: picks come first
         ok = torch.isfinite(top.values)

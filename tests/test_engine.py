@@ -7,7 +7,7 @@ import torch
 from conftest import make_method, method_names
 from transformers import DynamicCache
 
-from adore.controller import Controller, ControllerConfig
+from adore.controller import Controller, ControllerConfig, bucketize
 from adore.generate import generate
 from adore.methods import H2O, Adore, Full, Streaming, Window
 from adore.session import Session
@@ -130,19 +130,41 @@ def test_window_and_streaming_match_reference(tiny, method, keep):
         logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
 
 
-def test_controller_sees_only_the_past():
+@pytest.mark.parametrize("shape", [{"width": 8}, {"heads": 2, "head_dim": 4}], ids=["gru", "probe"])
+def test_controller_sees_only_the_past(shape):
     torch.manual_seed(0)
-    net = Controller(ControllerConfig(d_model=16, width=8)).eval()
+    net = Controller(ControllerConfig(d_model=16, **shape)).eval()
     x = torch.randn(1, 10, 16)
     y = x.clone()
     y[:, 6:] = torch.randn(1, 4, 16)  # change tokens after t = 5
     valid = torch.ones(1, 10, dtype=torch.bool)
     zx, _ = net.encode(x, valid)
     zy, _ = net.encode(y, valid)
-    pos = torch.arange(6)[None]
+    pos = torch.arange(10)[None]
     t = torch.tensor([[5]])
-    assert torch.allclose(net.logits(zx[:, :6], pos, t), net.logits(zy[:, :6], pos, t))
+    query = net.queries(x[:, 4:5], x[:, 5:6]) if net.config.heads else None  # x_{t-1} and token t
+    a, b = net.logits(zx, pos, t, query), net.logits(zy, pos, t, query)
+    torch.testing.assert_close(a[:, :6], b[:, :6])  # the probe normalises over every token: the later ones included
+    assert torch.isinf(a[:, 6:]).all() if net.config.heads else True
     assert not torch.allclose(zx[:, 6:], zy[:, 6:])
+
+
+def test_probe_scores_are_a_mixture_of_attention_heads():
+    """log sigma_t(i) = log sum_h w_h softmax_j(<q_h, k_jh> / sqrt(d) + b_h(t - j))_i, by hand."""
+    torch.manual_seed(0)
+    net = Controller(ControllerConfig(d_model=16, heads=3, head_dim=4, num_buckets=8)).eval()
+    with torch.no_grad():
+        net.head_mix.copy_(torch.randn(3))
+        x, valid = torch.randn(1, 7, 16), torch.ones(1, 7, dtype=torch.bool)
+        z = net.encode(x, valid)[0]
+        query = net.queries(x[:, 5], x[:, 6])[:, None]
+        got = net.logits(z, torch.arange(7)[None], torch.tensor([[6]]), query)[0]
+        k, q = z[0].view(7, 3, 4), query[0, 0].view(3, 4)
+        bias = net.head_bias(bucketize(6 - torch.arange(7), 8, net.config.max_distance))  # (7, 3)
+        heads = ((k * q).sum(-1) / 2 + bias).softmax(0)  # (7, 3): each head's weights over the 7 tokens
+        want = (heads * net.head_mix.softmax(0)).sum(-1).log()
+    torch.testing.assert_close(got, want)
+    assert torch.allclose(got.exp().sum(), torch.tensor(1.0))
 
 
 def test_controller_checkpoint_round_trip(tmp_path, tiny):
@@ -289,3 +311,45 @@ def test_adore_guarantees_keep_sinks_and_recent_tokens(tiny, query):
         kept = session.cached_positions()[0]
         newest = int(session.next_pos[0]) - 1
         assert {0, 1, newest - 2, newest - 1, newest} <= set(kept) and len(kept) <= 8
+
+
+PROBE = {"heads": 2, "head_dim": 4, "input_layer": 1}  # an untrained attention probe on the tiny model's layer 1
+
+
+def test_attention_release_without_rebuild_is_tova(tiny):
+    """release=attention keeps what this step's query attends to: with nothing rebuilt, that is TOVA exactly."""
+    from adore.methods.tova import TOVA
+
+    model, _ = tiny
+    ids, mask = prompts()
+    ours = generate(model, Adore(m=6, R=0, config=PROBE, release="attention"), ids, mask, 10, [], 0)
+    assert torch.equal(ours.tokens, generate(model, TOVA(m=6), ids, mask, 10, [], 0).tokens)
+    rebuilding = Adore(m=6, R=2, rebuild_every=1, config=PROBE, release="attention")
+    assert "release" in rebuilding.identity() and "release" not in Adore(m=6).identity()  # older runs keep names
+    out = generate(model, rebuilding, ids, mask, 10, [], 0)
+    assert out.stats["rebuilt_tokens"] > 0
+
+
+def test_probe_scores_in_the_engine_are_those_it_was_trained_on(tiny):
+    """With nothing released, the engine's rebuild scores in the step that feeds token t equal the training-side
+    scores of the same sequence (keys from x_i, query from x_{t-1} and token t's embedding), though token t's
+    own forward has not run when they are computed."""
+    from adore.models import residual_after
+
+    model, _ = tiny
+    ids = prompts(batch=1, length=12)[0]
+    method = Adore(m=64, R=2, rebuild_every=1, config=PROBE)
+    session = Session(model, method, 1, 16)
+    session.feed(ids[:, :10])
+    session.feed(ids[:, 10:11])
+    seen = []
+    score = method.rebuild_score
+    method.rebuild_score = lambda state, tokens: seen.append(score(state, tokens)) or seen[-1]
+    session.feed(ids[:, 11:12])
+    net = method.net
+    with torch.no_grad():
+        x = residual_after(model, 1, ids, torch.ones_like(ids)).float()
+        z = net.encode(x, torch.ones(1, 12, dtype=torch.bool))[0]
+        query = net.queries(x[:, 10], model.get_input_embeddings()(ids[:, 11]).float())[:, None]
+        want = net.logits(z[:, :11], torch.arange(11)[None], torch.tensor([[11]]), query)[0]
+    torch.testing.assert_close(seen[0][0], want, atol=1e-4, rtol=1e-4)

@@ -394,6 +394,28 @@ def test_paired_tests_against_full_and_the_best_baseline(rich):
     assert "Random" not in tests.index.get_level_values("method")  # no predictions.jsonl: never tested
 
 
+def test_a_rebuilding_method_is_tested_against_its_own_run_without_rebuild(tmp_path):
+    """Issue 12's "rebuild pays": ADORE R = 4 against ADORE R = 0 with the same controller, on every metric."""
+    from adore.io import write_jsonl
+
+    for name, (method, R, rl, kl, controller) in {
+        "window": ("window", None, 20, 0.5, None),
+        "r4": ("adore", 4, 28, 0.1, "a@1"),
+        "r0": ("adore", 0, 25, 0.3, "a@1"),
+        "r0_other": ("adore", 0, 10, 0.9, "b@2"),  # another controller: never the R = 0 of "r4"
+    }.items():
+        res = run_result("generate", method, "samsum", 64, R, {"eval/rougeL": rl, "fidelity/kl": kl})
+        write_json(
+            tmp_path / name / "results.json", new_format(res, **({"controller": controller} if controller else {}))
+        )
+        write_jsonl(tmp_path / name / "predictions.jsonl", rows(rl, 50, kl))
+    tests = report.paired_tests(report.collect(tmp_path))
+    vs_r0 = tests[tests["vs"] == "R = 0"].set_index("metric")
+    assert len(vs_r0["method"].unique()) == 1 and vs_r0.loc["ROUGE-L", "diff"] == pytest.approx(3)
+    assert vs_r0.loc["KL", "diff"] == pytest.approx(-0.2) and vs_r0.loc["KL", "significant"]
+    assert set(vs_r0.index) == {"ROUGE-L", "BERT-F", "KL", "top-1"}
+
+
 def test_significance_table_marks_significance(rich, tmp_path):
     table = report.significance_table(report.paired_tests(rich))
     row = table[(table.index == "ADORE") & (table["vs"] == "best baseline: H2O")].iloc[0]

@@ -16,6 +16,11 @@ from adore.session import Session
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "engine_tokens.json").read_text())["tokens"]
 SYNCS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select")
 REBUILDING = ("adore", "adore_trained", "oracle")
+# trained controllers pinned by file (`adore_trained` names whichever ships now)
+PINNED = {
+    "adore_future": "checkpoints/controller_smollm2_future_k64.pt",
+    "adore_probe": "checkpoints/controller_smollm2_probe_k64.pt",
+}
 
 
 def golden_prompts(vocab: int):
@@ -32,7 +37,10 @@ def variants():
 
 def check_golden(model, tag: str, name: str, R):
     ids, mask = golden_prompts(49152)
-    method = make_method(name, 16, model, **({} if R is None else {"R": R, "rebuild_every": 1}))  # the paper's rule
+    overrides = {} if R is None else {"R": R, "rebuild_every": 1}  # the paper's rule
+    if name in PINNED:
+        overrides["controller"] = PINNED[name]
+    method = make_method("adore" if name in PINNED else name, 16, model, **overrides)
     out = generate(model, method, ids, mask, 12, [], 0)
     assert out.tokens.tolist() == GOLDEN[f"{tag}/{name}/{R}"], f"{name} R={R} decodes differently than before"
 
@@ -45,7 +53,10 @@ def test_outputs_equal_those_before_the_step_rewrite(tiny, name, R):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,R", [("window", None), ("h2o", None), ("adore_trained", 3), ("oracle", 3)])
+@pytest.mark.parametrize(
+    "name,R",
+    [("window", None), ("h2o", None), ("adore_future", 3), ("adore_probe", 0), ("adore_probe", 3), ("oracle", 3)],
+)
 def test_packaged_outputs_equal_those_before_the_step_rewrite(packaged, name, R):
     check_golden(packaged[0], "packaged", name, R)
 
@@ -64,7 +75,8 @@ def decode_a_few(model, method, static: bool, steps: int = 6, batch: int = 2):
 @pytest.mark.parametrize(
     "name,overrides",
     [(n, {}) for n in method_names() if n not in REBUILDING]
-    + [("adore", {"R": 3, "rebuild_every": 1}), ("adore", {"R": 3, "rebuild": "survivors"}), ("oracle", {"R": 3})],
+    + [("adore", {"R": 3, "rebuild_every": 1}), ("adore", {"R": 3, "rebuild": "survivors"}), ("oracle", {"R": 3})]
+    + [("adore", {"R": 3, "rebuild_every": 1, "config": {"heads": 2, "head_dim": 4}, "release": "attention"})],
 )
 def test_a_decode_step_never_syncs_with_the_host(tiny, name, overrides):
     """With static shapes (the CUDA default) a decode step is tensor work only: the profiler sees no op that

@@ -11,9 +11,10 @@ from conftest import compose_eval as eval_cfg
 from conftest import make_method, method_names
 
 from adore import evaluate
-from adore.data import DataSpec, load_records
+from adore.data import WIKITEXT_EVAL_ARTICLES, DataSpec, load_records
 from adore.generate import generate
 from adore.io import read_json, read_jsonl
+from adore.lit.data import encode_document
 from adore.methods import Full, Window
 from adore.session import Session
 from adore.tasks import Context, eos_ids
@@ -50,10 +51,21 @@ def context(tiny, tiny_model_dir):
 # ---- perplexity -------------------------------------------------------------------------------------------
 def test_wikitext2_is_split_into_articles():
     records = load_records(DataSpec("wikitext2"))
-    assert len(records) >= 60 and records[0]["id"] == "wikitext2-0" and records[0]["messages"] == []
+    assert len(records) == WIKITEXT_EVAL_ARTICLES and records[0]["id"] == "wikitext2-0" and records[0]["messages"] == []
     assert records[0]["reference"].startswith(" = Robert Boulter = \n Robert Boulter is")
     assert " = Du Fu = " not in records[0]["reference"] and records[1]["reference"].startswith(" = Du Fu = ")
     assert "\r" not in records[0]["reference"] and " = = Career = = " in records[0]["reference"]
+
+
+def test_wikitext2_offline_train_articles_are_never_evaluated(packaged_tokenizer):
+    """Only the test file ships: articles 0-31 are evaluated, 32-61 can be labelled (cut into windows)."""
+    evaluated, train = load_records(DataSpec("wikitext2")), load_records(DataSpec("wikitext2", split="train"))
+    assert len(evaluated) == WIKITEXT_EVAL_ARTICLES and train[0]["id"] == f"wikitext2-{WIKITEXT_EVAL_ARTICLES}"
+    assert not {r["reference"] for r in evaluated} & {r["reference"] for r in train}
+    windows = encode_document(packaged_tokenizer, train[0], 128)
+    assert all(len(w["input_ids"]) <= 128 and w["labels"] == w["input_ids"] for w in windows)
+    ids = packaged_tokenizer(train[0]["reference"])["input_ids"]
+    assert [t for w in windows for t in w["input_ids"]] == ids[: sum(len(w["input_ids"]) for w in windows)]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -219,7 +231,6 @@ def test_each_task_runs_through_eval(tmp_path, tiny_model_dir, overrides, keys):
     [
         ("task=perplexity task.num_tokens=0", "task.num_tokens=0"),
         ("task=perplexity task.max_doc_tokens=-1", "task.max_doc_tokens=-1"),
-        ("task=perplexity data=wikitext2 data.split=train", "data.split=eval"),
         ("task=stream task.max_turns=0", "task.max_turns=0"),
         ("task=stream eval.max_new_tokens=0", "eval.max_new_tokens=0"),
         ("task=long task.length_factor=0", "task.length_factor=0"),

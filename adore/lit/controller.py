@@ -14,6 +14,7 @@ stream, computed once per sequence at setup.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,7 @@ from torchmetrics import Metric
 
 from adore.controller import Controller, ControllerConfig
 from adore.labels import dense_labels, h2o_scores, load_labels, recency_scores, sample_pairs, selection_counts
+from adore.lit.finetune import warmup_cosine
 from adore.models import ModelSpec, load_model, residual_after
 
 METHODS = ("controller", "recency", "h2o")
@@ -177,6 +179,7 @@ class ControllerModule(L.LightningModule):
         queries_per_sequence: int = 64,
         recipe: str | None = None,
         horizon: int = 1,
+        warmup_steps: int | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -185,6 +188,11 @@ class ControllerModule(L.LightningModule):
             raise ValueError(f"stage.module.horizon={horizon!r} must be an integer >= 1 (1: the current query only)")
         if horizon > 1 and loss != "listwise":
             raise ValueError(f"stage.module.horizon={horizon} needs stage.module.loss=listwise (its target is a mass)")
+        if (controller or {}).get("heads") and loss != "listwise":
+            raise ValueError(
+                f"stage.module.loss={loss!r}: an attention probe (controller.heads > 0) outputs attention shares; "
+                "train it with stage.module.loss=listwise"
+            )
         backbone = load_model(model)
         embeddings = backbone.get_input_embeddings().weight.detach().float().clone()  # (vocab, d_model)
         self.register_buffer("embeddings", embeddings, persistent=False)  # frozen x_i; never in checkpoints
@@ -194,7 +202,7 @@ class ControllerModule(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.budget, self.h2o_recent_ratio = budget, h2o_recent_ratio
         self.loss_name, self.queries_per_sequence, self.recipe = loss, queries_per_sequence, recipe
-        self.horizon = horizon
+        self.horizon, self.warmup_steps = horizon, warmup_steps
         self.overlap = nn.ModuleDict({name: TopKOverlap() for name in METHODS})
         self.save_hyperparameters(
             {
@@ -204,6 +212,7 @@ class ControllerModule(L.LightningModule):
                 "budget": budget,
                 "loss": loss,
                 "horizon": horizon,
+                "warmup_steps": warmup_steps,
             }
         )
 
@@ -244,17 +253,24 @@ class ControllerModule(L.LightningModule):
                 r["x"] = x[j, : len(r["ids"])].half()  # (T, d_model)
         object.__setattr__(self, "backbone", None)  # not needed any more
 
-    def encode(self, batch) -> torch.Tensor:
-        """z: (B, T, width), one GRU pass over each sequence's x (input embeddings or residual stream)."""
-        x = batch["x"] if "x" in batch else F.embedding(batch["ids"], self.embeddings)  # (B, T, d_model)
-        return self.controller.encode(x, batch["valid"])[0]
+    def encode(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """z: (B, T, state width), one GRU pass over each sequence's x (input embeddings or residual stream), and
+        the query state of every position t: z_t itself, or the probe's query from x_{t-1} and token t's embedding.
+        """
+        embeds = F.embedding(batch["ids"], self.embeddings)  # (B, T, d_model)
+        x = batch["x"] if "x" in batch else embeds
+        z = self.controller.encode(x, batch["valid"])[0]
+        if not self.controller.config.heads:
+            return z, z
+        previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # x_{t-1} at t (zeros at t = 0)
+        return z, self.controller.queries(previous, embeds)
 
-    def pair_loss(self, batch, z) -> torch.Tensor:
-        gather = lambda index: z.gather(1, index[..., None].expand(-1, -1, z.shape[-1]))  # noqa: E731
-        logits = self.controller.logits(gather(batch["i"]), batch["i"], batch["t"], gather(batch["t"]))  # (B, P)
+    def pair_loss(self, batch, z, queries) -> torch.Tensor:
+        gather = lambda v, index: v.gather(1, index[..., None].expand(-1, -1, v.shape[-1]))  # noqa: E731
+        logits = self.controller.logits(gather(z, batch["i"]), batch["i"], batch["t"], gather(queries, batch["t"]))
         return F.binary_cross_entropy_with_logits(logits[batch["pair"]], batch["y"][batch["pair"]])
 
-    def listwise_loss(self, batch, z) -> torch.Tensor:
+    def listwise_loss(self, batch, z, queries) -> torch.Tensor:
         """Cross-entropy between a softmax of the scores over keys i <= t and the attention shares they get from
         the queries s in [t, t + horizon) (horizon 1: t's own top-K shares): what a release at t will miss."""
         losses = []
@@ -264,34 +280,37 @@ class ControllerModule(L.LightningModule):
                 continue
             t = torch.randperm(T - self.K, device=z.device)[: self.queries_per_sequence] + self.K  # (Q,)
             zr, pos = z[row, :T], torch.arange(T, device=z.device)
-            logits = self.controller.logits(zr[None], pos[None], t[:, None], zr[t][:, None])  # (Q, T)
+            logits = self.controller.logits(zr[None], pos[None], t[:, None], queries[row, t][:, None])  # (Q, T)
             logits = logits.masked_fill(pos[None] > t[:, None], float("-inf"))
             target = attention_ahead(topk.to(z.device), mass.to(z.device), t, self.horizon)  # (Q, T)
             losses.append(-(target * F.log_softmax(logits, -1).clamp(min=-1e4)).sum(-1).mean())
         return torch.stack(losses).mean() if losses else z.sum() * 0
 
-    def loss(self, batch, z) -> torch.Tensor:
-        return self.pair_loss(batch, z) if self.loss_name == "bce" else self.listwise_loss(batch, z)
+    def loss(self, batch, z, queries) -> torch.Tensor:
+        if self.loss_name == "bce":
+            return self.pair_loss(batch, z, queries)
+        return self.listwise_loss(batch, z, queries)
 
     def training_step(self, batch, batch_idx):
-        loss = self.loss(batch, self.encode(batch))
+        loss = self.loss(batch, *self.encode(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
         return loss
 
-    def scores(self, z: torch.Tensor) -> torch.Tensor:
+    def scores(self, z: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """(T, T) controller logits of every key i (columns) for every query t (rows) of one sequence."""
         T = z.shape[0]
         pos = torch.arange(T, device=z.device)
-        return self.controller.logits(z[None], pos[None, :], pos[:, None], z[:, None])
+        return self.controller.logits(z[None], pos[None, :], pos[:, None], queries[:, None])
 
     def validation_step(self, batch, batch_idx):
-        z = self.encode(batch)
-        self.log("val/loss", self.loss(batch, z), prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
+        z, queries = self.encode(batch)
+        loss = self.loss(batch, z, queries)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["topk"]), sync_dist=True)
         for row, (topk, h2o) in enumerate(zip(batch["topk"], batch["h2o"])):
             T = len(topk)
             positive = dense_labels(topk.to(z.device), T)
             candidates = {
-                "controller": self.scores(z[row, :T]),
+                "controller": self.scores(z[row, :T], queries[row, :T]),
                 "recency": recency_scores(T, z.device),
                 "h2o": h2o_scores(h2o.to(z.device), self.budget, self.h2o_recent_ratio),
             }
@@ -305,7 +324,13 @@ class ControllerModule(L.LightningModule):
             metric.reset()
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.controller.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self.controller.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps is None:  # a constant learning rate (the recipes before the probe)
+            return optimizer
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 10**9
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def export(self, run_dir: str | Path) -> dict:
         """Write `controller.pt` (`Controller.load` reads it; `method.controller=<run_dir>/controller.pt`)."""

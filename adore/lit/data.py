@@ -21,6 +21,15 @@ log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens without loss (the prompt, padding)
 
 
+def encode_document(tokenizer, record: dict, max_length: int) -> list[dict]:
+    """A document (no messages: WikiText) as consecutive windows of max_length tokens, every token a target."""
+    ids = tokenizer(record["reference"])["input_ids"]
+    windows = [ids[s : s + max_length] for s in range(0, len(ids), max_length)]
+    return [
+        {"id": f"{record['id']}/{k}", "input_ids": w, "labels": list(w)} for k, w in enumerate(windows) if len(w) > 1
+    ]
+
+
 def encode_example(tokenizer, record: dict, max_length: int) -> dict | None:
     """Token ids and loss labels of one record, cut at max_length; None when no reference token is left."""
     prompt = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=False)
@@ -83,17 +92,23 @@ class SequenceDataModule(L.LightningDataModule):
         self.val_set: list[dict] = []
 
     def _encode(self, split: str, num: int | None) -> list[dict]:
-        records = load_records(dataclasses.replace(self.data, split=split), num)
-        encoded = [encode_example(self.tokenizer, r, self.max_length) for r in records]
-        kept = [e for e in encoded if e is not None]
-        if len(kept) < len(records):
-            log.warning(
-                "%s/%s: dropped %d records whose prompt fills max_length=%d",
-                self.data.name,
-                split,
-                len(records) - len(kept),
-                self.max_length,
-            )
+        """The first `num` sequences of a partition: one per record (prompt + reference), or for documents
+        (WikiText: no messages) their consecutive windows of max_length tokens."""
+        spec = dataclasses.replace(self.data, split=split)
+        records = load_records(spec)
+        if records and not records[0]["messages"]:
+            kept = [w for r in records for w in encode_document(self.tokenizer, r, self.max_length)][:num]
+        else:
+            records = records if num is None else records[:num]
+            kept = [e for e in (encode_example(self.tokenizer, r, self.max_length) for r in records) if e is not None]
+            if len(kept) < len(records):
+                log.warning(
+                    "%s/%s: dropped %d records whose prompt fills max_length=%d",
+                    self.data.name,
+                    split,
+                    len(records) - len(kept),
+                    self.max_length,
+                )
         if not kept:
             raise ValueError(f"no usable {self.data.name}/{split} sequence at max_length={self.max_length}: raise it")
         return kept

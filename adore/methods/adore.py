@@ -10,6 +10,8 @@ from adore.controller import Controller, ControllerConfig
 from adore.methods.base import KEEP, Method, State, file_identity
 from adore.methods.oracle import check_R, check_rebuild, rebuild_identity
 
+RELEASES = ("controller", "attention")  # what `Adore.release` may be
+
 PROJECT = Path(__file__).resolve().parents[2]
 
 
@@ -21,6 +23,9 @@ class Adore(Method):
     (seeded) so the engine runs before any training: it is labelled "untrained" everywhere. R=0 is the
     no-rebuild ablation. `sinks` / `recent` (null = off) always keep the first positions and the most recent
     tokens, as StreamingLLM and H2O do; the controller ranks the rest (issue 12's guarantee lever).
+    `release="attention"` keeps the controller for the rebuild pick only (released tokens have nothing else to
+    be scored by) and releases by the newest query's attention in this step's forward, rebuilt tokens included
+    (TOVA's rule), so that a wrong pick is dropped again instead of displacing a token the query reads.
     """
 
     m: int = 128
@@ -30,6 +35,7 @@ class Adore(Method):
     config: dict = field(default_factory=dict)  # ControllerConfig fields for a fresh controller
     rebuild: str = "top"  # rebuild policy: "top" (the paper's top-R) or "survivors" (Session._pick_rebuild)
     rebuild_every: int = 8  # rebuild on every k-th step only (1: the paper's rule; 8: same KL, faster; issue 13)
+    release: str = "controller"  # controller: release by its scores | attention: by this step's attention (TOVA)
     sinks: int | None = None  # the first `sinks` positions are never released
     recent: int | None = None  # the `recent` newest tokens are never released
     name: ClassVar[str] = "adore"
@@ -65,8 +71,12 @@ class Adore(Method):
         self.recipe = meta.get("recipe")  # the training recipe's name (conf/recipe), shown in labels
         net_config = Controller.config_of(self.controller) if self.controller else ControllerConfig(1, **self.config)
         self.width = net_config.d_model if self.controller else None  # the embedding width it reads (checked)
-        self.input_layer, self.query = net_config.input_layer, net_config.query
+        self.input_layer, self.query, self.heads = net_config.input_layer, net_config.query, net_config.heads
         self.needs = frozenset({"hidden" if self.input_layer else "embeddings"})
+        if self.release not in RELEASES:
+            raise ValueError(f"method.release={self.release!r}: choose one of {list(RELEASES)}")
+        if self.release == "attention":  # the forward records the newest query's attention over the cache
+            self.needs |= {"last_attention"}
 
     @property
     def label(self) -> str:
@@ -93,7 +103,8 @@ class Adore(Method):
 
     def _guarantees(self) -> dict:
         guarantees = {key: getattr(self, key) for key in ("sinks", "recent") if getattr(self, key) is not None}
-        return rebuild_identity(self) | guarantees
+        release = {"release": self.release} if self.release != "controller" else {}  # older runs: by the controller
+        return rebuild_identity(self) | release | guarantees
 
     def check(self, model_config):
         if self.input_layer > model_config.num_hidden_layers:
@@ -120,24 +131,81 @@ class Adore(Method):
                     self.net = Controller(ControllerConfig(d_model=model.config.hidden_size, **self.config))
         self.net = self.net.to(device).eval()
         state = State(
-            tokens={"z": torch.zeros(batch_size, length, self.net.config.width, device=device)}
-        )  # (B, T, width)
-        state.h = None  # (B, width) GRU state after the last fed token
+            tokens={"z": torch.zeros(batch_size, length, self.net.state_width, device=device)}
+        )  # (B, T, state width)
+        state.h = None  # (B, width) GRU state after the last fed token (the probe: x of the newest token)
+        if self.probe:
+            state.tokens["pos"] = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+            state.tokens["filled"] = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
+            state.embed = model.get_input_embeddings()
+            state.query = None  # (B, heads * head_dim): the probe's query of the newest token
         return state
 
+    @property
+    def probe(self) -> bool:
+        return bool(self.heads)
+
+    def arrive(self, state, arriving):
+        """The probe's query of the newest arriving token t: x_{t-1} (known) and token t's input embedding."""
+        if not self.probe:
+            return
+        has, newest = _newest(arriving.valid)
+        state.embedded = state.embed(arriving.ids.gather(1, newest[:, None]))[:, 0].float()  # (B, d_model)
+        previous = torch.zeros_like(state.embedded) if state.h is None else state.h
+        self._set_query(state, has, previous)
+
+    def _set_query(self, state, rows: torch.Tensor, previous: torch.Tensor) -> None:
+        query = self.net.queries(previous, state.embedded)
+        state.query = query if state.query is None else torch.where(rows[:, None], query, state.query)
+
     def update(self, state, entered):
-        """z_i = GRU(x_i, z_{i-1}) for the new tokens, once, when they enter (h: z of each row's newest token)."""
-        x = entered.hidden if self.input_layer else entered.embeddings
-        z, state.h = self.net.encode(x.float(), entered.valid, state.h)
+        """z_i = GRU(x_i, z_{i-1}) for the new tokens, once, when they enter (h: z of each row's newest token).
+        The probe: k_i per token, and h = x of the newest token (the next query reads it)."""
+        x = (entered.hidden if self.input_layer else entered.embeddings).float()
+        z, h = self.net.encode(x, entered.valid, state.h)
         state.tokens["z"][:, entered.cols[0]] = z
+        if self.probe:
+            state.tokens["pos"][:, entered.cols[0]] = entered.positions
+            state.tokens["filled"][:, entered.cols[0]] = entered.valid
+            # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
+            before = entered.valid.clone()
+            before.scatter_(1, _newest(entered.valid)[1][:, None], False)
+            two, second = _newest(before)
+            self._set_query(state, two, x.gather(1, second[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0])
+        state.h = h
+        if self.release == "attention":
+            state.tokens["attention"] = entered.last_attention  # (B, T): only the newest query counts (TOVA)
 
     def score(self, state, tokens):
+        """Release scores: the controller's, or with `release=attention` this step's recorded attention."""
+        if self.release == "attention":
+            return self._guaranteed(state.tokens["attention"].gather(1, tokens.cols), tokens)
+        return self.rebuild_score(state, tokens)
+
+    def rebuild_score(self, state, tokens):
+        """The controller's scores (it alone knows released tokens: they have no attention in the cache)."""
         z = state.tokens["z"]
-        z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
-        query_z = state.h[:, None] if self.query else None  # (B, 1, width): the newest token is the query
-        scores = self.net.logits(z, tokens.positions, tokens.query_pos, query_z)
+        if self.probe:  # normalised over every history token: score all, then read the asked ones
+            all_scores = self.net.logits(
+                z, state.tokens["pos"], tokens.query_pos, state.query[:, None], key_valid=state.tokens["filled"]
+            )  # (B, T)
+            scores = all_scores.gather(1, tokens.cols)
+        else:
+            z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
+            query_z = state.h[:, None] if self.query else None  # (B, 1, width): the newest token is the query
+            scores = self.net.logits(z, tokens.positions, tokens.query_pos, query_z)
+        return self._guaranteed(scores, tokens)
+
+    def _guaranteed(self, scores, tokens):
         if self.sinks:
             scores = scores + KEEP * (tokens.positions < self.sinks)
         if self.recent:
             scores = scores + KEEP * (tokens.query_pos - tokens.positions < self.recent)
         return scores
+
+
+def _newest(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) whether each row has a valid column, and the index of its last one (0 if none); no host sync."""
+    n = valid.shape[1]
+    index = (valid.long() * torch.arange(1, n + 1, device=valid.device)).argmax(1)
+    return valid.any(1), index

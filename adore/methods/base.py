@@ -1,11 +1,14 @@
 """What a release method is (ADORE.md §3): a score over history tokens; the session keeps the m highest.
 
-A method is a dataclass of its knobs (the config) with three functions:
+A method is a dataclass of its knobs (the config) with these functions:
 
 * `start(batch_size, length, device, model)` -> `State`: its per-session state (the session owns it);
+* `arrive(state, arriving)`: optional, before each forward, with an `Entered` view of the tokens about to be
+  fed (ids, positions; nothing computed yet): for scores that depend on the current query token;
 * `update(state, entered)`: after each forward, with an `Entered` view of the tokens just fed and whatever
   the method declared in `needs` (attention mass, keys, embeddings);
-* `score(state, tokens)` -> (B, k): how much to keep each history token of a `Tokens` view; higher = keep.
+* `score(state, tokens)` -> (B, k): how much to keep each history token of a `Tokens` view; higher = keep;
+* `rebuild_score(state, tokens)`: optional, the rebuild pick's scores of released tokens (default: `score`).
 
 The session (adore/session.py) computes only what some method `needs`, so methods never reach into it.
 `m=None` means no budget (full attention).
@@ -113,12 +116,20 @@ class Method:
         """Per-session state for `batch_size` rows and `length` history columns."""
         return State(tokens={name: torch.zeros(batch_size, length, device=device) for name in self.per_token})
 
+    def arrive(self, state: State, arriving: Entered) -> None:
+        """Called before every forward (before the rebuild pick) with the tokens about to be fed."""
+
     def update(self, state: State, entered: Entered) -> None:
         """Called after every forward (before release)."""
 
     def score(self, state: State, tokens: Tokens) -> torch.Tensor:
         """(B, k) scores of `tokens` for the current query; higher = keep."""
         raise NotImplementedError
+
+    def rebuild_score(self, state: State, tokens: Tokens) -> torch.Tensor:
+        """(B, k) scores of released `tokens` for the rebuild pick (before the forward); higher = rebuild first.
+        The same as `score` unless a method picks rebuilds and releases by different rules."""
+        return self.score(state, tokens)
 
     # ---- identity: what results.json records and run directories are named from -------------------------
     def identity(self) -> dict:

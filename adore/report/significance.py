@@ -33,7 +33,8 @@ CAPTION = (
     "when the interval excludes 0. vs full: full attention on the "
     "same data, model and generation length (quality only: full attention is the fidelity reference). vs best "
     "baseline: for each metric, the training-free run (window, StreamingLLM, H2O, ...) best on that metric at the "
-    "same cache size m (one row per such run, with the metrics it is best on). KL: lower is better. — : not tested."
+    "same cache size m (one row per such run, with the metrics it is best on). vs R = 0: the same method and "
+    "settings without rebuild (does rebuild pay?). KL: lower is better. — : not tested."
 )
 
 
@@ -96,6 +97,7 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
     best mean of that metric) at the same dataset, model, adapter, max_new_tokens and cache size m. Columns: data, method (row
     label), family (run label), vs, metric, diff (method - other), low, high, significant, n (prompts compared: rows
     with the same prompt, as in runs written before repeated prompts were grouped, are resampled as one unit).
+    A method that rebuilds (R > 0) is also tested on every metric against its own run with R = 0, all else equal.
     """
     from adore.stats import Bootstrap
 
@@ -138,6 +140,11 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
                     bests.setdefault(best["row"], (best, []))[1].append(key)
             for row, (best, keys_) in bests.items():
                 others.append((f"best baseline: {row}", best, keys_))
+        if "R" in runs and pd.notna(r["R"]) and r["R"] > 0:  # does rebuild pay? the same run at R = 0
+            settings = [k for k in keys if k != "R" and "rebuild" not in k]  # R = 0 carries no rebuild policy
+            no_rebuild = runs[same(r, ("method", *PAIRED, *settings)) & (runs["R"] == 0)]
+            if len(no_rebuild):
+                others.append(("R = 0", no_rebuild.iloc[0], list(TESTS)))
         for vs, other, tested in others:
             theirs = _scores(other["path"], cache)
             common = _comparable(mine, theirs, f"{r['path']} vs {other['path']}")
