@@ -113,9 +113,9 @@ class Controller(nn.Module):
         B, T, _ = embeds.shape
         if self.config.heads:
             z = self.key(self.key_norm(embeds)) * valid[..., None]  # (B, T, heads * head_dim)
-            last = (valid.long() * torch.arange(1, T + 1, device=valid.device)).argmax(1)  # (B,) newest valid
+            has, last = newest_valid(valid)
             newest = embeds.gather(1, last[:, None, None].expand(-1, 1, embeds.shape[-1]))[:, 0]
-            h_new = newest if h is None else torch.where(valid.any(1)[:, None], newest, h)
+            h_new = newest if h is None else torch.where(has[:, None], newest, h)
             return z, h_new
         x = self.proj(embeds)  # (B, T, width)
         h0 = torch.zeros(B, self.config.width, dtype=x.dtype, device=x.device) if h is None else h
@@ -222,3 +222,9 @@ def _read(path, map_location="cpu") -> dict:
             f"{path} is not a controller checkpoint (no config / state_dict): pass controller.pt of a controller run"
         )
     return blob
+
+
+def newest_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) whether each row has a valid column, and the index of its last one (0 if none); no host sync."""
+    index = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(1)
+    return valid.any(1), index

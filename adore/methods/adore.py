@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from adore.controller import Controller, ControllerConfig
+from adore.controller import Controller, ControllerConfig, newest_valid
 from adore.methods.base import KEEP, Method, State, file_identity
 from adore.methods.oracle import check_R, check_rebuild, rebuild_identity
 
@@ -149,7 +149,7 @@ class Adore(Method):
         """The probe's query of the newest arriving token t: x_{t-1} (known) and token t's input embedding."""
         if not self.probe:
             return
-        has, newest = _newest(arriving.valid)
+        has, newest = newest_valid(arriving.valid)
         state.embedded = state.embed(arriving.ids.gather(1, newest[:, None]))[:, 0].float()  # (B, d_model)
         previous = torch.zeros_like(state.embedded) if state.h is None else state.h
         self._set_query(state, has, previous)
@@ -169,8 +169,8 @@ class Adore(Method):
             state.tokens["filled"][:, entered.cols[0]] = entered.valid
             # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
             before = entered.valid.clone()
-            before.scatter_(1, _newest(entered.valid)[1][:, None], False)
-            two, second = _newest(before)
+            before.scatter_(1, newest_valid(entered.valid)[1][:, None], False)
+            two, second = newest_valid(before)
             self._set_query(state, two, x.gather(1, second[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0])
         state.h = h
         if self.release == "attention":
@@ -202,10 +202,3 @@ class Adore(Method):
         if self.recent:
             scores = scores + KEEP * (tokens.query_pos - tokens.positions < self.recent)
         return scores
-
-
-def _newest(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) whether each row has a valid column, and the index of its last one (0 if none); no host sync."""
-    n = valid.shape[1]
-    index = (valid.long() * torch.arange(1, n + 1, device=valid.device)).argmax(1)
-    return valid.any(1), index
