@@ -6,9 +6,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from adore.attention import MAX_ROWS
 from adore.methods.base import KEEP, Method, State
 
-MAX_WINDOW = 256  # attention rows the engine records at most (adore.attention.QUERY_CHUNK)
+MAX_WINDOW = MAX_ROWS  # attention rows the engine records at most (adore.attention)
 
 
 @dataclass

@@ -1,0 +1,50 @@
+"""The engine's attention with a recorder: blocked eager attention must equal plain softmax attention, and the
+recorded mass and last rows must be its weights, whatever the blocks (adore/attention.py)."""
+
+import pytest
+import torch
+
+from adore.attention import PLAIN_CAUSAL, QUERY_CHUNK, AttentionRecorder, adore_attention
+
+
+class _Module:  # what transformers' SDPA forward reads off the attention module
+    num_key_value_groups = 3
+    is_causal = True
+    training = False
+
+
+def _reference(query, key, value, allowed):
+    """Softmax attention with KV heads repeated, and its weights summed over heads: (B, q, H, D), (B, q, S)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = query @ key.transpose(2, 3) * query.shape[-1] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (weights @ value).transpose(1, 2), weights.sum(dim=1)
+
+
+@pytest.mark.parametrize("plain", [True, False])
+@pytest.mark.parametrize("total,rows", [(True, 0), (False, 100), (True, 5)])
+def test_blocked_eager_attention_equals_softmax_attention(plain, total, rows):
+    B, H, KV, L, D = 2, 6, 2, 2 * QUERY_CHUNK + 22, 16  # three query blocks, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(B, h, L, D, generator=gen) for h in (H, KV, KV))
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    if plain:
+        mask, allowed = PLAIN_CAUSAL, causal
+    else:  # a slot mask that also hides a few past keys of row 1
+        allowed = causal[None, None].repeat(B, 1, 1, 1)
+        allowed[1, :, 10:, 3:7] = False
+        mask = allowed
+    recorder = AttentionRecorder(total, rows)
+    out, _ = adore_attention(_Module(), query, key, value, mask, scaling=D**-0.5, attention_recorder=recorder)
+    expected_out, expected_weights = _reference(query, key, value, allowed)
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-5)
+    if total:
+        torch.testing.assert_close(recorder.total, expected_weights.sum(dim=1), rtol=1e-4, atol=1e-4)
+    if rows:
+        torch.testing.assert_close(recorder.last_rows, expected_weights[:, -rows:], rtol=1e-4, atol=1e-5)
+
+
+def test_more_rows_than_the_recorder_keeps_fail_with_a_message():
+    with pytest.raises(ValueError, match="at most 256"):
+        AttentionRecorder(False, 257)
