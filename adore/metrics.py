@@ -107,3 +107,12 @@ def quality(
     summary = {"bleu": bleu(outputs, references)}
     summary.update({k: sum(v) / max(len(v), 1) for k, v in per_example.items()})
     return summary, per_example
+
+
+def repeated_ngram_fraction(tokens: list, n: int) -> float:
+    """Fraction of the n-grams of `tokens` that repeat an earlier n-gram of the same sequence (0 if none).
+
+    Equals 1 - distinct-n: each distinct n-gram's first occurrence is new, every later one a repeat.
+    """
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0

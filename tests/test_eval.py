@@ -27,8 +27,12 @@ def test_every_method_runs_through_eval(tmp_path, tiny, tiny_model_dir, method):
     assert run["label"] == built.label and run["training_free"] == built.training_free
     assert run["chat"] is True and run["has_answer"] is False  # SAMSum: conversations, no gold answer
     assert result["method"] == built.identity()  # every setting, so no two settings share a report row
-    assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 3
+    rows = read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(rows) == 3
     assert read_json(tmp_path / "results.json")["run"] == result["run"]
+    repeated = [r["repeated_ngram_fraction"] for r in rows]  # degeneration of each output, and its mean
+    assert all(0 <= v <= 1 for v in repeated)
+    assert result["metrics"]["eval/repeated_ngram_fraction"] == pytest.approx(sum(repeated) / 3)
 
 
 def test_rerun_skips_and_other_settings_do_not_overwrite(tmp_path, tiny_model_dir, capsys):

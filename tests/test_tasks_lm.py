@@ -16,9 +16,10 @@ from adore.generate import generate
 from adore.io import read_json, read_jsonl
 from adore.lit.data import encode_document
 from adore.methods import Full, Window
+from adore.metrics import repeated_ngram_fraction
 from adore.session import Session
 from adore.tasks import Context, eos_ids
-from adore.tasks.long import Long, repeated_ngram_fraction
+from adore.tasks.long import Long
 from adore.tasks.perplexity import Perplexity, forced_nll
 from adore.tasks.stream import Stream, dialogue_turns, segments
 

@@ -27,8 +27,10 @@ QUALITY = {
     "eval/rougeL": "ROUGE-L",
     "eval/bertscore_f": "BERT-F",
     "eval/accuracy": "Acc",
+    "eval/repeated_ngram_fraction": "rep. 4-gram",  # lower is better: the share of an output's token 4-grams repeated
 }
 ACCURACY = "eval/accuracy"
+REPEATED = "eval/repeated_ngram_fraction"  # runs before it was recorded have none: no column then
 DECODE = "perf/decode_tok_per_s"
 RATIO = "ratio"  # decode tok/s over full attention's, a column of the throughput variants
 # Distance to full attention (adore/fidelity.py); digits shown per metric.
@@ -171,7 +173,8 @@ def _quality(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     for data in datasets(v):
         has = v[v["data"] == data]
         for col, name in QUALITY.items():
-            if col != ACCURACY or data in answer or (col in has and has[col].notna().any()):
+            present = col in has and has[col].notna().any()
+            if col not in (ACCURACY, REPEATED) or present or (col == ACCURACY and data in answer):
                 columns.append((data, name, col))
     values, half = _grid(v, columns)
     return values, half, _labels(v)

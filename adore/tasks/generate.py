@@ -26,7 +26,7 @@ from adore.fidelity import (
 )
 from adore.generate import Sampling
 from adore.methods import Full
-from adore.metrics import bertscore_f, quality, rouge
+from adore.metrics import bertscore_f, quality, repeated_ngram_fraction, rouge
 from adore.stats import Bootstrap, corpus_bleu_ci
 from adore.tasks import (
     PROMPT_HEAD,
@@ -55,9 +55,10 @@ class Generate:
     sampling: Sampling = field(default_factory=Sampling)
     fidelity: Fidelity | None = None
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
+    ngram: int = 4  # repeated n-grams of an output (degeneration: a lossy cache loops where full attention does not)
 
     def __post_init__(self):
-        check_counts(self, ("batch_size", "max_new_tokens"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
+        check_counts(self, ("batch_size", "max_new_tokens", "ngram"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
 
     def load(self, data_spec) -> list[dict]:
         return load_examples(data_spec, self.num_examples, group=True)
@@ -69,6 +70,8 @@ class Generate:
         references = [r.get("references") or [r["reference"]] for r in records]
         answers = [r.get("answers") or r["answer"] for r in records]
         summary, per_example = quality(texts, references, answers, self.bertscore_model)
+        per_example["repeated_ngram_fraction"] = [repeated_ngram_fraction(list(t), self.ngram) for t in tokens]
+        summary["repeated_ngram_fraction"] = float(np.mean(per_example["repeated_ngram_fraction"]))
         metrics = {f"eval/{k}": v for k, v in summary.items()}
         metrics["eval/bleu_ci"] = corpus_bleu_ci(texts, references, self.bootstrap)
         for k, values in per_example.items():

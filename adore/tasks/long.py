@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from adore.generate import Sampling
+from adore.metrics import repeated_ngram_fraction
 from adore.stats import Bootstrap
 from adore.tasks import (
     Context,
@@ -20,15 +21,6 @@ from adore.tasks import (
     load_examples,
     sum_stats,
 )
-
-
-def repeated_ngram_fraction(tokens: list, n: int) -> float:
-    """Fraction of the n-grams of `tokens` that repeat an earlier n-gram of the same sequence (0 if none).
-
-    Equals 1 - distinct-n: each distinct n-gram's first occurrence is new, every later one a repeat.
-    """
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 @dataclass
