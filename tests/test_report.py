@@ -416,6 +416,27 @@ def test_a_rebuilding_method_is_tested_against_its_own_run_without_rebuild(tmp_p
     assert set(vs_r0.index) == {"ROUGE-L", "BERT-F", "KL", "top-1"}
 
 
+def test_stream_replies_are_tested_in_pairs_by_dialogue(tmp_path):
+    """task=stream: one score per reply, every reply of a dialogue resampled together, never paired with a
+    generate run of the same data."""
+    from adore.io import write_jsonl
+
+    for name, (task, method, m, shift) in {
+        "full": ("stream", "full", None, 0.0), "window": ("stream", "window", 64, 0.0),
+        "adore": ("stream", "adore", 64, 2.0), "adore_generate": ("generate", "adore", 64, 9.0),
+    }.items():  # fmt: skip
+        res = run_result(task, method, "chat", m, 4 if method == "adore" else None, {"eval/rougeL": 20 + shift})
+        write_json(tmp_path / name / "results.json", new_format(res))
+        replies = [{"id": f"chat-{d}-turn{t}", "dialogue": f"chat-{d}", "turn": t, "reference": "r",
+                    "rougeL": 20 + shift + (d % 3) - 1} for d in range(10) for t in range(1 + d % 3)]  # fmt: skip
+        write_jsonl(tmp_path / name / "predictions.jsonl", replies)
+    tests = report.paired_tests(report.collect(tmp_path))
+    stream = tests[tests["data"] == "chat (stream)"].set_index(["method", "vs"])
+    t = stream.loc[("ADORE", "best baseline: Window")]
+    assert t["diff"] == pytest.approx(2.0) and t["significant"] and t["n"] == 10  # dialogues, not replies
+    assert not (tests["data"] == "chat").any()  # the generate run has no stream partner of its task
+
+
 def test_significance_table_marks_significance(rich, tmp_path):
     table = report.significance_table(report.paired_tests(rich))
     row = table[(table.index == "ADORE") & (table["vs"] == "best baseline: H2O")].iloc[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from adore.report.collect import generate_runs, identity, in_row_order, row_labels
+from adore.report.collect import identity, in_row_order, row_labels
 
 # Per-example scores tested in pairs: key -> (label, tested against full attention).
 TESTS = {
@@ -28,7 +28,8 @@ TESTS = {
     "fidelity_rougeL_vs_full": ("ROUGE-L vs full", False),
 }
 # Two runs are compared only when they share these (and a baseline the cache size m).
-PAIRED = ("data", "model", "adapter", "max_new_tokens")
+PAIRED = ("data", "task", "model", "adapter", "max_new_tokens")
+TASKS = ("generate", "stream")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
 CAPTION = (
     "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
@@ -69,7 +70,10 @@ def _aligned(a: dict[str, float], b: dict[str, float], only: set[str]) -> tuple[
 
 
 def _unit(row: dict) -> str:
-    """What a row is resampled with: every row of the same prompt (its messages, or `prompt` in older files)."""
+    """What a row is resampled with: every reply of the same dialogue (task=stream), every row of the same prompt
+    (its messages, or `prompt` in older files)."""
+    if row.get("dialogue") is not None:
+        return f"dialogue:{row['dialogue']}"
     prompt = row.get("messages") or row.get("prompt")
     return json.dumps(prompt, sort_keys=True, ensure_ascii=False) if prompt else f"id:{row['id']}"
 
@@ -97,7 +101,8 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
 
     Every bounded method against full attention (quality metrics; full attention is the fidelity reference) and
     every method that is not training-free against the best baseline on each metric (the training-free run with the
-    best mean of that metric) at the same dataset, model, adapter, max_new_tokens and cache size m. Columns: data, method (row
+    best mean of that metric) at the same dataset, task, model, adapter, max_new_tokens and cache size m (task=generate,
+    and task=stream by reply with each dialogue's replies resampled together). Columns: data, method (row
     label), family (run label), vs, metric, diff (method - other), low, high, significant, n (prompts compared: rows
     with the same prompt, as in runs written before repeated prompts were grouped, are resampled as one unit).
     A method that rebuilds (R > 0) is also tested on every metric against its own run with R = 0, all else equal.
@@ -105,12 +110,15 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
     from adore.stats import Bootstrap
 
     bootstrap = bootstrap or Bootstrap()
-    runs = generate_runs(df)
+    if "task" in df:
+        df = df.assign(task=df["task"].fillna("generate"))
+        df = df[df["task"].isin(TASKS)]
+    runs = df.assign(task="generate") if "task" not in df else df
     if runs.empty or "path" not in runs:
         return pd.DataFrame(columns=COLUMNS)
     keys = identity(runs)
     runs = runs.assign(row=row_labels(runs, keys).values)
-    runs = in_row_order(runs.drop_duplicates(["row", "data"]), keys)
+    runs = in_row_order(runs.drop_duplicates(["row", "data", "task"]), keys)
     cache: dict = {}
 
     def same(r, cols) -> pd.Series:
@@ -157,7 +165,7 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
                     t = bootstrap.paired(a, b, [_unit(mine[i]) for i in ids])
                     out.append(
                         [
-                            r["data"],
+                            r["data"] if r["task"] == "generate" else f"{r['data']} ({r['task']})",
                             r["row"],
                             r["label"],
                             vs,
