@@ -27,7 +27,7 @@ QUALITY = {
     "eval/rougeL": "ROUGE-L",
     "eval/bertscore_f": "BERT-F",
     "eval/accuracy": "Acc",
-    "eval/repeated_ngram_fraction": "rep. 4-gram",  # lower is better: the share of an output's token 4-grams repeated
+    "eval/repeated_ngram_fraction": "rep. n-gram",  # lower is better: the share of an output's token n-grams repeated
 }
 ACCURACY = "eval/accuracy"
 REPEATED = "eval/repeated_ngram_fraction"  # runs before it was recorded have none: no column then

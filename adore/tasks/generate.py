@@ -58,7 +58,9 @@ class Generate:
     ngram: int = 4  # repeated n-grams of an output (degeneration: a lossy cache loops where full attention does not)
 
     def __post_init__(self):
-        check_counts(self, ("batch_size", "max_new_tokens", "ngram"), ("num_examples", "max_prompt_tokens", "prefill_chunk"))
+        check_counts(
+            self, ("batch_size", "max_new_tokens", "ngram"), ("num_examples", "max_prompt_tokens", "prefill_chunk")
+        )
 
     def load(self, data_spec) -> list[dict]:
         return load_examples(data_spec, self.num_examples, group=True)
