@@ -5,8 +5,8 @@ Without a recorder it is transformers' own SDPA over the engine's slot mask. `PL
 empty cache. Then SDPA runs its own causal kernel with no dense mask, and a recorder computes each query
 chunk's weights over the keys up to that chunk only. Methods that read attention
 (H2O, TOVA, SnapKV, the oracle's shadow pass) need the weights, so with a recorder it computes eager attention
-(in small query blocks, to bound memory and stay in cache; only the last rows' queries when only those are wanted) and sums the
-weights over heads and layers: that extra cost is real and stays visible in the benchmark.
+(in small query blocks, to bound memory and stay in cache; only the last rows' queries when only those are
+wanted) and sums the weights over heads and layers: that extra cost is real and stays visible in the benchmark.
 """
 
 from __future__ import annotations

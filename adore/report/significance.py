@@ -110,10 +110,8 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
     from adore.stats import Bootstrap
 
     bootstrap = bootstrap or Bootstrap()
-    if "task" in df:
-        df = df.assign(task=df["task"].fillna("generate"))
-        df = df[df["task"].isin(TASKS)]
-    runs = df.assign(task="generate") if "task" not in df else df
+    df = df.assign(task=df["task"].fillna("generate") if "task" in df else "generate")  # older runs: generate
+    runs = df[df["task"].isin(TASKS)]
     if runs.empty or "path" not in runs:
         return pd.DataFrame(columns=COLUMNS)
     keys = identity(runs)
