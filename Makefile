@@ -27,7 +27,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check adore tests train.py eval.py setup.py
+	$(BIN)/ruff check adore tests train.py eval.py pipeline.py setup.py
+	$(BIN)/ruff format --check adore tests train.py eval.py pipeline.py setup.py
 
 bench: $(STAMP)
 	$(BIN)/python -m adore.bench

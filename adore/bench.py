@@ -12,7 +12,9 @@ that cannot run on the model (e.g. `adore_trained`, whose controller fits SmolLM
 a note.
 
 Every method decodes through the engine's own loop (`adore.generate.decode`, greedy), prefill timed apart
-from decode. Each method is warmed up first; CUDA is synchronised before every clock read. `--hf-generate`
+from decode. Methods that prefill alike (the same recordings and residual stream: `Session.prefill_signature`)
+share one prompt forward per batch and release it each on their own (`SharedPrefill`); chunked prefills are
+each method's own. Each method is warmed up first; CUDA is synchronised before every clock read. `--hf-generate`
 adds transformers' own `generate` with full attention (decode time = generate(N) - generate(1)).
 `--model llama2-7b-random` builds a Llama-2-7B-shaped model with random weights (speed does not depend on
 the values) for GPU runs.
@@ -92,13 +94,18 @@ def run_method(
     cuda_graphs: bool = False,
     synthetic: bool = False,
     prefill_chunk: int | None = None,
+    shared: SharedPrefill | None = None,
 ) -> tuple[dict, Generation]:
     """Prefill (B, L) `ids` (`synthetic`: assume it, see the module doc; `prefill_chunk`: in chunks, releasing
-    between them), then greedy-decode `new_tokens` per row with `decode`: the row and the output."""
+    between them; `shared`: settle a forward shared with the methods that prefill alike), then greedy-decode
+    `new_tokens` per row with `decode`: the row and the output."""
     B, L = ids.shape
     session = Session(model, method, B, L + new_tokens, cuda_graphs=cuda_graphs)
+    shared_with = None
     if synthetic:
         logits, prefill_s = assume_prefilled(session, ids), None
+    elif shared is not None and not prefill_chunk and session.prefill_signature is not None:
+        logits, prefill_s, shared_with = shared.prefill(session)
     else:
         chunk = prefill_chunk or L  # None: one shot
         logits, prefill_s = timed_prefill(session, ids, torch.ones_like(ids, dtype=torch.bool), chunk)
@@ -113,6 +120,7 @@ def run_method(
         "method": method.tag + (f"_chunk{prefill_chunk}" if prefill_chunk else ""),
         "batch": B,
         "prefill_s": prefill_s,
+        "prefill_shared_with": shared_with,
         **step_times(latencies, B),
         "kv_bytes_decode": kv_bytes,
         "kv_bytes_peak": session.peak_kv_bytes,
@@ -121,6 +129,38 @@ def run_method(
         "rebuilt_kept": (session.rebuilt_kept - kept_before) / rebuilt if rebuilt else None,
     }
     return row, gen
+
+
+class SharedPrefill:
+    """One timed prompt forward per prefill signature (`Session.prefill_signature`), kept for the methods of a
+    batch that prefill alike: each settles (releases) it on its own. A method's `prefill_s` is the shared
+    forward's time plus its own settle's; the copy of the forward's state into its session is not timed (an
+    engine serving one method never makes it)."""
+
+    def __init__(self, model, ids: torch.Tensor, new_tokens: int):
+        self.model, self.ids, self.new_tokens = model, ids, new_tokens
+        self.forwards: dict = {}  # signature -> (source session, its unsettled forward, seconds, first method's tag)
+
+    @torch.no_grad()
+    def prefill(self, session: Session) -> tuple[torch.Tensor, float, str]:
+        """Settle the shared forward in `session`: its last logits, prefill seconds and the tag of the method
+        whose session ran the forward."""
+        key = session.prefill_signature
+        if key not in self.forwards:
+            B, L = self.ids.shape
+            source = Session(self.model, session.method, B, L + self.new_tokens)
+            synchronize(source.device)
+            start = time.perf_counter()
+            step = source.forward(self.ids, torch.ones_like(self.ids, dtype=torch.bool))
+            synchronize(source.device)
+            self.forwards[key] = (source, step, time.perf_counter() - start, session.method.tag)
+        source, step, forward_s, first = self.forwards[key]
+        step = session.adopt(source, step)
+        synchronize(session.device)
+        start = time.perf_counter()
+        logits = session.settle(step)
+        synchronize(session.device)
+        return logits, forward_s + time.perf_counter() - start, first
 
 
 def step_times(latencies: list[float], batch: int) -> dict:
@@ -390,13 +430,16 @@ def main(argv=None):
         if args.hf_generate:
             rows.append(run_hf_generate(model, ids, args.new_tokens))
         full_logp = full_tokens = None
+        shared = SharedPrefill(model, ids, args.new_tokens) if not synthetic else None
         for method in batch_methods:
             cached = args.m if method.m is not None else args.prompt_len + args.new_tokens // 2
             if (batch, cached) not in floors:
                 floors[batch, cached] = run_floor(model, batch, cached, args.new_tokens)
                 rows.append(floors[batch, cached])
             for chunk in chunks if method.m is not None else [None]:
-                row, gen = run_method(model, method, ids, args.new_tokens, True, args.cuda_graphs, synthetic, chunk)
+                row, gen = run_method(
+                    model, method, ids, args.new_tokens, True, args.cuda_graphs, synthetic, chunk, shared
+                )
                 row["floor"] = floors[batch, cached]["method"]
                 if args.kl:
                     if method.m is None:
@@ -404,6 +447,7 @@ def main(argv=None):
                         full_logp = forced_logp(model, method, ids, full_tokens)
                     row["kl_full"] = kl(full_logp, forced_logp(model, method, ids, full_tokens, chunk))
                 rows.append(row)
+        del shared  # the prompt-length caches of this batch's forwards
     by_name = {(r["method"], r["batch"]): r for r in rows}
     full = [r for r in rows if r["method"] == "full"]
     for r in rows:
@@ -446,6 +490,12 @@ def main(argv=None):
         f"{args.new_tokens} new tokens, m={args.m}, R={args.R}{budget}"
     )
     print(tabulate(table, headers=headers, floatfmt=".2f", missingval="—"))
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.get("prefill_shared_with"):
+            groups.setdefault((r["batch"], r["prefill_shared_with"]), []).append(r["method"])
+    for (batch, _), tags in groups.items():
+        print(f"batch {batch}: one prefill forward for {', '.join(tags)} (prefill_s = it + each method's release)")
     print(f"written to {args.out}")
     return rows
 

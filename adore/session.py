@@ -4,7 +4,8 @@
 user turn of a stream) and does, in order: pick up to R released tokens to rebuild (the method's rebuild
 policy), run them together with the new tokens in one forward pass at their original positions (causal by
 position), then release down to m slots by the method's scores. Generation, perplexity and streaming all
-call it.
+call it. Its two halves, `forward` and `settle` (release), are apart so that a prompt's forward can serve
+every method that prefills alike (`adopt`; the benchmark shares one that way).
 
 A decode step under a budget is tensor work only: no `.item()`, `nonzero` or `int(tensor)` (each a host sync
 on a GPU). With `static_shapes` (the default on CUDA) the forward of every decode step also has one shape,
@@ -16,6 +17,7 @@ the forward still indexes the history with host counters (`length`), so it runs 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +25,20 @@ from adore.attention import PLAIN_CAUSAL, AttentionRecorder, register
 from adore.cache import SlotCache
 from adore.methods.base import Entered, Tokens
 from adore.models import residual_stream
+
+
+@dataclass
+class Forward:
+    """One forward of `Session.forward`, not yet settled: what the method is handed and what `settle` returns."""
+
+    logits: torch.Tensor  # (B, n or 1, vocab)
+    cols: torch.Tensor  # (B, n) history columns of the new tokens
+    valid: torch.Tensor  # (B, n)
+    ids: torch.Tensor  # (B, n)
+    positions: torch.Tensor  # (B, n)
+    slots: torch.Tensor  # (B, n) the new tokens' cache slots
+    recorder: AttentionRecorder | None
+    hidden: list  # the residual stream captured at method.input_layer, if the method needs it
 
 
 def capacity_for(method, length: int) -> int:
@@ -134,6 +150,12 @@ class Session:
         self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, all_logits: bool = False
     ) -> torch.Tensor:
         """Feed (B, n) tokens (`valid` False marks padding); return logits (B, n or 1, vocab) for them."""
+        return self.settle(self.forward(input_ids, valid, all_logits))
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, all_logits: bool = False) -> Forward:
+        """The first half of `feed`: record the tokens, pick the rebuild, claim slots, run the model. Nothing is
+        released until `settle`, so one prompt's forward can serve several methods (`adopt`)."""
         B, n = input_ids.shape
         first = self.length == 0
         input_ids = input_ids.to(self.device)
@@ -182,7 +204,12 @@ class Session:
                     logits_to_keep=n if all_logits else 1,
                     **extra,
                 ).logits
-        self._update_method(cols, valid, input_ids, pos, slots[:, -n:], recorder, captured)
+        return Forward(logits, cols, valid, input_ids, pos, slots[:, -n:], recorder, captured)
+
+    @torch.no_grad()
+    def settle(self, step: Forward) -> torch.Tensor:
+        """The second half of `feed`: hand the method what `step` computed, release down to m; its logits."""
+        self._update_method(step.cols, step.valid, step.ids, step.positions, step.slots, step.recorder, step.hidden)
         if self.method.m is not None:
             self._release(self.method.m)
             self.occupied = min(self.occupied, self.method.m)
@@ -197,9 +224,51 @@ class Session:
                 self.hist_valid[:, :T],
                 self.hist_pos[:, :T],
                 self._query_pos,
-                valid[:, -1],
+                step.valid[:, -1],
             )
-        return logits
+        return step.logits
+
+    # ---- one prompt forward for several methods -----------------------------------------------------------
+    @property
+    def prefill_signature(self) -> tuple | None:
+        """What a prompt's forward computes for this session's method: sessions with equal signatures prefill
+        alike (the same KV, recordings and residual stream), whatever they release. None: not shareable (a
+        shadow pass or the diagnostic rides along). Keys and embeddings are read after the forward."""
+        if self.shadow is not None or self.diagnostic is not None:
+            return None
+        layer = self.method.input_layer if "hidden" in self.needs else None
+        return self.batch_size, self.hist_ids.shape[1], self.recording, layer
+
+    @torch.no_grad()
+    def adopt(self, source: Session, step: Forward) -> Forward:
+        """Take `source`'s state after its unsettled first forward `step` (a prompt into an empty cache) as this
+        fresh session's own, and return the step for this session to `settle`: methods that prefill alike share
+        one forward (adore.bench). `source` is left as it was."""
+        if self.length or source.feeds != 1 or source.entered is not None:
+            raise ValueError("adopt takes a fresh session and a source whose only feed is an unsettled prompt forward")
+        if self.prefill_signature is None or self.prefill_signature != source.prefill_signature:
+            raise ValueError(
+                f"method {self.method.tag} does not prefill like {source.method.tag}: "
+                f"{self.prefill_signature} != {source.prefill_signature}"
+            )
+        capacity = max(self.cache.capacity, source.cache.capacity)
+        taken = source.cache.capacity
+        for name in ("keys", "values"):
+            tensor = getattr(source.cache, name)
+            copy = tensor.new_zeros(*tensor.shape[:3], capacity, tensor.shape[4])
+            copy[..., :taken, :] = tensor
+            setattr(self.cache, name, copy)
+        self.slot_col = torch.full((self.batch_size, capacity), -1, dtype=torch.long, device=self.device)
+        self.slot_col[:, :taken] = source.slot_col
+        self.slot_pos = torch.zeros_like(self.slot_col)
+        self.slot_pos[:, :taken] = source.slot_pos
+        for name in ("hist_ids", "hist_pos", "hist_valid", "hist_slot", "next_pos"):
+            setattr(self, name, getattr(source, name).clone())
+        self.length, self.occupied, self.feeds = source.length, source.occupied, source.feeds
+        self._query_pos, self.last_rebuilt_cols = source._query_pos, source.last_rebuilt_cols
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.nbytes)
+        self.method.arrive(self.state, Entered(step.cols, step.valid, step.ids, step.positions, self._query_pos))
+        return step
 
     def _plain_prompt(self, first: bool, valid: torch.Tensor) -> bool:
         """A prompt without padding into an empty cache: slot i holds token i (the lowest free slots, in order),

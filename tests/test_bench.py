@@ -55,6 +55,28 @@ def test_bench_decodes_what_generate_does(tiny):
     assert len(gen.stats["step_s"]) == 7 and "step_s" not in ref.stats  # latencies only when asked for
 
 
+def test_shared_prefill_decodes_what_an_own_prefill_does(tiny):
+    """Methods that prefill alike settle one shared prompt forward: every method then decodes the tokens it
+    decodes after its own prefill, and the forward runs once per prefill signature."""
+    model = tiny[0]
+    ids = torch.randint(100, 1000, (2, 20), generator=torch.Generator().manual_seed(1))
+    shared = bench.SharedPrefill(model, ids, 6)
+    names = sorted((n for n in method_names() if n != "adore_trained"), key=lambda n: n != "full")  # as bench runs
+    tags = {}
+    for name in names:
+        overrides = {"R": 2} if "R" in method_config(name, 6) else {}
+        own_row, own = bench.run_method(model, build_method(name, 6, **overrides), ids, 6)
+        row, gen = bench.run_method(model, build_method(name, 6, **overrides), ids, 6, shared=shared)
+        assert torch.equal(gen.tokens, own.tokens), name
+        assert row["kv_bytes_decode"] == own_row["kv_bytes_decode"], name
+        tags[name] = row["prefill_shared_with"]
+    assert tags["oracle"] is None  # a shadow full-attention session rides along: its prefill is its own
+    # no recordings (the paper's controller reads embeddings, which need no forward): one forward, full's
+    assert tags["full"] == tags["window"] == tags["streaming"] == tags["adore"] == "full"
+    assert tags["h2o"] == build_method("h2o", 6).tag  # attention totals: a forward of its own
+    assert len(shared.forwards) == len({t for t in tags.values() if t})
+
+
 def test_bench_rebuild_policies_and_batches(tmp_path, tiny_model_dir):
     """--rebuild / --rebuild-every give a row per policy for R > 0; --batch a block per batch size."""
     rows = bench.main(
