@@ -251,17 +251,17 @@ class Session:
                 f"method {self.method.tag} does not prefill like {source.method.tag}: "
                 f"{self.prefill_signature} != {source.prefill_signature}"
             )
-        capacity = max(self.cache.capacity, source.cache.capacity)
-        taken = source.cache.capacity
+        taken = source.occupied  # a first forward fills the lowest slots: 0 .. occupied - 1
+        capacity = max(self.cache.capacity, taken)  # what this session's own prefill would have grown to
         for name in ("keys", "values"):
             tensor = getattr(source.cache, name)
             copy = tensor.new_zeros(*tensor.shape[:3], capacity, tensor.shape[4])
-            copy[..., :taken, :] = tensor
+            copy[..., :taken, :] = tensor[..., :taken, :]
             setattr(self.cache, name, copy)
         self.slot_col = torch.full((self.batch_size, capacity), -1, dtype=torch.long, device=self.device)
-        self.slot_col[:, :taken] = source.slot_col
+        self.slot_col[:, :taken] = source.slot_col[:, :taken]
         self.slot_pos = torch.zeros_like(self.slot_col)
-        self.slot_pos[:, :taken] = source.slot_pos
+        self.slot_pos[:, :taken] = source.slot_pos[:, :taken]
         for name in ("hist_ids", "hist_pos", "hist_valid", "hist_slot", "next_pos"):
             setattr(self, name, getattr(source, name).clone())
         self.length, self.occupied, self.feeds = source.length, source.occupied, source.feeds

@@ -69,6 +69,7 @@ def test_shared_prefill_decodes_what_an_own_prefill_does(tiny):
         row, gen = bench.run_method(model, build_method(name, 6, **overrides), ids, 6, shared=shared)
         assert torch.equal(gen.tokens, own.tokens), name
         assert row["kv_bytes_decode"] == own_row["kv_bytes_decode"], name
+        assert row["kv_bytes_peak"] == own_row["kv_bytes_peak"], name  # what its own prefill would have held
         tags[name] = row["prefill_shared_with"]
     assert tags["oracle"] is None  # a shadow full-attention session rides along: its prefill is its own
     # no recordings (the paper's controller reads embeddings, which need no forward): one forward, full's
