@@ -211,7 +211,9 @@ def test_prefill_chunks_keep_the_budget(tiny):
         lambda: Adore(m=4, R=5),
         lambda: Adore(m=8, controller="/nonexistent.pt"),
         lambda: Adore(m=8, sinks=0),
-        lambda: Adore(m=8, sinks=4, recent=4),
+        lambda: Adore(m=8, sinks=4, recent_ratio=0.5),
+        lambda: Adore(m=8, recent_ratio=1.0),
+        lambda: Adore(m=8, recent_ratio=0.01),
         lambda: Full(m=8),
     ],
 )
@@ -301,10 +303,12 @@ def test_capacity_is_clamped_to_what_the_session_can_hold(tiny):
 
 @pytest.mark.parametrize("query", [False, True])
 def test_adore_guarantees_keep_sinks_and_recent_tokens(tiny, query):
-    """method.sinks / method.recent: those tokens are never released, whatever the (random) controller says."""
+    """method.sinks / method.recent_ratio: those tokens are never released, whatever the (random) controller says."""
     model, _ = tiny
     ids, mask = prompts(batch=1, length=20)
-    session = Session(model, Adore(m=8, R=2, sinks=2, recent=3, config={"query": query}), 1, 30)
+    method = Adore(m=8, R=2, sinks=2, recent_ratio=0.375, config={"query": query})  # round(0.375 x 8) = 3 recent
+    assert method.recent == 3 and method.tag.endswith("_sinks2_recent0.375")
+    session = Session(model, method, 1, 30)
     session.feed(ids, mask.bool())
     for step in range(4):
         session.feed(torch.tensor([[17 + step]]))

@@ -21,8 +21,9 @@ class Adore(Method):
 
     `controller` is a checkpoint from `train.py stage=controller`; None builds a fresh random controller
     (seeded) so the engine runs before any training: it is labelled "untrained" everywhere. R=0 is the
-    no-rebuild ablation. `sinks` / `recent` (null = off) always keep the first positions and the most recent
-    tokens, as StreamingLLM and H2O do; the controller ranks the rest (issue 12's guarantee lever).
+    no-rebuild ablation. `sinks` / `recent_ratio` (null = off) always keep the first positions and the most
+    recent round(recent_ratio * m) tokens, as StreamingLLM and H2O do (a share of m, as H2O's, so that one value
+    serves a sweep over m); the controller ranks the rest (issue 12's guarantee lever).
     `release="attention"` keeps the controller for the rebuild pick only (released tokens have nothing else to
     be scored by) and releases by the newest query's attention in this step's forward, rebuilt tokens included
     (TOVA's rule), so that a wrong pick is dropped again instead of displacing a token the query reads.
@@ -37,11 +38,11 @@ class Adore(Method):
     rebuild_every: int = 8  # rebuild on every k-th step only (1: the paper's rule; 8: same KL, faster; issue 13)
     release: str = "controller"  # controller: release by its scores | attention: by this step's attention (TOVA)
     sinks: int | None = None  # the first `sinks` positions are never released
-    recent: int | None = None  # the `recent` newest tokens are never released
+    recent_ratio: float | None = None  # the newest round(recent_ratio * m) tokens are never released
     name: ClassVar[str] = "adore"
     training_free: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"embeddings"})
-    short: ClassVar[dict] = {"controller": ""}
+    short: ClassVar[dict] = {"controller": "", "recent_ratio": "recent"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,14 +57,18 @@ class Adore(Method):
                     f"method.controller={self.controller!r} does not exist: pass controller.pt from a "
                     "`python train.py stage=controller` run, or null for an untrained controller"
                 )
-        for key in ("sinks", "recent"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 < value < self.m):
-                raise ValueError(f"method.{key}={value!r} must be an integer in 1..m-1={self.m - 1}, or null (off)")
-        if (self.sinks or 0) + (self.recent or 0) >= self.m:
+        sinks = self.sinks
+        if sinks is not None and (isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 < sinks < self.m):
+            raise ValueError(f"method.sinks={sinks!r} must be an integer in 1..m-1={self.m - 1}, or null (off)")
+        ratio = self.recent_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+            raise ValueError(f"method.recent_ratio={ratio!r} must be a share of m in (0, 1), e.g. 0.75, or null (off)")
+        if ratio is not None and self.recent < 1:
+            raise ValueError(f"method.recent_ratio={ratio} keeps no token of m={self.m}: raise it to >= {1 / self.m:.3g}")
+        if (sinks or 0) + self.recent >= self.m:
             raise ValueError(
-                f"method.sinks + method.recent = {(self.sinks or 0) + (self.recent or 0)} leave the controller nothing "
-                f"of m={self.m}: lower them"
+                f"method.sinks + round(method.recent_ratio * m) = {(sinks or 0) + self.recent} leave the controller "
+                f"nothing of m={self.m}: lower them"
             )
         self.net: Controller | None = None  # loaded on first use
         meta = Controller.meta(self.controller) if self.controller is not None else {}
@@ -101,8 +106,13 @@ class Adore(Method):
             "controller": file_identity(self.controller),
         } | self._guarantees()
 
+    @property
+    def recent(self) -> int:
+        """Newest tokens never released: round(recent_ratio * m), 0 when off."""
+        return 0 if self.recent_ratio is None else int(round(self.recent_ratio * self.m))
+
     def _guarantees(self) -> dict:
-        guarantees = {key: getattr(self, key) for key in ("sinks", "recent") if getattr(self, key) is not None}
+        guarantees = {key: getattr(self, key) for key in ("sinks", "recent_ratio") if getattr(self, key) is not None}
         release = {"release": self.release} if self.release != "controller" else {}  # older runs: by the controller
         return rebuild_identity(self) | release | guarantees
 
