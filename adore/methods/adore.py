@@ -64,7 +64,9 @@ class Adore(Method):
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
             raise ValueError(f"method.recent_ratio={ratio!r} must be a share of m in (0, 1), e.g. 0.75, or null (off)")
         if ratio is not None and self.recent < 1:
-            raise ValueError(f"method.recent_ratio={ratio} keeps no token of m={self.m}: raise it to >= {1 / self.m:.3g}")
+            raise ValueError(
+                f"method.recent_ratio={ratio} keeps no token of m={self.m}: raise it to >= {1 / self.m:.3g}"
+            )
         if (sinks or 0) + self.recent >= self.m:
             raise ValueError(
                 f"method.sinks + round(method.recent_ratio * m) = {(sinks or 0) + self.recent} leave the controller "
