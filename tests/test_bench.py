@@ -9,6 +9,7 @@ from adore import bench
 from adore.generate import generate
 from adore.io import read_json
 from adore.registry import build_method, method_config, method_names
+from adore.session import Session
 
 
 def test_bench_runs_every_method(tmp_path, tiny_model_dir, capsys):
@@ -76,6 +77,9 @@ def test_shared_prefill_decodes_what_an_own_prefill_does(tiny):
     assert tags["full"] == tags["window"] == tags["streaming"] == tags["adore"] == "full"
     assert tags["h2o"] == build_method("h2o", 6).tag  # attention totals: a forward of its own
     assert len(shared.forwards) == len({t for t in tags.values() if t})
+    source, step, _, _ = shared.forwards[next(iter(shared.forwards))]  # full attention's forward
+    with pytest.raises(ValueError, match="does not prefill like"):  # H2O needs the attention totals it lacks
+        Session(model, build_method("h2o", 6), 2, 26).adopt(source, step)
 
 
 def test_bench_rebuild_policies_and_batches(tmp_path, tiny_model_dir):
