@@ -334,3 +334,13 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, tiny_model_dir, 
     assert two["before/val/loss"] == pytest.approx(one["before/val/loss"], abs=0.01)  # pairs are sampled per rank
     assert two["val/loss"] == pytest.approx(one["val/loss"], abs=0.02)
     assert (tmp_path / "two" / "controller.pt").is_file()
+
+
+def test_labels_store_an_h2o_ranking_of_2K_by_default(tiny_model_dir):
+    """The controller stage's default budget is the labels' K: the stored H2O ranking must hold it at any K."""
+    from adore.lit.labels import LabelsModule
+
+    cfg = compose("train", "stage=labels", "K=96", f"model.name_or_path={tiny_model_dir}")
+    assert cfg.stage.module.h2o_k is None  # null = 2 K
+    assert LabelsModule(ModelSpec(name_or_path=tiny_model_dir), K=96).h2o_k == 192
+    assert LabelsModule(ModelSpec(name_or_path=tiny_model_dir), K=96, h2o_k=16).h2o_k == 16

@@ -17,9 +17,10 @@ from adore.models import ModelSpec, load_model
 
 
 class LabelsModule(L.LightningModule):
-    def __init__(self, model: ModelSpec, K: int = 64, h2o_k: int = 128, max_length: int = 512):
+    def __init__(self, model: ModelSpec, K: int = 64, h2o_k: int | None = None, max_length: int = 512):
         super().__init__()
-        self.spec, self.K, self.h2o_k = model, K, h2o_k
+        # None: 2 K, so that the controller stage's default budget (K) always fits the stored H2O ranking
+        self.spec, self.K, self.h2o_k = model, K, 2 * K if h2o_k is None else h2o_k
         self.dtype_index = index_dtype(max_length)
         self.model = load_model(model)
         self.model.set_attn_implementation("eager")  # SDPA does not return attention weights

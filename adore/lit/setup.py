@@ -87,7 +87,7 @@ def check_config(cfg: DictConfig) -> None:
             _fail(f"stage.module.lora.r={r!r}: the LoRA rank must be an integer >= 1 (e.g. 16)")
         if cfg.stage.datamodule.max_length < 2:
             _fail(f"stage.datamodule.max_length={cfg.stage.datamodule.max_length!r}: need at least 2 tokens")
-    if stage == "labels" and module.h2o_k < 1:
+    if stage == "labels" and module.h2o_k is not None and module.h2o_k < 1:
         _fail(f"stage.module.h2o_k={module.h2o_k!r}: the H2O ranking keeps >= 1 keys (default 2*K)")
     if stage != "controller" and "recipe" in cfg.stage.module:
         _fail(f"recipe={cfg.stage.module.recipe} is a controller recipe (conf/recipe): use it with stage=controller")
