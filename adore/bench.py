@@ -30,7 +30,9 @@ min(m, context) + R + 1 slots per row, full attention the whole context): how a 
 throughput, and how the paper's +221.8 % reads. A batch of hundreds cannot prefill 4k tokens on a CPU in
 reasonable time, so this mode (and `--synthetic-prompt`) starts decoding from the state a prefill leaves, with
 random keys and values: history of L tokens, the newest ones cached. Decode cost depends on shapes, not values;
-prefill is then not timed.
+prefill is then not timed. The budget counts KV slots only: `history MiB` is what a session holds besides, per
+fed token and for rebuild (ids, positions and the method's per-token state, e.g. the probe controller's 256
+floats per token), and it grows with the context.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def run_method(
         **step_times(latencies, B),
         "kv_bytes_decode": kv_bytes,
         "kv_bytes_peak": session.peak_kv_bytes,
+        "history_bytes": session.history_bytes,
         "rebuilt_tokens": session.rebuilt,
         "rebuilt_per_step": rebuilt / (B * len(gen.stats["step_s"])),  # every decode feed, the untimed one too
         "rebuilt_kept": (session.rebuilt_kept - kept_before) / rebuilt if rebuilt else None,
@@ -177,8 +180,10 @@ def step_times(latencies: list[float], batch: int) -> dict:
 
 def assume_prefilled(session: Session, ids: torch.Tensor) -> torch.Tensor:
     """Put `session` in the state a prefill of `ids` (B, L) leaves, without running it: the history holds the L
-    tokens, the newest min(capacity - R - 1, L) are cached with random keys and values, method state is zeros.
-    Then one real feed (the last prompt token) sets up the method's running state; its logits are returned."""
+    tokens, the newest min(capacity - R - 1, L) are cached with random keys and values, and the method's
+    per-token state is random too (flags set, positions true), so that a controller ranks and rebuilds the
+    assumed tokens as it would prefilled ones. Then one real feed (the last prompt token) sets up the method's
+    running state; its logits are returned."""
     B, L = ids.shape
     device = session.device
     first = ids[:, :-1].to(device)
@@ -188,6 +193,13 @@ def assume_prefilled(session: Session, ids: torch.Tensor) -> torch.Tensor:
     session.hist_pos[:, :n] = torch.arange(n, device=device)
     session.hist_valid[:, :n] = True
     session.length, session.next_pos[:] = n, n
+    for state in session.state.tokens.values():  # e.g. H2O's mass, the probe's z_i, its positions and flags
+        if state.dtype == torch.bool:
+            state[:, :n] = True
+        elif state.dtype == torch.long:
+            state[:, :n] = session.hist_pos[:, :n]
+        else:
+            state[:, :n].uniform_()
     keep = min(n, session.cache.capacity - session.method.R - 1 if session.method.m is not None else n)
     cols = torch.arange(n - keep, n, device=device).expand(B, -1)
     slots = torch.arange(keep, device=device).expand(B, -1)
@@ -464,7 +476,7 @@ def main(argv=None):
     write_json(args.out, {"setup": setup, "rows": rows, "torch": torch.__version__})
     headers = [
         "method", "batch", "prefill_s", "decode tok/s", "x floor", "x full", "ms/step", "p90 ms",
-        "KV MiB (decode)", "KV MiB (peak)", "rebuilt/step", "kept", "KL to full",
+        "KV MiB (decode)", "KV MiB (peak)", "history MiB", "rebuilt/step", "kept", "KL to full",
     ]  # fmt: skip
     table = [
         [
@@ -478,6 +490,7 @@ def main(argv=None):
             r["latency_ms_p90"],
             None if r["kv_bytes_decode"] is None else r["kv_bytes_decode"] / 2**20,
             None if r["kv_bytes_peak"] is None else r["kv_bytes_peak"] / 2**20,
+            None if r.get("history_bytes") is None else r["history_bytes"] / 2**20,
             r["rebuilt_per_step"],
             r["rebuilt_kept"],
             r.get("kl_full"),

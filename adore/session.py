@@ -117,6 +117,14 @@ class Session:
 
     # ---- views -------------------------------------------------------------------------------------------
     @property
+    def history_bytes(self) -> int:
+        """What the session holds per history column besides the KV cache: ids, positions, slots and the
+        method's per-token state (the controller's z_i). Unlike the cache it grows with the context: it is what
+        rebuilding any released token costs in memory."""
+        tensors = [self.hist_ids, self.hist_pos, self.hist_valid, self.hist_slot, *self.state.tokens.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
     def rebuilt(self) -> int:
         """Tokens rebuilt so far, all rows (reading it syncs: read it after the loop)."""
         return int(self._rebuilt)

@@ -56,6 +56,35 @@ def test_bench_decodes_what_generate_does(tiny):
     assert len(gen.stats["step_s"]) == 7 and "step_s" not in ref.stats  # latencies only when asked for
 
 
+def test_history_bytes_count_what_a_session_keeps_per_fed_token(tiny):
+    """Besides the KV cache a session keeps, per history column, an id, a position, a valid flag and a slot (8 + 8
+    + 1 + 8 bytes, one slot column spare), plus the method's per-token state: none for window, H2O's float mass."""
+    model = tiny[0]
+    B, L = 2, 30
+    plain = B * L * (8 + 8 + 1) + B * (L + 1) * 8
+    assert Session(model, build_method("window", 6), B, L).history_bytes == plain
+    assert Session(model, build_method("h2o", 6), B, L).history_bytes == plain + B * L * 4
+    adore = Session(model, build_method("adore", 6), B, L)
+    assert adore.history_bytes == plain + B * L * adore.method.net.state_width * 4  # z_i, float32
+
+
+def test_an_assumed_prefill_gives_the_assumed_tokens_method_state(tiny):
+    """--synthetic-prompt: the assumed tokens get random per-token state, so a probe controller ranks them and
+    rebuilds them (with zeros for state it saw none: no rebuild at all, and a cost the benchmark never measured)."""
+    model = tiny[0]
+    ids = torch.randint(100, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    probe = {"heads": 2, "head_dim": 4, "input_layer": 1}
+    row, _ = bench.run_method(
+        model, build_method("adore", 8, R=2, rebuild_every=1, config=probe), ids, 4, synthetic=True
+    )
+    assert row["rebuilt_per_step"] > 0
+    session = Session(model, build_method("adore", 8, config=probe), 2, 44)
+    bench.assume_prefilled(session, ids)
+    tokens = session.state.tokens
+    assert tokens["filled"][:, :40].all() and torch.equal(tokens["pos"][:, :39], session.hist_pos[:, :39])
+    assert (tokens["z"][:, :39] != 0).all()
+
+
 def test_shared_prefill_decodes_what_an_own_prefill_does(tiny):
     """Methods that prefill alike settle one shared prompt forward: every method then decodes the tokens it
     decodes after its own prefill, and the forward runs once per prefill signature."""
@@ -107,6 +136,8 @@ def test_bench_kv_budget_runs_each_method_at_its_largest_batch(tmp_path, tiny_mo
     window = next(r for r in rows if r["method"] == "window_m8")
     assert full["batch"] == 2**16 // (256 * 204) and window["batch"] == 2**16 // (256 * 9)
     assert full["prefill_s"] is None and window["x_full"] > 0 and window["kv_bytes_decode"] <= 2**16
+    # outside the budget: what each row keeps per fed token, the same for both (neither keeps per-token state)
+    assert window["history_bytes"] * full["batch"] == full["history_bytes"] * window["batch"]
 
 
 def test_bench_kl_and_chunked_prefill(tmp_path, tiny_model_dir):
