@@ -1,6 +1,7 @@
 """The attention function the engine registers with transformers.
 
-Without a recorder it is transformers' own SDPA over the engine's slot mask. `PLAIN_CAUSAL`, an empty 4-D mask
+Without a recorder it is transformers' own SDPA over the engine's slot mask (several masked queries with grouped
+KV heads: `grouped_sdpa`, which never repeats the cache). `PLAIN_CAUSAL`, an empty 4-D mask
 (transformers passes any 4-D mask through untouched), says "slot i holds position i": a plain prompt into an
 empty cache. Then SDPA runs its own causal kernel with no dense mask, and a recorder computes each query
 chunk's weights over the keys up to that chunk only. Methods that read attention
@@ -63,6 +64,10 @@ def adore_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_recorder=None, **kwargs
 ):
     plain = is_plain_causal(attention_mask)
+    if attention_recorder is None and not plain and attention_mask is not None and query.shape[2] > 1:
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            return grouped_sdpa(query, key, value, attention_mask, scaling, dropout)
     if attention_recorder is None:
         return sdpa_attention_forward(
             module, query, key, value, None if plain else attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -92,6 +97,22 @@ def adore_attention(
         out = torch.matmul(weights, value[:, :, :width])
         outputs.append(out.view(B, H, c, D).transpose(1, 2))  # (B, c, H, D)
     return torch.cat(outputs, dim=1).contiguous(), None
+
+
+def grouped_sdpa(query, key, value, attention_mask, scaling, dropout=0.0):
+    """SDPA of several queries under a mask with grouped KV heads, keys and values never repeated: the query
+    heads that share a KV head become extra query rows of it, each with its query's mask row. transformers
+    repeats the whole cache per layer here (1 query packs, no mask uses `enable_gqa`): a rebuild step or a
+    prefill chunk then copied 3x the KV cache in every layer (6x slower attention at batch 64)."""
+    B, H, q, D = query.shape
+    kv_heads, slots = key.shape[1], key.shape[2]
+    groups = H // kv_heads
+    folded = query.reshape(B, kv_heads, groups * q, D)  # heads h = k * groups + j share KV head k
+    mask = attention_mask.expand(B, 1, q, slots)[:, :, None].expand(B, 1, groups, q, slots)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        folded, key, value, attn_mask=mask.reshape(B, 1, groups * q, slots), dropout_p=dropout, scale=scaling
+    )
+    return out.view(B, H, q, D).transpose(1, 2).contiguous(), None
 
 
 def register() -> str:

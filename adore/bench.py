@@ -16,7 +16,8 @@ from decode. Methods that prefill alike (the same recordings and residual stream
 share one prompt forward per batch and release it each on their own (`SharedPrefill`); chunked prefills are
 each method's own. Each method is warmed up first; CUDA is synchronised before every clock read. `--hf-generate`
 adds transformers' own `generate` with full attention (decode time = generate(N) - generate(1)).
-`--model llama2-7b-random` builds a Llama-2-7B-shaped model with random weights (speed does not depend on
+`--prefill-ab N` times prefill alone, N rounds in turns with transformers' (one method per prefill signature),
+and compares medians: the fair prefill comparison. `--model llama2-7b-random` builds a Llama-2-7B-shaped model with random weights (speed does not depend on
 the values) for GPU runs.
 
 The floor: `floor_m<m>` and `floor_ctx<L>` are a bare forward, one token per row, over a cache already holding m
@@ -304,6 +305,52 @@ def run_hf_generate(model, ids: torch.Tensor, new_tokens: int) -> dict:
     }
 
 
+@torch.no_grad()
+def prefill_ab(model, methods, ids: torch.Tensor, new_tokens: int, repeats: int) -> list[dict]:
+    """Prefill alone, timed in turns: transformers' (`generate` of one token, as `--hf-generate` times it) and
+    the first method of each prefill signature (a fresh session, one-shot prefill), `repeats` rounds, each
+    round in a rotated order. Drift of the machine (heat, neighbours) then spreads over every contender, and
+    medians compare fairly: one prefill per method, timed once in its row, swings by 15 % run to run. One row
+    per contender: its times, their median, and that against transformers' and against full attention's."""
+    B, L = ids.shape
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    hf_kwargs = dict(do_sample=False, attention_mask=valid.long(), pad_token_id=0, eos_token_id=None)
+    contenders, seen = {"hf_generate_full": None}, set()
+    for method in methods:
+        signature = Session(model, method, B, L + new_tokens).prefill_signature or method.tag  # None: its own
+        if signature not in seen:
+            seen.add(signature)
+            contenders[method.tag] = method
+    times = {tag: [] for tag in contenders}
+    tags = list(contenders)
+    for round_ in range(repeats):
+        for tag in tags[round_ % len(tags) :] + tags[: round_ % len(tags)]:
+            method = contenders[tag]
+            if method is None:
+                synchronize(model.device)
+                start = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, min_new_tokens=1, **hf_kwargs)
+                synchronize(model.device)
+                times[tag].append(time.perf_counter() - start)
+            else:
+                session = Session(model, method, B, L + new_tokens)
+                times[tag].append(timed_prefill(session, ids, valid, L)[1])
+                del session
+    medians = {tag: statistics.median(t) for tag, t in times.items()}
+    full = next((m.tag for m in contenders.values() if m is not None and m.m is None), None)
+    return [
+        {
+            "contender": tag,
+            "batch": B,
+            "times_s": times[tag],
+            "median_s": medians[tag],
+            "x_hf": medians[tag] / medians["hf_generate_full"],
+            "x_full": medians[tag] / medians[full] if full else None,
+        }
+        for tag in tags
+    ]
+
+
 def methods_for(
     names: list[str],
     m: int,
@@ -385,6 +432,12 @@ def main(argv=None):
     p.add_argument(
         "--kl", action="store_true", help="KL(full || method) with full attention's greedy output teacher-forced"
     )
+    p.add_argument(
+        "--prefill-ab",
+        type=int,
+        default=0,
+        help="also time prefill alone, N rounds in turns with transformers' (median of each; 0: off)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU; not h2o/oracle)"
@@ -406,6 +459,11 @@ def main(argv=None):
         raise SystemExit("--hf-generate times one batch: drop it with --kv-budget-gib")
     if args.kl and (args.synthetic_prompt or args.kv_budget_gib is not None):
         raise SystemExit("--kl needs real prompts: drop --synthetic-prompt / --kv-budget-gib")
+    if args.prefill_ab < 0 or (args.prefill_ab and (args.synthetic_prompt or args.kv_budget_gib is not None)):
+        raise SystemExit(
+            f"--prefill-ab={args.prefill_ab} times real prefills: give N >= 1 rounds without --synthetic-prompt / "
+            "--kv-budget-gib (0: off)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     R = comma_list(args.R, int, "--R")
@@ -436,9 +494,11 @@ def main(argv=None):
             )
         if any(b < 1 for b, _ in plan):
             raise SystemExit(f"--kv-budget-gib={args.kv_budget_gib} does not hold one row of some method: raise it")
-    rows, floors = [], {}
+    rows, floors, ab = [], {}, []
     for batch, batch_methods in plan:
         ids = prompts(tokenizer, model.config.vocab_size, batch, args.prompt_len).to(model.device)
+        if args.prefill_ab:
+            ab += prefill_ab(model, batch_methods, ids, args.new_tokens, args.prefill_ab)
         if args.hf_generate:
             rows.append(run_hf_generate(model, ids, args.new_tokens))
         full_logp = full_tokens = None
@@ -473,7 +533,7 @@ def main(argv=None):
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     setup = {k: v for k, v in vars(args).items() if k not in ("out",)} | {"device_name": device, "dtype": str(dtype)}
-    write_json(args.out, {"setup": setup, "rows": rows, "torch": torch.__version__})
+    write_json(args.out, {"setup": setup, "rows": rows, "prefill_ab": ab, "torch": torch.__version__})
     headers = [
         "method", "batch", "prefill_s", "decode tok/s", "x floor", "x full", "ms/step", "p90 ms",
         "KV MiB (decode)", "KV MiB (peak)", "history MiB", "rebuilt/step", "kept", "KL to full",
@@ -509,6 +569,16 @@ def main(argv=None):
             groups.setdefault((r["batch"], r["prefill_shared_with"]), []).append(r["method"])
     for (batch, _), tags in groups.items():
         print(f"batch {batch}: one prefill forward for {', '.join(tags)} (prefill_s = it + each method's release)")
+    if ab:
+        print(f"\nprefill alone, {args.prefill_ab} rounds in turns (x HF: against transformers' generate of 1 token)")
+        print(
+            tabulate(
+                [[r["contender"], r["batch"], r["median_s"], min(r["times_s"]), r["x_hf"], r["x_full"]] for r in ab],
+                headers=["prefill", "batch", "median s", "min s", "x HF", "x full"],
+                floatfmt=".3f",
+                missingval="—",
+            )
+        )
     print(f"written to {args.out}")
     return rows
 

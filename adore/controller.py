@@ -175,13 +175,26 @@ class Controller(nn.Module):
         keys = z.unflatten(-1, (c.heads, c.head_dim))  # (..., k, heads, head_dim)
         query = query.unflatten(-1, (c.heads, c.head_dim))  # (..., 1, heads, head_dim)
         bias = self.head_bias(bucketize(query_pos - token_pos, c.num_buckets, c.max_distance))  # (..., k, heads)
-        s = torch.einsum("...khd,...qhd->...kh", keys, query) / math.sqrt(c.head_dim) + bias  # (..., k, heads); q = 1
+        s = self._head_dots(z, keys, query) / math.sqrt(c.head_dim) + bias  # (..., k, heads); q = 1
         allowed = token_pos <= query_pos
         if key_valid is not None:
             allowed = allowed & key_valid
         s = s.masked_fill(~allowed[..., None], -1e9)  # finite: no NaN in the gradients of masked keys
         shares = s.log_softmax(-2) + self.head_mix.log_softmax(0)  # (..., k, heads): log w_h softmax_h
         return torch.logsumexp(shares, -1).masked_fill(~allowed, float("-inf"))
+
+    def _head_dots(self, z, keys, query) -> torch.Tensor:
+        """<q_h, k_{i,h}> per head, (..., k, heads). One query per row (the engine's case, z (B, k, width)): one
+        bmm of z against a block-diagonal query matrix, reading z in place; einsum first copies z into a
+        head-major layout, which made scoring a 4k history 2.4x slower. Other shapes (training's broadcast
+        queries): einsum."""
+        c = self.config
+        if z.dim() == 3 and query.dim() == 4 and query.shape[:2] == (z.shape[0], 1):
+            B = z.shape[0]
+            eye = torch.eye(c.heads, dtype=z.dtype, device=z.device)
+            block = (query[:, 0, :, :, None] * eye[None, :, None, :]).reshape(B, c.heads * c.head_dim, c.heads)
+            return torch.bmm(z, block)
+        return torch.einsum("...khd,...qhd->...kh", keys, query)
 
     def save(self, path, meta: dict | None = None) -> None:
         """`meta`: how it was trained (e.g. the labels' K), read back by `Controller.meta`."""

@@ -48,3 +48,20 @@ def test_blocked_eager_attention_equals_softmax_attention(plain, total, rows):
 def test_more_rows_than_the_recorder_keeps_fail_with_a_message():
     with pytest.raises(ValueError, match="at most 256"):
         AttentionRecorder(False, 257)
+
+
+def test_masked_queries_with_grouped_heads_equal_transformers_sdpa():
+    """Several masked queries and grouped KV heads (a rebuild step, a prefill chunk): the engine folds the query
+    heads that share a KV head into its rows instead of repeating the cache per layer; the output is the same."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, H, KV, q, S, D = 2, 6, 2, 5, 23, 16
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(B, q, H, D, generator=gen).transpose(1, 2)  # transposed, as the model hands it over
+    key, value = (torch.randn(B, KV, S, D, generator=gen) for _ in range(2))
+    allowed = torch.rand(B, 1, q, S, generator=gen) > 0.4
+    allowed[..., 0] = True
+    out, _ = adore_attention(_Module(), query, key, value, allowed, scaling=D**-0.5)
+    theirs, _ = sdpa_attention_forward(_Module(), query, key, value, allowed, scaling=D**-0.5)
+    torch.testing.assert_close(out, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(out, _reference(query, key, value, allowed)[0], rtol=1e-4, atol=1e-5)

@@ -151,3 +151,16 @@ def test_bench_kl_and_chunked_prefill(tmp_path, tiny_model_dir):
     assert by["full"]["kl_full"] == pytest.approx(0.0, abs=1e-5) and by["window_m8"]["kl_full"] > 0
     per_slot = by["window_m8"]["kv_bytes_decode"] // 9
     assert by["window_m8_chunk16"]["kv_bytes_peak"] <= (8 + 16 + 0 + 1) * per_slot < by["window_m8"]["kv_bytes_peak"]
+
+
+def test_bench_prefill_ab_times_each_prefill_signature_in_turns(tmp_path, tiny_model_dir, capsys):
+    """--prefill-ab: transformers' prefill and one method per prefill signature, N rounds each, medians compared."""
+    args = "--prompt-len 24 --new-tokens 2 --batch 2 --m 8 --R 0 --methods full,window,h2o --prefill-ab 3".split()
+    bench.main([*args, "--model", tiny_model_dir, "--out", str(tmp_path / "b.json")])
+    ab = read_json(tmp_path / "b.json")["prefill_ab"]
+    assert [r["contender"] for r in ab] == ["hf_generate_full", "full", "h2o_m8_r0.5"]  # window prefills as full does
+    assert all(len(r["times_s"]) == 3 and r["median_s"] > 0 for r in ab)
+    assert ab[0]["x_hf"] == 1.0 and ab[1]["x_full"] == 1.0
+    assert "prefill alone, 3 rounds in turns" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--prefill-ab=2 times real prefills"):
+        bench.main([*args[:-1], "2", "--synthetic-prompt", "--model", tiny_model_dir, "--out", str(tmp_path / "c")])

@@ -167,6 +167,20 @@ def test_probe_scores_are_a_mixture_of_attention_heads():
     assert torch.allclose(got.exp().sum(), torch.tensor(1.0))
 
 
+def test_probe_scores_one_query_per_row_as_broadcast_queries():
+    """The engine's shape (one query per row: a bmm against block-diagonal queries) scores as training's
+    broadcast shape (einsum) does."""
+    torch.manual_seed(0)
+    net = Controller(ControllerConfig(d_model=16, heads=3, head_dim=4, num_buckets=8)).eval()
+    z, query = torch.randn(4, 9, 12), torch.randn(4, 1, 12)
+    pos, t = torch.arange(9).expand(4, 9), torch.tensor([[8], [7], [8], [3]])
+    valid = torch.rand(4, 9) > 0.2
+    with torch.no_grad():
+        engine = net.logits(z, pos, t, query, key_valid=valid)
+        broadcast = net.logits(z[:, None], pos[:, None], t[:, None], query[:, None], key_valid=valid[:, None])[:, 0]
+    torch.testing.assert_close(engine, broadcast)
+
+
 def test_controller_checkpoint_round_trip(tmp_path, tiny):
     model, _ = tiny
     net = Controller(ControllerConfig(d_model=model.config.hidden_size, width=16))
