@@ -147,6 +147,7 @@ class Controller(nn.Module):
         query_pos: torch.Tensor,
         query_z: torch.Tensor | None = None,
         key_valid: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pre-sigmoid scores (the probe: log attention shares).
 
@@ -154,11 +155,15 @@ class Controller(nn.Module):
         query_pos: (..., 1) or broadcastable, the current query position t; query_z: (..., 1, width) or
         broadcastable, the query's own state z_t (read only with `config.query`; the probe's query from
         `queries`). The probe normalises over the k tokens given, so they must be all tokens <= t; tokens
-        after t and those where `key_valid` (..., k) is False get -inf. Returns (..., k).
+        after t and those where `key_valid` (..., k) is False get -inf. Returns (..., k); the probe with
+        `columns` (B, c), indices into the k tokens: only their scores, (B, c), normalised over all k as ever (the
+        release asks for the m cached tokens of a history of thousands).
         """
         c = self.config
         if c.heads:
-            return self._log_attention(z, token_pos, query_pos, query_z, key_valid)
+            return self._log_attention(z, token_pos, query_pos, query_z, key_valid, columns)
+        if columns is not None:
+            raise ValueError("Controller.logits(columns=...) is for the attention probe: gather z and positions first")
         where = query_pos - token_pos if c.position == "relative" else token_pos
         p = self.position(bucketize(where, c.num_buckets, c.max_distance))
         out = self.mlp(p + z).squeeze(-1)
@@ -168,19 +173,24 @@ class Controller(nn.Module):
             out = out + (self.q_proj(query_z) * self.k_proj(z)).sum(-1) / math.sqrt(c.width)
         return out
 
-    def _log_attention(self, z, token_pos, query_pos, query, key_valid) -> torch.Tensor:
+    def _log_attention(self, z, token_pos, query_pos, query, key_valid, columns=None) -> torch.Tensor:
         c = self.config
         if query is None:
             raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
         keys = z.unflatten(-1, (c.heads, c.head_dim))  # (..., k, heads, head_dim)
         query = query.unflatten(-1, (c.heads, c.head_dim))  # (..., 1, heads, head_dim)
         bias = self.head_bias(bucketize(query_pos - token_pos, c.num_buckets, c.max_distance))  # (..., k, heads)
-        s = self._head_dots(z, keys, query) / math.sqrt(c.head_dim) + bias  # (..., k, heads); q = 1
+        # (..., k, heads); q = 1. In place: at 4k history x hundreds of rows each copy is tens of MB per step
+        s = self._head_dots(z, keys, query).div_(math.sqrt(c.head_dim)).add_(bias)
         allowed = token_pos <= query_pos
         if key_valid is not None:
             allowed = allowed & key_valid
-        s = s.masked_fill(~allowed[..., None], -1e9)  # finite: no NaN in the gradients of masked keys
-        shares = s.log_softmax(-2) + self.head_mix.log_softmax(0)  # (..., k, heads): log w_h softmax_h
+        s.masked_fill_(~allowed[..., None], -1e9)  # finite: no NaN in the gradients of masked keys
+        shares = s.log_softmax(-2)  # (..., k, heads): log softmax_h over all k
+        if columns is not None:
+            shares = shares.gather(1, columns[..., None].expand(-1, -1, c.heads))
+            allowed = allowed.gather(1, columns)
+        shares = shares + self.head_mix.log_softmax(0)  # log w_h softmax_h
         return torch.logsumexp(shares, -1).masked_fill(~allowed, float("-inf"))
 
     def _head_dots(self, z, keys, query) -> torch.Tensor:

@@ -197,11 +197,15 @@ class Adore(Method):
     def rebuild_score(self, state, tokens):
         """The controller's scores (it alone knows released tokens: they have no attention in the cache)."""
         z = state.tokens["z"]
-        if self.probe:  # normalised over every history token: score all, then read the asked ones
-            all_scores = self.net.logits(
-                z, state.tokens["pos"], tokens.query_pos, state.query[:, None], key_valid=state.tokens["filled"]
-            )  # (B, T)
-            scores = all_scores.gather(1, tokens.cols)
+        if self.probe:  # normalised over every history token, scored for the asked ones
+            scores = self.net.logits(
+                z,
+                state.tokens["pos"],
+                tokens.query_pos,
+                state.query[:, None],
+                key_valid=state.tokens["filled"],
+                columns=tokens.cols,
+            )  # (B, k)
         else:
             z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
             query_z = state.h[:, None] if self.query else None  # (B, 1, width): the newest token is the query
