@@ -169,7 +169,7 @@ def test_probe_scores_are_a_mixture_of_attention_heads():
 
 def test_probe_scores_one_query_per_row_as_broadcast_queries():
     """The engine's shape (one query per row: a bmm against block-diagonal queries) scores as training's
-    broadcast shape (einsum) does."""
+    broadcast shape (einsum) does, and asking for a few columns gives exactly their scores among all."""
     torch.manual_seed(0)
     net = Controller(ControllerConfig(d_model=16, heads=3, head_dim=4, num_buckets=8)).eval()
     z, query = torch.randn(4, 9, 12), torch.randn(4, 1, 12)
@@ -179,6 +179,12 @@ def test_probe_scores_one_query_per_row_as_broadcast_queries():
         engine = net.logits(z, pos, t, query, key_valid=valid)
         broadcast = net.logits(z[:, None], pos[:, None], t[:, None], query[:, None], key_valid=valid[:, None])[:, 0]
     torch.testing.assert_close(engine, broadcast)
+    columns = torch.tensor([[0, 5, 8], [7, 1, 2], [3, 3, 0], [2, 4, 6]])  # the release asks for a few tokens only
+    with torch.no_grad():
+        asked = net.logits(z, pos, t, query, key_valid=valid, columns=columns)
+    assert torch.equal(asked, engine.gather(1, columns))  # normalised over all 9 tokens, exactly as before
+    with pytest.raises(ValueError, match="columns=.... is for the attention probe"):
+        Controller(ControllerConfig(d_model=12, width=8)).logits(z[..., :8], pos, t, columns=columns)
 
 
 def test_controller_checkpoint_round_trip(tmp_path, tiny):
