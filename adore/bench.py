@@ -17,8 +17,8 @@ share one prompt forward per batch and release it each on their own (`SharedPref
 each method's own. Each method is warmed up first; CUDA is synchronised before every clock read. `--hf-generate`
 adds transformers' own `generate` with full attention (decode time = generate(N) - generate(1)).
 `--prefill-ab N` times prefill alone, N rounds in turns with transformers' (one method per prefill signature),
-and compares medians: the fair prefill comparison. `--model llama2-7b-random` builds a Llama-2-7B-shaped model with random weights (speed does not depend on
-the values) for GPU runs.
+and compares medians: the fair prefill comparison. `--model llama2-7b-random` builds a Llama-2-7B-shaped model
+with random weights (speed does not depend on the values) for GPU runs.
 
 The floor: `floor_m<m>` and `floor_ctx<L>` are a bare forward, one token per row, over a cache already holding m
 tokens / the prompt plus half the new tokens (full attention's mean), with no bookkeeping: the best any engine
