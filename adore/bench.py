@@ -275,17 +275,18 @@ def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def hf_generate_s(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Seconds of transformers' own greedy `generate` of exactly `new_tokens` per row, full attention."""
+    kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None)
+    synchronize(model.device)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    synchronize(model.device)
+    return time.perf_counter() - start
+
+
 def run_hf_generate(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    device = model.device
-    mask = torch.ones_like(ids)
-    kwargs = dict(do_sample=False, attention_mask=mask, pad_token_id=0, eos_token_id=None)
-    times = {}
-    for n in (1, new_tokens):
-        synchronize(device)
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        synchronize(device)
-        times[n] = time.perf_counter() - start
+    times = {n: hf_generate_s(model, ids, n) for n in (1, new_tokens)}
     decode_s = times[new_tokens] - times[1]
     steps = new_tokens - 1
     return {
@@ -314,7 +315,6 @@ def prefill_ab(model, methods, ids: torch.Tensor, new_tokens: int, repeats: int)
     per contender: its times, their median, and that against transformers' and against full attention's."""
     B, L = ids.shape
     valid = torch.ones_like(ids, dtype=torch.bool)
-    hf_kwargs = dict(do_sample=False, attention_mask=valid.long(), pad_token_id=0, eos_token_id=None)
     contenders, seen = {"hf_generate_full": None}, set()
     for method in methods:
         signature = Session(model, method, B, L + new_tokens).prefill_signature or method.tag  # None: its own
@@ -327,11 +327,7 @@ def prefill_ab(model, methods, ids: torch.Tensor, new_tokens: int, repeats: int)
         for tag in tags[round_ % len(tags) :] + tags[: round_ % len(tags)]:
             method = contenders[tag]
             if method is None:
-                synchronize(model.device)
-                start = time.perf_counter()
-                model.generate(ids, max_new_tokens=1, min_new_tokens=1, **hf_kwargs)
-                synchronize(model.device)
-                times[tag].append(time.perf_counter() - start)
+                times[tag].append(hf_generate_s(model, ids, 1))
             else:
                 session = Session(model, method, B, L + new_tokens)
                 times[tag].append(timed_prefill(session, ids, valid, L)[1])
