@@ -39,6 +39,9 @@ class ControllerConfig:
     mlp_hidden: int = 64
     num_buckets: int = 32
     max_distance: int = 4096  # distances beyond this share the last bucket
+    # the longest distance (or, absolute, position) training saw; beyond it the bucket of this one: the buckets
+    # past it were never trained and hold their random init. None: every bucket (checkpoints written before)
+    trained_distance: int | None = None
     position: str = "relative"  # relative: p encodes t - i; absolute: p encodes i
     input_layer: int = 0  # x_i: 0 = the LLM's input embedding (paper); k = its residual stream after k layers
     query: bool = False  # add a query-dependent bilinear term (False: the paper's query-independent score)
@@ -58,6 +61,12 @@ class ControllerConfig:
                 raise ValueError(f"controller {key}={value!r} must be an integer >= {int(key == 'head_dim')}")
         if self.heads and self.query:
             raise ValueError("controller heads > 0 (an attention probe) is query-dependent already: set query=false")
+        if self.trained_distance is not None and (
+            isinstance(self.trained_distance, bool)
+            or not isinstance(self.trained_distance, int)
+            or self.trained_distance < 0
+        ):
+            raise ValueError(f"controller trained_distance={self.trained_distance!r} must be an integer >= 0 or null")
         if self.num_buckets < 4 or self.width < 1:
             raise ValueError(f"controller needs num_buckets >= 4 and width >= 1, got {self.num_buckets}, {self.width}")
 
@@ -165,7 +174,7 @@ class Controller(nn.Module):
         if columns is not None:
             raise ValueError("Controller.logits(columns=...) is for the attention probe: gather z and positions first")
         where = query_pos - token_pos if c.position == "relative" else token_pos
-        p = self.position(bucketize(where, c.num_buckets, c.max_distance))
+        p = self.position(self.buckets(where))
         out = self.mlp(p + z).squeeze(-1)
         if c.query:
             if query_z is None:
@@ -173,13 +182,20 @@ class Controller(nn.Module):
             out = out + (self.q_proj(query_z) * self.k_proj(z)).sum(-1) / math.sqrt(c.width)
         return out
 
+    def buckets(self, distance: torch.Tensor) -> torch.Tensor:
+        """The learned bucket of each distance, capped at the longest one training saw."""
+        c = self.config
+        if c.trained_distance is not None:
+            distance = distance.clamp(max=c.trained_distance)
+        return bucketize(distance, c.num_buckets, c.max_distance)
+
     def _log_attention(self, z, token_pos, query_pos, query, key_valid, columns=None) -> torch.Tensor:
         c = self.config
         if query is None:
             raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
         keys = z.unflatten(-1, (c.heads, c.head_dim))  # (..., k, heads, head_dim)
         query = query.unflatten(-1, (c.heads, c.head_dim))  # (..., 1, heads, head_dim)
-        bias = self.head_bias(bucketize(query_pos - token_pos, c.num_buckets, c.max_distance))  # (..., k, heads)
+        bias = self.head_bias(self.buckets(query_pos - token_pos))  # (..., k, heads)
         # (..., k, heads); q = 1. In place: at 4k history x hundreds of rows each copy is tens of MB per step
         s = self._head_dots(z, keys, query).div_(math.sqrt(c.head_dim)).add_(bias)
         allowed = token_pos <= query_pos

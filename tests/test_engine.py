@@ -167,6 +167,32 @@ def test_probe_scores_are_a_mixture_of_attention_heads():
     assert torch.allclose(got.exp().sum(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("heads", [0, 3])
+def test_distances_past_the_trained_ones_use_the_last_trained_bucket(heads):
+    """A bucket no training distance reached holds its random init: scores of older tokens read the bucket of the
+    longest distance trained instead, and scores within it are unchanged."""
+    torch.manual_seed(0)
+    config = dict(d_model=16, heads=heads, head_dim=4, num_buckets=8, max_distance=64)
+    free, capped = (
+        Controller(ControllerConfig(**config)).eval(),
+        Controller(ControllerConfig(**config, trained_distance=10)),
+    )
+    capped.load_state_dict(free.state_dict())
+    T = 40
+    x, valid = torch.randn(1, T, 16), torch.ones(1, T, dtype=torch.bool)
+    pos, now = torch.arange(T)[None], torch.tensor([[T - 1]])
+    with torch.no_grad():
+        z = free.encode(x, valid)[0]
+        query = free.queries(x[:, -2], x[:, -1])[:, None] if heads else z[:, -1:]
+        got, uncapped = capped.logits(z, pos, now, query), free.logits(z, pos, now, query)
+        torch.testing.assert_close(got, free.logits(z, pos.clamp(min=T - 1 - 10), now, query))  # capped by hand
+    assert not torch.allclose(got, uncapped)
+    if not heads:  # the GRU's scores are per token (the probe's normalise over all of them)
+        torch.testing.assert_close(got[:, -11:], uncapped[:, -11:])
+    with pytest.raises(ValueError, match="trained_distance=-1"):
+        ControllerConfig(d_model=16, trained_distance=-1)
+
+
 def test_probe_scores_one_query_per_row_as_broadcast_queries():
     """The engine's shape (one query per row: a bmm against block-diagonal queries) scores as training's
     broadcast shape (einsum) does, and asking for a few columns gives exactly their scores among all."""

@@ -136,6 +136,8 @@ def test_controller_fast_dev_run_and_checkpoint_round_trip(tmp_path, tiny_model_
     for method in ("controller", "recency", "h2o"):
         assert 0 <= metrics[f"val/recall_{method}"] <= 1 and 0 <= metrics[f"val/precision_{method}"] <= 1
     loaded = Controller.load(tmp_path / "controller.pt")
+    longest = max(len(r["ids"]) for r in objects["datamodule"].train_set)
+    assert loaded.config.trained_distance == longest - 1  # buckets past the training data are capped at use
     trained = objects["module"].controller.eval()
     embeds, valid = torch.randn(2, 9, loaded.config.d_model), torch.ones(2, 9, dtype=torch.bool)
     with torch.no_grad():

@@ -231,6 +231,9 @@ class ControllerModule(L.LightningModule):
                 f"lower the budget or rerun `python train.py stage=labels stage.module.h2o_k={self.budget}`"
             )
 
+        if self.controller.config.trained_distance is None:  # buckets past it stay untrained: capped at use
+            longest = max(len(r["ids"]) for r in self.trainer.datamodule.train_set)
+            self.controller.config.trained_distance = longest - 1
         if self.backbone is not None:
             self._residual_stream(self.trainer.datamodule)
 
