@@ -66,6 +66,11 @@ class Pipeline:
                 )
         if not self.labels.get("data"):
             raise ValueError("labels.data is empty: name at least one dataset to label (e.g. [samsum])")
+        unknown = sorted(set(self.labels.get("per_data") or {}) - set(self.labels["data"]))
+        if unknown:
+            raise ValueError(
+                f"labels.per_data names {unknown}, which labels.data {list(self.labels['data'])} does not label"
+            )
 
     @property
     def adapter(self) -> Path | None:
@@ -96,7 +101,8 @@ class Pipeline:
                              self.root / "finetune" / "adapter", self.root / "finetune" / "checkpoints"))  # fmt: skip
         for data in self.labels["data"]:
             folder = f"labels_{data}"
-            out.append(Stage("labels", f"labels {data}", self._train("labels", folder, *self._backbone(), f"data={data}", *self.labels.get("overrides", [])),
+            overrides = [*self.labels.get("overrides", []), *(self.labels.get("per_data") or {}).get(data, [])]
+            out.append(Stage("labels", f"labels {data}", self._train("labels", folder, *self._backbone(), f"data={data}", *overrides),
                              self.root / folder / "labels" / "labels.pt"))  # fmt: skip
         pooled = "[" + ",".join(str(self.root / f"labels_{d}") for d in self.labels["data"]) + "]"
         for recipe in self.controller.get("recipes", []):

@@ -23,6 +23,7 @@ def _pipeline(out, tiny_model_dir, *more):
                             "stage.datamodule.max_length=256", "stage.datamodule.batch_size=2", "stage.module.lora.r=4", "train.threads=1"),
         "labels.data=[samsum,math]",
         "labels.overrides=" + _list("logger=none", "stage.datamodule.num_train=8", "stage.datamodule.max_length=256", "stage.module.h2o_k=16"),
+        "labels.per_data={math:" + _list("stage.datamodule.max_length=128") + "}",  # one dataset's own overrides
         "controller.recipes=[paper,query]",
         "controller.overrides=" + _list("logger=none", "trainer.max_steps=2", "stage.datamodule.num_val=2", "stage.datamodule.batch_size=2"),
         "evaluation.data=[samsum]", "evaluation.budgets=[8]", "evaluation.baselines=[full,window]", "evaluation.R=[2]",
@@ -43,6 +44,7 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
         assert (out / f"labels_{data}" / "labels" / "labels.pt").is_file()
         labels_cfg = (out / f"labels_{data}" / "config.yaml").read_text()
         assert str(out / "finetune" / "adapter") in labels_cfg  # labels of the fine-tuned backbone
+        assert f"max_length: {128 if data == 'math' else 256}" in labels_cfg
     for recipe in ("paper", "query"):
         meta_cfg = (out / f"controller_{recipe}" / "config.yaml").read_text()
         assert "labels_samsum" in meta_cfg and "labels_math" in meta_cfg  # both labels runs pooled
@@ -60,6 +62,14 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
     assert "controller query: resuming from" in second.stdout
     assert (out / "controller_query" / "controller.pt").is_file()
     assert "[skip]" in second.stdout  # finished evaluations are not run again
+
+
+def test_overrides_of_a_dataset_not_labelled_fail_before_anything_runs(tmp_path):
+    done = subprocess.run([sys.executable, "pipeline.py", f"out={tmp_path}", "labels.data=[samsum]",
+                           "labels.per_data={chat:['stage.datamodule.max_length=1024']}"],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "labels.per_data names ['chat']" in done.stderr
+    assert not any(p.is_dir() for p in tmp_path.iterdir())
 
 
 def test_unknown_recipe_fails_before_anything_runs(tmp_path):
