@@ -416,6 +416,37 @@ def test_a_rebuilding_method_is_tested_against_its_own_run_without_rebuild(tmp_p
     assert set(vs_r0.index) == {"ROUGE-L", "BERT-F", "KL", "top-1"}
 
 
+def test_against_tests_every_bounded_run_against_one_named_row(tmp_path, capsys):
+    """Two controllers of one method, paired on every metric (`--against <tag>`); a tag in no row is refused."""
+    from adore.io import write_jsonl
+
+    for name, (method, m, rl, kl, controller) in {
+        "window": ("window", 64, 20, 0.5, None),
+        "shipped": ("adore", 64, 25, 0.3, "shipped@1"),
+        "new": ("adore", 64, 28, 0.1, "new@2"),
+        "new_m128": ("adore", 128, 30, 0.05, "new@2"),  # no shipped run at m = 128: no pair
+    }.items():
+        res = run_result("generate", method, "samsum", m, 4 if controller else None, {"eval/rougeL": rl})
+        write_json(
+            tmp_path / name / "results.json", new_format(res, **({"controller": controller} if controller else {}))
+        )
+        write_jsonl(tmp_path / name / "predictions.jsonl", rows(rl, 50, kl))
+    df = report.collect(tmp_path)
+    assert not report.paired_tests(df)["vs"].str.contains("shipped").any()  # only when asked
+    tests = report.paired_tests(df, against="shipped")
+    vs = tests[tests["vs"].str.contains("shipped")].set_index(["method", "metric"])
+    tested = set(vs.index.get_level_values(0))
+    assert len(tested) == 2 and any(label.startswith("Window") for label in tested)  # baselines too
+    assert not any("shipped" in label or "128" in label for label in tested)  # not itself; m = 128 has no partner
+    new = next(label for label in tested if "new" in label)
+    assert vs.loc[(new, "ROUGE-L"), "diff"] == pytest.approx(3)
+    assert vs.loc[(new, "KL"), "diff"] == pytest.approx(-0.2) and vs.loc[(new, "KL"), "significant"]
+    with pytest.raises(ValueError, match="'nosuch'.*labels are"):
+        report.paired_tests(df, against="nosuch")
+    assert report.main([str(tmp_path), "--against", "nosuch", "--out", str(tmp_path / "out")]) == 2
+    assert "nosuch" in capsys.readouterr().err and not (tmp_path / "out").exists()  # refused before writing
+
+
 def test_stream_replies_are_tested_in_pairs_by_dialogue(tmp_path):
     """task=stream: one score per reply, every reply of a dialogue resampled together, never paired with a
     generate run of the same data."""
@@ -585,7 +616,7 @@ def test_terminal_output_fits_120_columns(sweep, tmp_path, capsys):
 def test_paired_tests_run_once_per_report(rich, tmp_path, monkeypatch):
     calls = []
     paired_tests = report.significance.paired_tests
-    monkeypatch.setattr(report.significance, "paired_tests", lambda df: calls.append(1) or paired_tests(df))
+    monkeypatch.setattr(report.significance, "paired_tests", lambda df, **kw: calls.append(1) or paired_tests(df, **kw))
     markdown, files = report.write_report(rich, tmp_path)
     assert len(calls) == 1
     assert "## Paired bootstrap tests" in markdown and (tmp_path / "significance.csv") in files

@@ -1,6 +1,6 @@
 """Tables and plots shaped like the paper's, from a sweep's results.json files (see ../shared/ADORE.md, "What the paper reports").
 
-    python -m adore.report <sweep_dir> [--out DIR] [--paper] [--wandb offline|online|disabled]
+    python -m adore.report <sweep_dir> [--out DIR] [--paper] [--against TEXT] [--wandb offline|online|disabled]
 
 The report reads only results.json files, so it can be rebuilt at any time without rerunning anything.
 Writes `<out>/tables.md`, `<out>/tables.tex`, `<out>/summary.csv`, `<out>/significance.csv` and PNG plots (default
@@ -27,12 +27,14 @@ from adore.report.tables import PAPER_BACKBONE, build_tables, overview_values
 
 
 def write_report(
-    df: pd.DataFrame, out: str | os.PathLike, paper: bool = False, title: str = "Report"
+    df: pd.DataFrame, out: str | os.PathLike, paper: bool = False, title: str = "Report", against: str | None = None
 ) -> tuple[str, list[Path]]:
     """Write tables.md, tables.tex, summary.csv, significance.csv (when runs have predictions.jsonl) and the PNG
-    plots into `out`, each atomically; return the Markdown and the files."""
+    plots into `out`, each atomically; return the Markdown and the files. `against`: see `paired_tests`."""
     out = Path(out)
-    tests = significance.paired_tests(df)  # once: the significance table and significance.csv share them
+    tests = significance.paired_tests(
+        df, against=against
+    )  # once: the significance table and significance.csv share them
     tables = build_tables(df, paper, tests=tests)
     figs, notes = figures(df)
     files = []
@@ -74,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a run or sweep directory; every results.json below it is read")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep_dir>/report)")
     parser.add_argument("--paper", action="store_true", help=f"show the paper's numbers ({PAPER_BACKBONE}) beside ours")
+    parser.add_argument(
+        "--against",
+        default=None,
+        metavar="TEXT",
+        help="also test every bounded run in pairs against the run whose row label holds TEXT (same data and m), "
+        "e.g. a controller's tag: controller_smollm2_probe_k64",
+    )
     parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="disabled")
     args = parser.parse_args(argv)
     df = collect(args.sweep_dir)
@@ -81,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no readable results.json under {args.sweep_dir}", file=sys.stderr)
         return 1
     out = args.out or args.sweep_dir / "report"
-    markdown, files = write_report(df, out, args.paper, title=f"Report: {args.sweep_dir}")
+    try:
+        markdown, files = write_report(df, out, args.paper, title=f"Report: {args.sweep_dir}", against=args.against)
+    except ValueError as err:
+        if args.against is None or "--against" not in str(err):
+            raise
+        print(err, file=sys.stderr)
+        return 2
     print(to_terminal(overview_values(df), "Generation, per dataset (every column and table: tables.md)"))
     titles = [line.removeprefix("## ") for line in markdown.splitlines() if line.startswith("## ")]
     titles = [t for t in titles if t != "Plots"]

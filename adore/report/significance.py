@@ -38,7 +38,8 @@ CAPTION = (
     "same data, model and generation length (quality only: full attention is the fidelity reference). vs best "
     "baseline: for each metric, the training-free run (window, StreamingLLM, H2O, ...) best on that metric at the "
     "same cache size m (one row per such run, with the metrics it is best on). vs R = 0: the same method and "
-    "settings without rebuild (does rebuild pay?). KL: lower is better. — : not tested."
+    "settings without rebuild (does rebuild pay?). vs a row label: the run named by `--against` at the same m. KL: "
+    "lower is better. — : not tested."
 )
 
 
@@ -96,7 +97,7 @@ def _comparable(mine: dict[str, dict], theirs: dict[str, dict], where: str) -> s
     return same
 
 
-def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
+def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -> pd.DataFrame:
     """Paired bootstrap tests on per-example scores (predictions.jsonl, aligned by id), one row per test.
 
     Every bounded method against full attention (quality metrics; full attention is the fidelity reference) and
@@ -106,6 +107,9 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
     label), family (run label), vs, metric, diff (method - other), low, high, significant, n (prompts compared: rows
     with the same prompt, as in runs written before repeated prompts were grouped, are resampled as one unit).
     A method that rebuilds (R > 0) is also tested on every metric against its own run with R = 0, all else equal.
+    `against`: text in one row label (e.g. a shipped controller's tag); every other bounded run is also tested on
+    every metric against that row's run of the same dataset, task, model, adapter, max_new_tokens and m (two
+    controllers, two recipes, a lever on and off). No row label holding it: ValueError naming the labels.
     """
     from adore.stats import Bootstrap
 
@@ -118,6 +122,13 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
     runs = runs.assign(row=row_labels(runs, keys).values)
     runs = in_row_order(runs.drop_duplicates(["row", "data", "task"]), keys)
     cache: dict = {}
+    if against is not None:
+        labels = sorted(set(runs.loc[~runs["reference"], "row"]))
+        if not any(against in label for label in labels):
+            raise ValueError(
+                f"--against {against!r} is in no row label of a run with per-example scores; the labels are: "
+                + "; ".join(labels)
+            )
 
     def same(r, cols) -> pd.Series:
         mask = pd.Series(True, index=runs.index)
@@ -154,6 +165,10 @@ def paired_tests(df: pd.DataFrame, bootstrap=None) -> pd.DataFrame:
             no_rebuild = runs[same(r, ("method", *PAIRED, *settings)) & (runs["R"] == 0)]
             if len(no_rebuild):
                 others.append(("R = 0", no_rebuild.iloc[0], list(TESTS)))
+        if against is not None and against not in r["row"]:  # the anchor row's run at this dataset and m
+            anchor = runs[same(r, (*PAIRED, "m")) & ~runs["reference"] & runs["row"].str.contains(against, regex=False)]
+            if len(anchor):
+                others.append((anchor.iloc[0]["row"], anchor.iloc[0], list(TESTS)))
         for vs, other, tested in others:
             theirs = _scores(other["path"], cache)
             common = _comparable(mine, theirs, f"{r['path']} vs {other['path']}")
