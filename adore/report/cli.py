@@ -32,9 +32,8 @@ def write_report(
     """Write tables.md, tables.tex, summary.csv, significance.csv (when runs have predictions.jsonl) and the PNG
     plots into `out`, each atomically; return the Markdown and the files. `against`: see `paired_tests`."""
     out = Path(out)
-    tests = significance.paired_tests(
-        df, against=against
-    )  # once: the significance table and significance.csv share them
+    # once: the significance table and significance.csv share them
+    tests = significance.paired_tests(df, against=against)
     tables = build_tables(df, paper, tests=tests)
     figs, notes = figures(df)
     files = []
