@@ -213,6 +213,18 @@ def test_shipped_paper_controller_loads_and_scores_as_before():
     torch.testing.assert_close(got, want)
 
 
+def test_committed_probe_deep_controller_reads_twelve_layers():
+    """checkpoints/controller_smollm2_probe_deep_k64.pt is recipe probe_deep as documented (docs/training.md)."""
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "controller_smollm2_probe_deep_k64.pt"
+    net, meta = Controller.load(path), Controller.meta(path)
+    assert (meta["recipe"], meta["K"], meta["loss"]) == ("probe_deep", 64, "listwise")
+    assert (net.config.input_layer, net.config.heads, net.config.trained_distance) == (12, 8, 511)
+    x, valid = torch.randn(1, 9, net.config.d_model), torch.ones(1, 9, dtype=torch.bool)
+    with torch.no_grad():
+        scores = score_last_query(net, x, valid)
+    assert torch.isfinite(scores).all() and torch.allclose(scores.exp().sum(), torch.tensor(1.0), atol=1e-4)
+
+
 def test_overfit_a_few_batches_lowers_the_loss(tmp_path, tiny_model_dir):
     overrides = (
         "debug=overfit",
