@@ -168,6 +168,35 @@ def test_each_controller_recipe_trains_and_round_trips(recipe, tmp_path, tiny_mo
     assert torch.isfinite(a).all()
 
 
+def test_residual_stream_is_cached_beside_the_labels_and_reused(tmp_path, tiny_model_dir, labels_run, monkeypatch):
+    """A second controller reading the same layer of the same backbone skips the backbone and sees the same x."""
+    import shutil
+
+    import adore.lit.controller as stage
+
+    labels = tmp_path / "labels.pt"
+    shutil.copy(labels_run / "labels" / "labels.pt", labels)
+    overrides = ["recipe=probe", f"stage.datamodule.labels={labels}", "stage.module.controller.input_layer=1"]
+    first = train(make_cfg("controller", tmp_path / "a", "debug=fdr", *overrides, model_dir=tiny_model_dir))[1]
+    cache = tmp_path / "labels.residual_after_1.pt"
+    assert cache.is_file()
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the residual stream was recomputed, not read from the cache")
+
+    monkeypatch.setattr(stage, "residual_after", no_backbone)
+    second = train(make_cfg("controller", tmp_path / "b", "debug=fdr", *overrides, model_dir=tiny_model_dir))[1]
+    rows = lambda objects: objects["datamodule"].train_set + objects["datamodule"].val_set  # noqa: E731
+    for a, b in zip(rows(first), rows(second)):
+        assert torch.equal(a["x"], b["x"])
+    # another layer is another file; another backbone does not read this one
+    key = stage.residual_key(ModelSpec(name_or_path=str(tiny_model_dir)), 1)
+    assert (
+        stage.ResidualCache(labels, 1, key).streams and not stage.ResidualCache(labels, 1, key | {"dtype": "x"}).streams
+    )
+    assert not stage.ResidualCache(labels, 2, key | {"layer": 2}).streams
+
+
 def score_last_query(net: Controller, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Scores of every token for the last position as the query, whatever the controller's kind."""
     z = net.encode(x, valid)[0]

@@ -9,12 +9,16 @@ controller, recency (window) and H2O.
 
 `labels` may list several labels files (e.g. SAMSum, chat and math, from the same backbone): their sequences
 are pooled. A controller reading a hidden layer (`controller.input_layer` > 0) gets the backbone's residual
-stream, computed once per sequence at setup.
+stream, computed once per sequence at setup and cached beside each labels file (`residual_cache`), so that the
+next controller reading the same layer of the same backbone skips the backbone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +29,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import Metric
 
 from adore.controller import Controller, ControllerConfig
+from adore.io import save_torch
 from adore.labels import dense_labels, h2o_scores, load_labels, recency_scores, sample_pairs, selection_counts
 from adore.lit.finetune import warmup_cosine
 from adore.models import ModelSpec, load_model, residual_after
@@ -70,6 +75,7 @@ class ControllerDataModule(L.LightningDataModule):
                             f"{blobs[0]['meta'][key]!r}: pool labels of one backbone and one K"
                         )
             self.blob = {key: [x for b in blobs for x in b[key]] for key in ("id", "ids", "topk", "mass", "h2o")}
+            self.blob["source"] = [str(path) for path, b in zip(self.paths, blobs) for _ in b["ids"]]
             self.blob["meta"] = blobs[0]["meta"] | {"sources": [b["meta"].get("data") for b in blobs]}
             n = len(self.blob["ids"])
             if n < 2 or self.num_val >= n:
@@ -82,7 +88,7 @@ class ControllerDataModule(L.LightningDataModule):
         if hasattr(self, "train_set"):  # validate, then fit: the rows (and their residual streams) stay
             return
         self._load()
-        keys = ("ids", "topk", "mass", "h2o")
+        keys = ("ids", "topk", "mass", "h2o", "source")
         rows = [dict(zip(keys, r)) for r in zip(*(self.blob[k] for k in keys))]
         # a seeded random hold-out: the labels file is ordered by length (longest first)
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed)).tolist()
@@ -143,6 +149,52 @@ def attention_ahead(topk: torch.Tensor, mass: torch.Tensor, t: torch.Tensor, hor
     return target / target.sum(-1, keepdim=True).clamp(min=1e-9)
 
 
+def residual_key(model: ModelSpec, layer: int) -> dict:
+    """What a residual stream depends on besides the tokens: the backbone (weights, adapter, dtype) and the layer."""
+    key = {name: value for name, value in dataclasses.asdict(model).items() if name != "device"}
+    if model.adapter:  # an adapter retrained in the same folder is another backbone
+        weights = sorted(Path(model.adapter).glob("adapter_model.*"))
+        key["adapter_stat"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    return key | {"layer": layer}
+
+
+class ResidualCache:
+    """The residual streams of one labels file's sequences at one layer, in `<labels>.residual_after_<layer>.pt`
+    beside it, keyed by a hash of each sequence's tokens. A file made with another backbone is ignored (and
+    replaced); one that cannot be written costs a warning, not the run."""
+
+    FORMAT = 1
+
+    def __init__(self, labels_file: str | Path, layer: int, key: dict):
+        labels_file = Path(labels_file)
+        self.path = labels_file.with_name(f"{labels_file.stem}.residual_after_{layer}.pt")
+        self.key, self.streams, self.changed = key, {}, False
+        if self.path.is_file():
+            blob = torch.load(self.path, map_location="cpu", weights_only=True)
+            if blob.get("format") == self.FORMAT and blob.get("key") == key:
+                self.streams = blob["streams"]
+
+    @staticmethod
+    def _digest(ids: torch.Tensor) -> str:
+        return hashlib.sha1(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def get(self, ids: torch.Tensor) -> torch.Tensor | None:
+        return self.streams.get(self._digest(ids))
+
+    def put(self, ids: torch.Tensor, x: torch.Tensor) -> None:
+        self.streams[self._digest(ids)] = x
+        self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            save_torch(self.path, {"format": self.FORMAT, "key": self.key, "streams": self.streams})
+        except OSError as error:
+            warnings.warn(f"residual stream not cached at {self.path}: {error}", stacklevel=2)
+        self.changed = False
+
+
 class _TrainCollate:
     def __init__(self, datamodule: ControllerDataModule):
         self.datamodule = datamodule
@@ -180,6 +232,7 @@ class ControllerModule(L.LightningModule):
         recipe: str | None = None,
         horizon: int = 1,
         warmup_steps: int | None = None,
+        residual_cache: bool = True,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -203,6 +256,7 @@ class ControllerModule(L.LightningModule):
         self.budget, self.h2o_recent_ratio = budget, h2o_recent_ratio
         self.loss_name, self.queries_per_sequence, self.recipe = loss, queries_per_sequence, recipe
         self.horizon, self.warmup_steps = horizon, warmup_steps
+        self.residual_cache, self.model_spec = residual_cache, model
         self.overlap = nn.ModuleDict({name: TopKOverlap() for name in METHODS})
         self.save_hyperparameters(
             {
@@ -239,11 +293,20 @@ class ControllerModule(L.LightningModule):
 
     @torch.no_grad()
     def _residual_stream(self, datamodule, batch_size: int = 8) -> None:
-        """x_i of every sequence: the backbone's residual stream after `input_layer` layers (once, float16)."""
+        """x_i of every sequence: the backbone's residual stream after `input_layer` layers (once, float16),
+        read from the cache beside each labels file where it was computed before."""
         from tqdm.auto import tqdm
 
-        rows = [r for r in datamodule.train_set + datamodule.val_set if "x" not in r]
         layer, device = self.controller.config.input_layer, self.backbone.device
+        rows = [r for r in datamodule.train_set + datamodule.val_set if "x" not in r]
+        caches = {}
+        if self.residual_cache:
+            key = residual_key(self.model_spec, layer)
+            caches = {source: ResidualCache(source, layer, key) for source in dict.fromkeys(r["source"] for r in rows)}
+            for r in rows:
+                if (x := caches[r["source"]].get(r["ids"])) is not None:
+                    r["x"] = x
+            rows = [r for r in rows if "x" not in r]
         for s in tqdm(range(0, len(rows), batch_size), desc=f"residual stream after layer {layer}"):
             chunk = rows[s : s + batch_size]
             T = max(len(r["ids"]) for r in chunk)
@@ -254,6 +317,10 @@ class ControllerModule(L.LightningModule):
             x = residual_after(self.backbone, layer, ids.to(device), mask.to(device)).float().cpu()
             for j, r in enumerate(chunk):
                 r["x"] = x[j, : len(r["ids"])].half()  # (T, d_model)
+                if r["source"] in caches:
+                    caches[r["source"]].put(r["ids"], r["x"])
+        for cache in caches.values():
+            cache.save()
         object.__setattr__(self, "backbone", None)  # not needed any more
 
     def encode(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
