@@ -242,12 +242,13 @@ def test_shipped_paper_controller_loads_and_scores_as_before():
     torch.testing.assert_close(got, want)
 
 
-def test_committed_probe_deep_controller_reads_twelve_layers():
-    """checkpoints/controller_smollm2_probe_deep_k64.pt is recipe probe_deep as documented (docs/training.md)."""
-    path = Path(__file__).resolve().parents[1] / "checkpoints" / "controller_smollm2_probe_deep_k64.pt"
+@pytest.mark.parametrize("recipe,layer", [("probe_deep", 12), ("probe_l16", 16)])
+def test_committed_deep_probes_read_the_documented_layer(recipe, layer):
+    """checkpoints/controller_smollm2_<recipe>_k64.pt is that recipe as documented (docs/training.md)."""
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / f"controller_smollm2_{recipe}_k64.pt"
     net, meta = Controller.load(path), Controller.meta(path)
-    assert (meta["recipe"], meta["K"], meta["loss"]) == ("probe_deep", 64, "listwise")
-    assert (net.config.input_layer, net.config.heads, net.config.trained_distance) == (12, 8, 511)
+    assert (meta["recipe"], meta["K"], meta["loss"]) == (recipe, 64, "listwise")
+    assert (net.config.input_layer, net.config.heads, net.config.trained_distance) == (layer, 8, 511)
     x, valid = torch.randn(1, 9, net.config.d_model), torch.ones(1, 9, dtype=torch.bool)
     with torch.no_grad():
         scores = score_last_query(net, x, valid)
