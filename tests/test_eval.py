@@ -95,7 +95,7 @@ def test_run_directory_names_carry_the_hyper_parameters():
     )
     assert evaluate.method_tag(eval_cfg("method=random", "budget=32", "method.seed=3").method) == "random_m32_seed3"
     trained = evaluate.method_tag(eval_cfg("method=adore_trained", "budget=32").method)
-    assert trained.startswith("adore_m32_R4_controller_smollm2_probe_l16_k64-")  # rebuilds every step: no policy suffix
+    assert trained.startswith("adore_m32_R4_controller_smollm2_probe_l20_k64-")  # rebuilds every step: no policy suffix
     assert len(trained.rsplit("-", 1)[1]) == 8  # the checkpoint's hash prefix
 
 
@@ -223,7 +223,7 @@ def test_a_controller_of_another_backbone_is_refused_before_the_model_loads(tiny
     paper = "method.controller=checkpoints/controller_smollm2_samsum_k64.pt"
     with pytest.raises(ValueError, match="reads embeddings of width 576, but this model's are 32 wide"):
         evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=adore", paper)), "/tmp/never")
-    with pytest.raises(ValueError, match="reads the residual stream after layer 16, but this model has 2 layers"):
+    with pytest.raises(ValueError, match="reads the residual stream after layer 20, but this model has 2 layers"):
         evaluate.run(eval_cfg(*tiny_overrides(tiny_model_dir, "method=adore_trained")), "/tmp/never")
 
 

@@ -242,7 +242,7 @@ def test_shipped_paper_controller_loads_and_scores_as_before():
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("recipe,layer", [("probe_deep", 12), ("probe_l16", 16)])
+@pytest.mark.parametrize("recipe,layer", [("probe_deep", 12), ("probe_l16", 16), ("probe_l20", 20)])
 def test_committed_deep_probes_read_the_documented_layer(recipe, layer):
     """checkpoints/controller_smollm2_<recipe>_k64.pt is that recipe as documented (docs/training.md)."""
     path = Path(__file__).resolve().parents[1] / "checkpoints" / f"controller_smollm2_{recipe}_k64.pt"
