@@ -447,6 +447,27 @@ def test_against_tests_every_bounded_run_against_one_named_row(tmp_path, capsys)
     assert "nosuch" in capsys.readouterr().err and not (tmp_path / "out").exists()  # refused before writing
 
 
+def test_against_pairs_with_every_row_that_holds_the_text(tmp_path):
+    """One controller at R = 4 and R = 0: a baseline is tested against each, never against only the first found."""
+    from adore.io import write_jsonl
+
+    for name, (method, R, rl, controller) in {
+        "window": ("window", None, 20, None),
+        "r4": ("adore", 4, 28, "shipped@1"),
+        "r0": ("adore", 0, 24, "shipped@1"),
+        "other": ("adore", 4, 26, "other@2"),  # a second controller: the tags enter the labels
+    }.items():
+        res = run_result("generate", method, "samsum", 64, R, {"eval/rougeL": rl})
+        write_json(
+            tmp_path / name / "results.json", new_format(res, **({"controller": controller} if controller else {}))
+        )
+        write_jsonl(tmp_path / name / "predictions.jsonl", rows(rl, 50, 0.5))
+    tests = report.paired_tests(report.collect(tmp_path), against="shipped")
+    window = tests[tests["method"].str.startswith("Window") & tests["vs"].str.contains("shipped")]
+    diffs = window[window["metric"] == "ROUGE-L"].set_index("vs")["diff"]
+    assert len(diffs) == 2 and sorted(diffs.round(6)) == [-8, -4]  # against R = 4 and against R = 0, each labelled
+
+
 def test_stream_replies_are_tested_in_pairs_by_dialogue(tmp_path):
     """task=stream: one score per reply, every reply of a dialogue resampled together, never paired with a
     generate run of the same data."""

@@ -109,7 +109,8 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
     A method that rebuilds (R > 0) is also tested on every metric against its own run with R = 0, all else equal.
     `against`: text in one row label (e.g. a shipped controller's tag); every other bounded run is also tested on
     every metric against that row's run of the same dataset, task, model, adapter, max_new_tokens and m (two
-    controllers, two recipes, a lever on and off). No row label holding it: ValueError naming the labels.
+    controllers, two recipes, a lever on and off); against each of them where several rows at that m hold it (one
+    controller at R = 4 and R = 0). No row label holding it: ValueError naming the labels.
     """
     from adore.stats import Bootstrap
 
@@ -166,9 +167,11 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
             if len(no_rebuild):
                 others.append(("R = 0", no_rebuild.iloc[0], list(TESTS)))
         if against is not None and against not in r["row"]:  # the anchor row's run at this dataset and m
-            anchor = runs[same(r, (*PAIRED, "m")) & ~runs["reference"] & runs["row"].str.contains(against, regex=False)]
-            if len(anchor):
-                others.append((anchor.iloc[0]["row"], anchor.iloc[0], list(TESTS)))
+            anchors = runs[
+                same(r, (*PAIRED, "m")) & ~runs["reference"] & runs["row"].str.contains(against, regex=False)
+            ]
+            for _, anchor in anchors.iterrows():  # one test per anchor row: R = 0 and R = 4 of one controller both
+                others.append((anchor["row"], anchor, list(TESTS)))
         for vs, other, tested in others:
             theirs = _scores(other["path"], cache)
             common = _comparable(mine, theirs, f"{r['path']} vs {other['path']}")
