@@ -1,9 +1,9 @@
 """The attention function the engine registers with transformers.
 
-Without a recorder it is transformers' own SDPA over the engine's slot mask (several masked queries with grouped
-KV heads: `grouped_sdpa`, which never repeats the cache). `PLAIN_CAUSAL`, an empty 4-D mask
-(transformers passes any 4-D mask through untouched), says "slot i holds position i": a plain prompt into an
-empty cache. Then SDPA runs its own causal kernel with no dense mask, and a recorder computes each query
+Without a recorder it is SDPA over the engine's slot mask: with grouped KV heads `grouped_sdpa`, which never
+repeats the cache, for every forward but a plain causal prompt. `PLAIN_CAUSAL`, an empty 4-D mask (transformers
+passes any 4-D mask through untouched), says "slot i holds position i": a plain prompt into an empty cache.
+Then transformers' SDPA runs its own causal kernel with no dense mask, and a recorder computes each query
 chunk's weights over the keys up to that chunk only. Methods that read attention
 (H2O, TOVA, SnapKV, the oracle's shadow pass) need the weights, so with a recorder it computes eager attention
 (in small query blocks, to bound memory and stay in cache; only the last rows' queries when only those are
@@ -64,10 +64,9 @@ def adore_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, attention_recorder=None, **kwargs
 ):
     plain = is_plain_causal(attention_mask)
-    if attention_recorder is None and not plain and attention_mask is not None and query.shape[2] > 1:
-        groups = query.shape[1] // key.shape[1]
-        if groups > 1:
-            return grouped_sdpa(query, key, value, attention_mask, scaling, dropout)
+    grouped = query.shape[1] > key.shape[1]
+    if attention_recorder is None and grouped and attention_mask is not None and (query.shape[2] == 1 or not plain):
+        return grouped_sdpa(query, key, value, None if plain else attention_mask, scaling, dropout)
     if attention_recorder is None:
         return sdpa_attention_forward(
             module, query, key, value, None if plain else attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -100,17 +99,21 @@ def adore_attention(
 
 
 def grouped_sdpa(query, key, value, attention_mask, scaling, dropout=0.0):
-    """SDPA of several queries under a mask with grouped KV heads, keys and values never repeated: the query
-    heads that share a KV head become extra query rows of it, each with its query's mask row. transformers
-    repeats the whole cache per layer here (1 query packs, no mask uses `enable_gqa`): a rebuild step or a
-    prefill chunk then copied 3x the KV cache in every layer (6x slower attention at batch 64)."""
+    """SDPA with grouped KV heads, keys and values never repeated: the query heads that share a KV head become
+    extra query rows of it, each with its query's mask row (None: one unmasked query). transformers repeats the
+    whole cache per layer for several masked queries: a rebuild step or a prefill chunk then copied 3x the KV
+    cache in every layer (6x slower attention at batch 64). One query without a mask it hands to `enable_gqa`,
+    which on the CPU is 1.1-1.3x slower than this over a 4k cache at batch 4-16 (the floor's forward)."""
     B, H, q, D = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = H // kv_heads
     folded = query.reshape(B, kv_heads, groups * q, D)  # heads h = k * groups + j share KV head k
-    mask = attention_mask.expand(B, 1, q, slots)[:, :, None].expand(B, 1, groups, q, slots)
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.expand(B, 1, q, slots)[:, :, None].expand(B, 1, groups, q, slots)
+        mask = mask.reshape(B, 1, groups * q, slots)
     out = torch.nn.functional.scaled_dot_product_attention(
-        folded, key, value, attn_mask=mask.reshape(B, 1, groups * q, slots), dropout_p=dropout, scale=scaling
+        folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
     return out.view(B, H, q, D).transpose(1, 2).contiguous(), None
 

@@ -11,20 +11,26 @@ row per value (`--R 0,8`: ADORE without rebuild and with 8 rebuilt tokens), the 
 that cannot run on the model (e.g. `adore_trained`, whose controller fits SmolLM2's width) is skipped with
 a note.
 
-Every method decodes through the engine's own loop (`adore.generate.decode`, greedy), prefill timed apart
-from decode. Methods that prefill alike (the same recordings and residual stream: `Session.prefill_signature`)
+Every method decodes through the engine's own loop (`adore.generate.decode_steps`, greedy), prefill timed apart
+from decode. The rows of a batch (its floors included) decode in turns, one step each, the order rotated every
+step (`decode_in_turns`): each ratio compares steps timed moments apart, so the machine's drift does not land
+on one row (run one after the other, the same forward came out at 1.14x and 1.30x its floor). They are alive
+together, so a batch holds every row's cache at once; under `--kv-budget-gib` each method decodes in turns with
+its own floor only. Methods that prefill alike (the same recordings and residual stream: `Session.prefill_signature`)
 share one prompt forward per batch and release it each on their own (`SharedPrefill`); chunked prefills are
 each method's own. Each method is warmed up first; CUDA is synchronised before every clock read. `--hf-generate`
-adds transformers' own `generate` with full attention (decode time = generate(N) - generate(1)).
+adds transformers' own `generate` with full attention and its own cache and SDPA (each step timed inside the call).
 `--prefill-ab N` times prefill alone, N rounds in turns with transformers' (one method per prefill signature),
 and compares medians: the fair prefill comparison. `--model llama2-7b-random` builds a Llama-2-7B-shaped model
 with random weights (speed does not depend on the values) for GPU runs.
 
-The floor: `floor_m<m>` and `floor_ctx<L>` are a bare forward, one token per row, over a cache already holding m
-tokens / the prompt plus half the new tokens (full attention's mean), with no bookkeeping: the best any engine
-can do. `x_floor` is each row against its own floor (bounded methods: m; full attention: the context).
+The floor: `floor_<n>` is a bare forward, one token per row, over a cache already holding n tokens (m, or the
+prompt plus half the new tokens: full attention's mean), with no bookkeeping: the best any engine can do. It
+runs the engine's attention kernel (transformers' own decode, with its growing cache, is 2.7x slower per step
+at 4k here). `x_floor` is each row against its own floor (bounded methods: m; full attention: the context).
 `--rebuild` / `--rebuild-every` add rows per rebuild policy for methods that rebuild; `rebuilt/step` is the
-tokens rebuilt per row and step and `kept` the share of them the same step's release kept.
+tokens rebuilt (forwarded) per row and step, `kept` the share of them the same step's release kept, and
+`reused/step` the picks `rebuild=keep` found held in the cache (attended without a forward).
 
 `--kv-budget-gib`: each method runs the largest batch whose KV cache fits the budget (bounded methods hold
 min(m, context) + R + 1 slots per row, full attention the whole context): how a bounded cache becomes
@@ -45,11 +51,13 @@ import time
 
 import torch
 from tabulate import tabulate
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor
 
 from adore.attention import PLAIN_CAUSAL, register
 from adore.cache import SlotCache, kv_bytes_per_slot
 from adore.data import data_root
-from adore.generate import Generation, decode, decode_steps, synchronize, teacher_force, timed_prefill
+from adore.generate import Generation, decode_steps, synchronize, teacher_force, timed_prefill
 from adore.io import write_json
 from adore.registry import build_method, method_config, method_names
 from adore.session import Session, capacity_for
@@ -88,20 +96,81 @@ def prompts(tokenizer, vocab_size: int, batch: int, length: int) -> torch.Tensor
     return torch.randint(100, vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
-def run_method(
+class Decoder:
+    """One row of the table, decoding step by step, so that the rows of a batch can decode in turns
+    (`decode_in_turns`). `steps` yields ((B,) tokens, (B,) still going) per step, as `decode_steps` does: its
+    first item comes from prefill, every later one feeds the previous token first (the step that is timed)."""
+
+    def __init__(self, row: dict, steps, batch: int, new_tokens: int, device, session: Session | None = None):
+        self.row, self.steps, self.session, self.device = row, steps, session, device
+        self.tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=device)
+        self.step_s: list[float] = []  # one per fed token
+        self.taken = 0
+        if session is not None:
+            self.rebuilt_before, self.kept_before, self.reused_before = (
+                session.rebuilt,
+                session.rebuilt_kept,
+                session.reused,
+            )
+
+    def advance(self) -> None:
+        """One step (feed + pick), synchronised and timed unless it is the first (nothing is fed there)."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        token, _ = next(self.steps)
+        synchronize(self.device)
+        if self.taken:
+            self.step_s.append(time.perf_counter() - start)
+        self.tokens[:, self.taken] = token
+        self.taken += 1
+
+    def finish(self) -> tuple[dict, Generation]:
+        """The row, complete: decode speed over the timed steps (the first fed step, which captures a CUDA graph
+        of this session's cache, is not counted), rebuild counts, memory; and the greedy tokens."""
+        latencies = self.step_s[1:] if len(self.step_s) > 1 else self.step_s
+        row = self.row | step_times(latencies, self.tokens.shape[0])
+        session = self.session
+        if session is not None:
+            rebuilt = session.rebuilt - self.rebuilt_before
+            B, fed = self.tokens.shape[0], len(self.step_s)
+            row |= {
+                "kv_bytes_peak": session.peak_kv_bytes,
+                "history_bytes": session.history_bytes,
+                "rebuilt_tokens": session.rebuilt,
+                "rebuilt_per_step": rebuilt / (B * fed) if fed else 0.0,  # every decode feed, the untimed one too
+                "rebuilt_kept": (session.rebuilt_kept - self.kept_before) / rebuilt if rebuilt else None,
+                "reused_per_step": (session.reused - self.reused_before) / (B * fed) if fed else 0.0,  # keep
+            }
+        lengths = torch.full((self.tokens.shape[0],), self.taken, dtype=torch.long)
+        return row, Generation(self.tokens[:, : self.taken], lengths, {"step_s": self.step_s})
+
+
+@torch.no_grad()
+def decode_in_turns(decoders: list[Decoder], new_tokens: int, progress: bool = False) -> None:
+    """Every decoder's `new_tokens` steps, one step of each in turn, the order rotated every step: a row's
+    ratio to its floor then compares steps timed within milliseconds of each other, and the machine's drift
+    (heat, neighbours: ±15 % between runs a minute apart on a 2-core CPU) spreads over every row alike."""
+    for decoder in decoders:
+        decoder.advance()  # the first token, from prefill
+    for step in tqdm(range(1, new_tokens), desc="decode in turns", disable=not progress, leave=False):
+        k = step % len(decoders)
+        for decoder in decoders[k:] + decoders[:k]:
+            decoder.advance()
+
+
+def start_method(
     model,
     method,
     ids: torch.Tensor,
     new_tokens: int,
-    progress: bool = False,
     cuda_graphs: bool = False,
     synthetic: bool = False,
     prefill_chunk: int | None = None,
     shared: SharedPrefill | None = None,
-) -> tuple[dict, Generation]:
-    """Prefill (B, L) `ids` (`synthetic`: assume it, see the module doc; `prefill_chunk`: in chunks, releasing
-    between them; `shared`: settle a forward shared with the methods that prefill alike), then greedy-decode
-    `new_tokens` per row with `decode`: the row and the output."""
+) -> Decoder:
+    """Prefill (B, L) `ids` under `method` (`synthetic`: assume it, see the module doc; `prefill_chunk`: in
+    chunks, releasing between them; `shared`: settle a forward shared with the methods that prefill alike), and
+    return its greedy decode of `new_tokens` per row, not yet run."""
     B, L = ids.shape
     session = Session(model, method, B, L + new_tokens, cuda_graphs=cuda_graphs)
     shared_with = None
@@ -112,27 +181,22 @@ def run_method(
     else:
         chunk = prefill_chunk or L  # None: one shot
         logits, prefill_s = timed_prefill(session, ids, torch.ones_like(ids, dtype=torch.bool), chunk)
-    kv_bytes = session.cache.nbytes  # after prefill's release: what decode holds
-    rebuilt_before, kept_before = session.rebuilt, session.rebuilt_kept
-    gen = decode(session, decode_steps(session, logits, new_tokens, [], 0), new_tokens, 0, progress, latencies=True)
-    # one per fed token: new_tokens - 1 (the first token comes from prefill); the first step, which captures the
-    # CUDA graphs of this session's cache, is not timed
-    latencies = gen.stats["step_s"][1:] if len(gen.stats["step_s"]) > 1 else gen.stats["step_s"]
-    rebuilt = session.rebuilt - rebuilt_before
     row = {
         "method": method.tag + (f"_chunk{prefill_chunk}" if prefill_chunk else ""),
         "batch": B,
         "prefill_s": prefill_s,
         "prefill_shared_with": shared_with,
-        **step_times(latencies, B),
-        "kv_bytes_decode": kv_bytes,
-        "kv_bytes_peak": session.peak_kv_bytes,
-        "history_bytes": session.history_bytes,
-        "rebuilt_tokens": session.rebuilt,
-        "rebuilt_per_step": rebuilt / (B * len(gen.stats["step_s"])),  # every decode feed, the untimed one too
-        "rebuilt_kept": (session.rebuilt_kept - kept_before) / rebuilt if rebuilt else None,
+        "kv_bytes_decode": session.cache.nbytes,  # after prefill's release: what decode holds
     }
-    return row, gen
+    steps = decode_steps(session, logits, new_tokens, [], 0)
+    return Decoder(row, steps, B, new_tokens, session.device, session)
+
+
+def run_method(model, method, ids: torch.Tensor, new_tokens: int, **kwargs) -> tuple[dict, Generation]:
+    """`start_method` (its keyword arguments), decoded alone: the row and the output."""
+    decoder = start_method(model, method, ids, new_tokens, **kwargs)
+    decode_in_turns([decoder], new_tokens)
+    return decoder.finish()
 
 
 class SharedPrefill:
@@ -181,7 +245,7 @@ def step_times(latencies: list[float], batch: int) -> dict:
 
 def assume_prefilled(session: Session, ids: torch.Tensor) -> torch.Tensor:
     """Put `session` in the state a prefill of `ids` (B, L) leaves, without running it: the history holds the L
-    tokens, the newest min(capacity - R - 1, L) are cached with random keys and values, and the method's
+    tokens, the newest min(m, L) are cached with random keys and values, and the method's
     per-token state is random too (flags set, positions true), so that a controller ranks and rebuilds the
     assumed tokens as it would prefilled ones. Then one real feed (the last prompt token) sets up the method's
     running state; its logits are returned."""
@@ -201,7 +265,7 @@ def assume_prefilled(session: Session, ids: torch.Tensor) -> torch.Tensor:
             state[:, :n] = session.hist_pos[:, :n]
         else:
             state[:, :n].uniform_()
-    keep = min(n, session.cache.capacity - session.method.R - 1 if session.method.m is not None else n)
+    keep = min(n, session.method.m if session.method.m is not None else n)
     cols = torch.arange(n - keep, n, device=device).expand(B, -1)
     slots = torch.arange(keep, device=device).expand(B, -1)
     session.slot_col[:, :keep], session.slot_pos[:, :keep] = cols, cols
@@ -213,10 +277,10 @@ def assume_prefilled(session: Session, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_floor(model, batch: int, cached: int, new_tokens: int) -> dict:
+def start_floor(model, batch: int, cached: int, new_tokens: int) -> Decoder:
     """A bare forward, one token per row, over a cache holding `cached` tokens (random keys and values): no
     release, no bookkeeping, only the model and an argmax. Each step overwrites the same slot, so the cache
-    holds the same number of tokens at every step."""
+    holds the same number of tokens at every step. Returned not yet run, like `start_method`."""
     config, device = model.config, model.device
     cache = SlotCache.for_model(config, batch, cached + 1, model.dtype, device)
     cache.keys.normal_()
@@ -224,32 +288,27 @@ def run_floor(model, batch: int, cached: int, new_tokens: int) -> dict:
     cache.write_slots = torch.full((batch, 1), cached, device=device)
     model.set_attn_implementation(register())
     pos = torch.full((batch, 1), cached, device=device)
-    token = torch.randint(100, config.vocab_size, (batch, 1), device=device)
 
-    def step(t):  # PLAIN_CAUSAL with one query: attend to every slot, no mask
-        kwargs = dict(attention_mask=PLAIN_CAUSAL, cache=cache, use_cache=True, logits_to_keep=1)
-        return model(input_ids=t, position_ids=pos, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+    def steps():
+        token = torch.randint(100, config.vocab_size, (batch, 1), device=device)
+        kwargs = dict(attention_mask=PLAIN_CAUSAL, cache=cache, use_cache=True, logits_to_keep=1)  # attend to all
+        going = torch.ones(batch, dtype=torch.bool, device=device)
+        for step in range(new_tokens + 2):  # two untimed warm-up steps first
+            token = model(input_ids=token, position_ids=pos, **kwargs).logits[:, -1].argmax(-1, keepdim=True)
+            if step >= 1:
+                yield token[:, 0], going
 
-    for _ in range(2):
-        token = step(token)
-    latencies = []
-    for _ in range(new_tokens - 1):
-        synchronize(device)
-        start = time.perf_counter()
-        token = step(token)
-        synchronize(device)
-        latencies.append(time.perf_counter() - start)
-    return {
+    row = {
         "method": f"floor_{cached}",
         "batch": batch,
         "prefill_s": None,
-        **step_times(latencies, batch),
         "kv_bytes_decode": cache.nbytes,
         "kv_bytes_peak": cache.nbytes,
         "rebuilt_tokens": 0,
         "rebuilt_per_step": 0.0,
         "rebuilt_kept": None,
     }
+    return Decoder(row, steps(), batch, new_tokens, device)
 
 
 @torch.no_grad()
@@ -274,30 +333,46 @@ def kl(full_logp: torch.Tensor, logp: torch.Tensor) -> float:
     return float((full_logp.exp() * (full_logp - logp)).sum(-1).mean())
 
 
+class StepClock(LogitsProcessor):
+    """Stamps the time each time `generate` asks for the next token's scores, once per step, right after that
+    step's forward: the first stamp ends prefill, the gaps between stamps are the decode steps."""
+
+    def __init__(self, device):
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores):
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 @torch.no_grad()
-def hf_generate_s(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds of transformers' own greedy `generate` of exactly `new_tokens` per row, full attention."""
+def hf_generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    """transformers' own greedy `generate` of exactly `new_tokens` per row, full attention over its own cache and
+    SDPA: its prefill seconds and the seconds of each decode step (`StepClock`). Timing the steps inside one
+    call matters: generate(N) - generate(1) carries two prefills' noise (±10 % of a 4k prefill is more than a
+    whole decode of 24 tokens at batch 1)."""
     kwargs = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=None)
-    synchronize(model.device)
-    start = time.perf_counter()
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-    synchronize(model.device)
-    return time.perf_counter() - start
+    clock = StepClock(model.device)
+    engine = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")  # transformers' attention, not the engine's registered one
+    try:
+        synchronize(model.device)
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, logits_processor=[clock], **kwargs)
+    finally:
+        model.set_attn_implementation(engine)
+    stamps = clock.stamps
+    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def run_hf_generate(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    times = {n: hf_generate_s(model, ids, n) for n in (1, new_tokens)}
-    decode_s = times[new_tokens] - times[1]
-    steps = new_tokens - 1
+    prefill_s, latencies = hf_generate(model, ids, new_tokens)
     return {
         "method": "hf_generate_full",
         "batch": ids.shape[0],
-        "prefill_s": times[1],
-        "decode_s": decode_s,
-        "decode_tok_per_s": ids.shape[0] * steps / decode_s,
-        "latency_ms_mean": 1000 * decode_s / steps,
-        "latency_ms_p50": None,
-        "latency_ms_p90": None,
+        "prefill_s": prefill_s,
+        **step_times(latencies[1:] if len(latencies) > 1 else latencies, ids.shape[0]),  # as every row: not the first
         "kv_bytes_decode": None,
         "kv_bytes_peak": None,
         "rebuilt_tokens": 0,
@@ -327,7 +402,7 @@ def prefill_ab(model, methods, ids: torch.Tensor, new_tokens: int, repeats: int)
         for tag in tags[round_ % len(tags) :] + tags[: round_ % len(tags)]:
             method = contenders[tag]
             if method is None:
-                times[tag].append(hf_generate_s(model, ids, 1))
+                times[tag].append(hf_generate(model, ids, 1)[0])
             else:
                 session = Session(model, method, B, L + new_tokens)
                 times[tag].append(timed_prefill(session, ids, valid, L)[1])
@@ -354,9 +429,11 @@ def methods_for(
     controller: str | None,
     rebuild: list[str] | None = None,
     every: list[int] | None = None,
+    forward: list[int] | None = None,
 ) -> list[tuple[str, dict]]:
     """(config name, overrides) per row: one per value of `R` for configs with an `R` field, times one per
-    rebuild policy and period for configs that rebuild (R > 0; None: the config's)."""
+    rebuild policy and period for configs that rebuild (R > 0; None: the config's), and for `keep` one per cap
+    on the picks forwarded."""
     unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")
@@ -370,7 +447,12 @@ def methods_for(
         for r in R:
             policies = [{}]
             if r > 0:  # None: the config's value
-                policies = [{"rebuild": p, "rebuild_every": k} for p in rebuild or [None] for k in every or [None]]
+                policies = [
+                    {"rebuild": p, "rebuild_every": k, "rebuild_forward": f}
+                    for p in rebuild or [None]
+                    for k in every or [None]
+                    for f in (forward or [None] if p == "keep" else [None])
+                ]
                 policies = [{key: v for key, v in policy.items() if v is not None} for policy in policies]
             rows += [(name, extra | {"R": r} | policy) for policy in policies]
     return rows
@@ -413,6 +495,7 @@ def main(argv=None):
     p.add_argument("--R", default="0,8", help="comma list: one row per value for methods with an R field")
     p.add_argument("--rebuild", default=None, help="comma list of rebuild policies (top, survivors) for R > 0")
     p.add_argument("--rebuild-every", default=None, help="comma list: rebuild on every k-th step, for R > 0")
+    p.add_argument("--rebuild-forward", default=None, help="comma list: with --rebuild keep, picks forwarded per step")
     p.add_argument(
         "--controller", default=None, help="controller.pt for methods with a controller field (default: the config's)"
     )
@@ -465,11 +548,12 @@ def main(argv=None):
     R = comma_list(args.R, int, "--R")
     rebuild = args.rebuild.split(",") if args.rebuild else None  # None: the method config's
     every = comma_list(args.rebuild_every, int, "--rebuild-every") if args.rebuild_every else None
+    forward = comma_list(args.rebuild_forward, int, "--rebuild-forward") if args.rebuild_forward else None
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     names = args.methods.split(",") if args.methods else [n for n in method_names() if n != "oracle"]
     if args.kl and "full" not in names:
         raise SystemExit("--kl measures the distance to full attention: add full to --methods")
-    specs = methods_for(names, args.m, R, args.controller, rebuild, every)
+    specs = methods_for(names, args.m, R, args.controller, rebuild, every, forward)
     specs.sort(key=lambda spec: spec[0] != "full")  # full attention first: --kl needs its output
     for _, overrides in specs:  # bad policy values fail before the model loads
         build_method(_, args.m, **overrides)
@@ -490,37 +574,45 @@ def main(argv=None):
             )
         if any(b < 1 for b, _ in plan):
             raise SystemExit(f"--kv-budget-gib={args.kv_budget_gib} does not hold one row of some method: raise it")
-    rows, floors, ab = [], {}, []
+    rows, ab = [], []
     for batch, batch_methods in plan:
         ids = prompts(tokenizer, model.config.vocab_size, batch, args.prompt_len).to(model.device)
         if args.prefill_ab:
             ab += prefill_ab(model, batch_methods, ids, args.new_tokens, args.prefill_ab)
         if args.hf_generate:
             rows.append(run_hf_generate(model, ids, args.new_tokens))
-        full_logp = full_tokens = None
         shared = SharedPrefill(model, ids, args.new_tokens) if not synthetic else None
+        floors, decoders = {}, []  # (decoder, method, prefill chunk); floors: method None
         for method in batch_methods:
             cached = args.m if method.m is not None else args.prompt_len + args.new_tokens // 2
-            if (batch, cached) not in floors:
-                floors[batch, cached] = run_floor(model, batch, cached, args.new_tokens)
-                rows.append(floors[batch, cached])
+            if cached not in floors:
+                floors[cached] = start_floor(model, batch, cached, args.new_tokens)
+                decoders.append((floors[cached], None, None))
             for chunk in chunks if method.m is not None else [None]:
-                row, gen = run_method(
-                    model, method, ids, args.new_tokens, True, args.cuda_graphs, synthetic, chunk, shared
-                )
-                row["floor"] = floors[batch, cached]["method"]
-                if args.kl:
-                    if method.m is None:
-                        full_tokens = gen.tokens
-                        full_logp = forced_logp(model, method, ids, full_tokens)
-                    row["kl_full"] = kl(full_logp, forced_logp(model, method, ids, full_tokens, chunk))
-                rows.append(row)
+                kwargs = dict(cuda_graphs=args.cuda_graphs, synthetic=synthetic, prefill_chunk=chunk, shared=shared)
+                decoder = start_method(model, method, ids, args.new_tokens, **kwargs)
+                decoder.row["floor"] = floors[cached]
+                decoders.append((decoder, method, chunk))
         del shared  # the prompt-length caches of this batch's forwards
-    by_name = {(r["method"], r["batch"]): r for r in rows}
+        decode_in_turns([decoder for decoder, _, _ in decoders], args.new_tokens, progress=True)
+        full_logp = full_tokens = None
+        finished = {}
+        for decoder, method, chunk in decoders:  # floors come before the rows that read them
+            row, gen = decoder.finish()
+            finished[id(decoder)] = row
+            if method is not None:
+                floor = finished[id(row["floor"])]
+                row["floor"], row["x_floor"] = floor["method"], row["decode_tok_per_s"] / floor["decode_tok_per_s"]
+            if args.kl and method is not None:
+                if method.m is None:
+                    full_tokens = gen.tokens
+                    full_logp = forced_logp(model, method, ids, full_tokens)
+                row["kl_full"] = kl(full_logp, forced_logp(model, method, ids, full_tokens, chunk))
+            rows.append(row)
+        del decoders, floors
     full = [r for r in rows if r["method"] == "full"]
     for r in rows:
-        floor = by_name.get((r.get("floor"), r["batch"]))
-        r["x_floor"] = r["decode_tok_per_s"] / floor["decode_tok_per_s"] if floor else None
+        r.setdefault("x_floor", None)
         ref = next((f for f in full if f["batch"] == r["batch"]), full[0] if args.kv_budget_gib and full else None)
         r["x_full"] = r["decode_tok_per_s"] / ref["decode_tok_per_s"] if ref else None
     device = (
@@ -532,7 +624,7 @@ def main(argv=None):
     write_json(args.out, {"setup": setup, "rows": rows, "prefill_ab": ab, "torch": torch.__version__})
     headers = [
         "method", "batch", "prefill_s", "decode tok/s", "x floor", "x full", "ms/step", "p90 ms",
-        "KV MiB (decode)", "KV MiB (peak)", "history MiB", "rebuilt/step", "kept", "KL to full",
+        "KV MiB (decode)", "KV MiB (peak)", "history MiB", "rebuilt/step", "kept", "reused/step", "KL to full",
     ]  # fmt: skip
     table = [
         [
@@ -549,6 +641,7 @@ def main(argv=None):
             None if r.get("history_bytes") is None else r["history_bytes"] / 2**20,
             r["rebuilt_per_step"],
             r["rebuilt_kept"],
+            r.get("reused_per_step"),
             r.get("kl_full"),
         ]
         for r in rows

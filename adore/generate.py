@@ -175,6 +175,7 @@ def teacher_force(
         "decode_tokens": int((valid.sum(1) - 1).clamp(min=0).sum()),  # targets fed one at a time (the last is not fed)
         "rebuilt_tokens": session.rebuilt,
         "rebuilt_kept_tokens": session.rebuilt_kept,
+        "reused_tokens": session.reused,
         "peak_kv_bytes": session.peak_kv_bytes,
     } | ({"diagnostic": session.diagnostic.rows()} if session.diagnostic is not None else {})
 
@@ -227,31 +228,20 @@ def decode(
     max_new_tokens: int,
     pad_token_id: int,
     progress: bool = False,
-    latencies: bool = False,
 ) -> Generation:
-    """Run `steps` (a `decode_steps` of this session) to the end and collect its tokens and decode stats.
-
-    `latencies`: the stats also hold `step_s`, the seconds of each step that fed a token (feed + pick,
-    synchronised).
-    """
+    """Run `steps` (a `decode_steps` of this session) to the end and collect its tokens and decode stats."""
     device, B = session.device, session.batch_size
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    rebuilt_before, kept_before = session.rebuilt, session.rebuilt_kept
-    step_s = [] if latencies else None
+    rebuilt_before, kept_before, reused_before = session.rebuilt, session.rebuilt_kept, session.reused
     synchronize(device)
-    start = tick = time.perf_counter()
+    start = time.perf_counter()
     done_steps = 0
     bar = tqdm(steps, total=max_new_tokens, desc=f"decode {session.method.tag}", disable=not progress, leave=False)
     for step, (nxt, going) in enumerate(bar):
         tokens[:, step] = nxt
         lengths += going
         done_steps = step + 1
-        if step_s is not None and step > 0:  # the time since the last step: its feed and this pick
-            synchronize(device)
-            now = time.perf_counter()
-            step_s.append(now - tick)
-            tick = now
     synchronize(device)
     decode_s = time.perf_counter() - start
     generated = int(lengths.sum())
@@ -262,8 +252,7 @@ def decode(
         "decode_tokens": generated - int((lengths > 0).sum()),  # the first token of a row comes from the last feed
         "rebuilt_tokens": session.rebuilt - rebuilt_before,
         "rebuilt_kept_tokens": session.rebuilt_kept - kept_before,
+        "reused_tokens": session.reused - reused_before,
         "peak_kv_bytes": session.peak_kv_bytes,
     }
-    if step_s is not None:
-        stats["step_s"] = step_s
     return Generation(tokens[:, :done_steps], lengths, stats)

@@ -43,8 +43,15 @@ class Forward:
 
 def capacity_for(method, length: int) -> int:
     """KV slots per row a session of `length` tokens holds: never more than it can fill, so a budget above the
-    whole sequence allocates the sequence (+ R rebuilt + the new token in flight)."""
-    return length if method.m is None else min(method.m, length) + method.R + 1
+    whole sequence allocates the sequence (+ R rebuilt + the new token in flight, + R held by `rebuild=keep`)."""
+    if method.m is None:
+        return length
+    return min(method.m, length) + method.R + 1 + (method.R if keeps_rebuilt(method) else 0)
+
+
+def keeps_rebuilt(method) -> bool:
+    """The rebuild policy `keep`: up to R released tokens stay in the cache, unattended, for the next pick."""
+    return bool(method.R) and getattr(method, "rebuild", "top") == "keep"
 
 
 class Session:
@@ -80,6 +87,8 @@ class Session:
         self.peak_kv_bytes = self.cache.nbytes
         self.slot_col = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.slot_pos = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
+        self.keep_rebuilt = method.m is not None and keeps_rebuilt(method)
+        self.held = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # released, state kept (keep)
         self.hist_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -91,6 +100,7 @@ class Session:
         self.feeds = 0  # feed calls so far (rebuild_every counts them)
         self._rebuilt = torch.zeros((), dtype=torch.long, device=device)  # tokens rebuilt so far (all rows)
         self._rebuilt_kept = torch.zeros((), dtype=torch.long, device=device)  # of those, still cached after their step
+        self._reused = torch.zeros((), dtype=torch.long, device=device)  # picks found held: attended, not forwarded
         self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed (-1: none)
         self.needs = frozenset(method.needs) | frozenset(record)
         self.diagnostic = None  # adore.diagnostic: what the kept cache holds of full attention, every step
@@ -130,6 +140,11 @@ class Session:
         return int(self._rebuilt)
 
     @property
+    def reused(self) -> int:
+        """Rebuild picks that `rebuild=keep` found held in the cache: attended without a forward (all rows)."""
+        return int(self._reused)
+
+    @property
     def rebuilt_kept(self) -> int:
         """Rebuilt tokens that the same step's release kept (the rest informed one step and were dropped again)."""
         return int(self._rebuilt_kept)
@@ -141,7 +156,21 @@ class Session:
 
     @property
     def slot_valid(self) -> torch.Tensor:
-        return self.slot_col >= 0  # (B, C)
+        """(B, C) slots holding a token (held ones too)."""
+        return self.slot_col >= 0
+
+    @property
+    def slot_kept(self) -> torch.Tensor:
+        """(B, C) slots of the kept cache: what a step attends (besides its rebuilt and new tokens)."""
+        return (self.slot_col >= 0) & ~self.held if self.keep_rebuilt else self.slot_col >= 0
+
+    def kept_columns(self, upto: int) -> torch.Tensor:
+        """(B, upto) True where the history column's token is in the kept cache (not released, not held)."""
+        return self._kept(self.hist_slot[:, :upto])
+
+    def _kept(self, slot: torch.Tensor) -> torch.Tensor:
+        """Of `hist_slot` entries: True where the slot is in the kept cache."""
+        return (slot >= 0) & ~self.held.gather(1, slot.clamp(min=0)) if self.keep_rebuilt else slot >= 0
 
     @property
     def query_pos(self) -> torch.Tensor:
@@ -150,7 +179,7 @@ class Session:
 
     def cached_positions(self) -> list[list[int]]:
         """Positions held in the cache, per row (sorted): for tests and inspection."""
-        return [sorted(self.slot_pos[b][self.slot_valid[b]].tolist()) for b in range(self.batch_size)]
+        return [sorted(self.slot_pos[b][self.slot_kept[b]].tolist()) for b in range(self.batch_size)]
 
     # ---- the loop body -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,7 +224,7 @@ class Session:
         else:  # causal by position over the slots; padding queries see only their own slot (no empty softmax rows)
             own = torch.zeros(B, q_cols.shape[1], self.cache.capacity, dtype=torch.bool, device=self.device)
             own.scatter_(2, slots[..., None], True)
-            mask = ((self.slot_valid[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own)[:, None]
+            mask = ((self.slot_kept[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own)[:, None]
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
         hidden = residual_stream(self.model, self.method.input_layer) if "hidden" in self.needs else nullcontext([])
@@ -220,15 +249,16 @@ class Session:
         self._update_method(step.cols, step.valid, step.ids, step.positions, step.slots, step.recorder, step.hidden)
         if self.method.m is not None:
             self._release(self.method.m)
-            self.occupied = min(self.occupied, self.method.m)
+            self.occupied = min(self.occupied, self.method.m + (self.method.R if self.keep_rebuilt else 0))
             self._count_kept_rebuilt()
-            if self.cache.capacity > self.method.m + self.method.R + 1:
-                self._resize(self.method.m + self.method.R + 1)
+            bounded = capacity_for(self.method, self.method.m)  # m + R + 1 (+ R held)
+            if self.cache.capacity > bounded:
+                self._resize(bounded)
         if self.diagnostic is not None:
             T = self.length
             self.diagnostic.observe(
                 self.shadow.entered.last_attention[:, :T],
-                self.hist_slot[:, :T] >= 0,
+                self.kept_columns(T),
                 self.hist_valid[:, :T],
                 self.hist_pos[:, :T],
                 self._query_pos,
@@ -270,6 +300,7 @@ class Session:
         self.slot_col[:, :taken] = source.slot_col[:, :taken]
         self.slot_pos = torch.zeros_like(self.slot_col)
         self.slot_pos[:, :taken] = source.slot_pos[:, :taken]
+        self.held = torch.zeros_like(self.slot_col, dtype=torch.bool)  # a first forward releases nothing
         for name in ("hist_ids", "hist_pos", "hist_valid", "hist_slot", "next_pos"):
             setattr(self, name, getattr(source, name).clone())
         self.length, self.occupied, self.feeds = source.length, source.occupied, source.feeds
@@ -317,7 +348,7 @@ class Session:
         rows = per_slot[:, None] if flat else per_slot  # (B, w, C)
         index = self.slot_col.clamp(min=0)[:, None].expand_as(rows)
         out = rows.new_zeros(*rows.shape[:-1], self.hist_ids.shape[1], dtype=torch.float32)
-        out.scatter_add_(-1, index, rows.float() * self.slot_valid[:, None])
+        out.scatter_add_(-1, index, rows.float() * self.slot_kept[:, None])
         return out[:, 0] if flat else out
 
     # ---- steps of feed -----------------------------------------------------------------------------------
@@ -327,8 +358,14 @@ class Session:
         `top` (the paper, ADORE.md §3.2): the R highest-scoring released tokens, every step. `survivors`: of
         those, only the ones that rank within the m best of all tokens (cached and released) at this step's
         scores, i.e. the ones the release is expected to keep; the others would be released again in the same
-        step. `rebuild_every` = k rebuilds on every k-th feed only. The first forward of a session rebuilds
-        nothing (the method has no running state yet).
+        step. `keep`: the top-R as `top`, but the release holds up to R of the tokens it drops in the cache with
+        their states, unattended (`held`); a pick found held is attended again without a forward, so R bounds
+        the tokens forwarded and they are the picks that changed. A held token's state is the one computed when
+        it was last forwarded (`top` recomputes it under the current cache every step); `rebuild_forward` = F
+        forwards only the F best picks not held (the others wait), which bounds a batch's forward width, the
+        fullest row's count. `rebuild_every` = k
+        rebuilds on every k-th feed only. The first forward of a session rebuilds nothing (the method has no
+        running state yet).
         """
         R = self.method.R if self.method.m is not None else 0
         empty = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
@@ -337,7 +374,7 @@ class Session:
             return empty, empty.bool()
         cols = torch.arange(seen, device=self.device).expand(self.batch_size, -1)
         scores = self._score(cols, rebuild=True)
-        released = self.hist_valid[:, :seen] & (self.hist_slot[:, :seen] < 0)
+        released = self.hist_valid[:, :seen] & ~self.kept_columns(seen)  # held tokens are released ones too
         top = scores.masked_fill(~released, float("-inf")).topk(min(R, seen), dim=1)  # sorted: picks come first
         ok = torch.isfinite(top.values)
         if getattr(self.method, "rebuild", "top") == "survivors":
@@ -345,6 +382,8 @@ class Session:
             kth = competing.topk(min(self.method.m, seen), dim=1).values[:, -1:]
             ok &= top.values >= kth
         picked = top.indices
+        if self.keep_rebuilt:
+            picked, ok = self._attend_held(picked, ok)
         if not self.static_shapes:  # CPU: forward only as many as the fullest row rebuilds (a sync is free here)
             width = int(ok.sum(1).max())
             picked, ok = picked[:, :width], ok[:, :width]
@@ -352,10 +391,27 @@ class Session:
         self._rebuilt += ok.sum()
         return picked, ok
 
+    def _attend_held(self, picked: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rebuild=keep`: picks found held are attended from their slots (no longer held); the rest, moved to
+        the front (the CPU cuts the forward to the fullest row), are forwarded. Held tokens not picked stay held."""
+        C = self.cache.capacity
+        slot = self.hist_slot.gather(1, picked)
+        reuse = ok & (slot >= 0)
+        found = torch.zeros(self.batch_size, C + 1, dtype=torch.bool, device=self.device)
+        found.scatter_(1, torch.where(reuse, slot, C), True)  # writes True only: race-free; others to the spare
+        self.held &= ~found[:, :C]
+        self._reused += reuse.sum()
+        forward = ok & ~reuse
+        cap = getattr(self.method, "rebuild_forward", None)
+        if cap is not None:  # the best `cap` of the picks not held; the others wait for a later step
+            forward &= forward.cumsum(1) <= cap
+        order = torch.argsort((~forward).to(torch.int8), dim=1, stable=True)  # forwarded picks first, in rank order
+        return picked.gather(1, order), forward.gather(1, order)
+
     def _count_kept_rebuilt(self) -> None:
         cols = self.last_rebuilt_cols
         if cols.shape[1]:
-            cached = self.hist_slot.gather(1, torch.where(cols >= 0, cols, self.trash)) >= 0
+            cached = self._kept(self.hist_slot.gather(1, torch.where(cols >= 0, cols, self.trash)))
             self._rebuilt_kept += ((cols >= 0) & cached).sum()
 
     def _claim_slots(self, q_cols, q_valid, q_pos) -> torch.Tensor:
@@ -379,12 +435,22 @@ class Session:
         return slots
 
     def _release(self, m: int) -> None:
-        """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3)."""
+        """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3). `rebuild=keep`
+        holds the R best of the released (and of those held before) in the cache for the next pick."""
         if self.occupied <= m:  # the host bound: nothing to release, no scores needed
+            self.held.zero_()  # room for every token: none is held outside the kept cache
             return
         valid = self.slot_valid
         scores = self._score(self.slot_col.clamp(min=0)).masked_fill(~valid, float("-inf"))
-        keep = torch.zeros_like(valid).scatter_(1, scores.topk(m, dim=1).indices, True)
+        candidates = scores.masked_fill(self.held, float("-inf")) if self.keep_rebuilt else scores  # held: by a pick
+        keep = torch.zeros_like(valid).scatter_(1, candidates.topk(m, dim=1).indices, True) & valid & ~self.held
+        if self.keep_rebuilt:
+            rest = scores.masked_fill(keep, float("-inf")).topk(self.method.R, dim=1)
+            C = self.cache.capacity
+            hold = torch.zeros(self.batch_size, C + 1, dtype=torch.bool, device=self.device)
+            hold.scatter_(1, torch.where(torch.isfinite(rest.values), rest.indices, C), True)  # True only: race-free
+            self.held = hold[:, :C] & valid & ~keep
+            keep = keep | self.held
         drop = valid & ~keep
         self.hist_slot.scatter_(1, torch.where(drop, self.slot_col, self.trash), -1)
         self.slot_col.masked_fill_(drop, -1)
@@ -400,6 +466,7 @@ class Session:
         self.cache.select(torch.where(taken, order, -1))
         self.slot_col = torch.where(taken, self.slot_col.gather(1, src), -1)
         self.slot_pos = torch.where(taken, self.slot_pos.gather(1, src), 0)
+        self.held = taken & self.held.gather(1, src)
         self.hist_slot.fill_(-1)
         slots = torch.arange(capacity, device=self.device).expand(self.batch_size, -1)
         self.hist_slot.scatter_(1, torch.where(self.slot_col >= 0, self.slot_col, self.trash), slots)

@@ -65,3 +65,20 @@ def test_masked_queries_with_grouped_heads_equal_transformers_sdpa():
     theirs, _ = sdpa_attention_forward(_Module(), query, key, value, allowed, scaling=D**-0.5)
     torch.testing.assert_close(out, theirs, rtol=0, atol=0)
     torch.testing.assert_close(out, _reference(query, key, value, allowed)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_one_unmasked_query_with_grouped_heads_is_folded_like_a_masked_one():
+    """The floor's forward (one query, no mask, PLAIN_CAUSAL) runs the same folded SDPA as an engine decode step
+    (transformers' `enable_gqa` is slower on the CPU over a long cache); the output is full attention's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, H, KV, S, D = 2, 6, 2, 23, 16
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(B, 1, H, D, generator=gen).transpose(1, 2)
+    key, value = (torch.randn(B, KV, S, D, generator=gen) for _ in range(2))
+    everything = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    out, _ = adore_attention(_Module(), query, key, value, PLAIN_CAUSAL, scaling=D**-0.5)
+    masked, _ = adore_attention(_Module(), query, key, value, everything, scaling=D**-0.5)
+    theirs, _ = sdpa_attention_forward(_Module(), query, key, value, None, scaling=D**-0.5)
+    torch.testing.assert_close(out, masked, rtol=0, atol=0)
+    torch.testing.assert_close(out, theirs, rtol=1e-5, atol=1e-6)

@@ -76,6 +76,7 @@ def decode_a_few(model, method, static: bool, steps: int = 6, batch: int = 2):
     "name,overrides",
     [(n, {}) for n in method_names() if n not in REBUILDING]
     + [("adore", {"R": 3, "rebuild_every": 1}), ("adore", {"R": 3, "rebuild": "survivors"}), ("oracle", {"R": 3})]
+    + [("adore", {"R": 3, "rebuild": "keep", "rebuild_every": 1})]
     + [("adore", {"R": 3, "rebuild_every": 1, "config": {"heads": 2, "head_dim": 4}, "release": "attention"})],
 )
 def test_a_decode_step_never_syncs_with_the_host(tiny, name, overrides):
@@ -91,7 +92,7 @@ def test_a_decode_step_never_syncs_with_the_host(tiny, name, overrides):
         assert session.last_rebuilt_cols.shape[1] == session.method.R  # always R columns: one shape every step
 
 
-@pytest.mark.parametrize("rebuild", ["top", "survivors"])
+@pytest.mark.parametrize("rebuild", ["top", "survivors", "keep"])
 def test_static_shapes_decode_like_compact_ones(tiny, rebuild):
     """Static shapes run R rebuild columns every step (padding where fewer are picked); the CPU default runs
     only as many as the fullest row picks. Same tokens."""
@@ -113,6 +114,36 @@ def test_survivors_rebuild_fewer_tokens_and_keep_more_of_them(tiny):
     assert survivors.rebuilt_kept / survivors.rebuilt > top.rebuilt_kept / top.rebuilt
 
 
+def test_keep_holds_released_tokens_and_forwards_only_the_picks_that_changed(tiny):
+    """`keep`: the release holds up to R of the tokens it drops in R more slots, unattended; a pick found held is
+    attended from its slot without a forward. Fewer tokens forwarded than `top`, the kept cache still m."""
+    model, _ = tiny
+    m, R = 6, 4
+    top = decode_a_few(model, make_method("oracle", m, model, R=R), static=False, steps=20)[0]
+    keep, _, logits = decode_a_few(model, make_method("oracle", m, model, R=R, rebuild="keep"), False, steps=20)
+    assert keep.cache.capacity == m + 2 * R + 1 == top.cache.capacity + R
+    assert keep.reused > 0 and 0 < keep.rebuilt < top.rebuilt
+    for _ in range(5):
+        held_cols = torch.where(keep.held, keep.slot_col, -2)  # (B, C) history columns held before the step
+        logits = keep.feed(logits[:, -1].argmax(-1, keepdim=True))
+        assert (keep.held.sum(1) <= R).all() and not (keep.held & ~keep.slot_valid).any()
+        assert all(len(p) == m for p in keep.cached_positions())  # the kept cache, held tokens not in it
+        forwarded = keep.last_rebuilt_cols  # (B, r), -1: none
+        assert not (forwarded[:, :, None] == held_cols[:, None, :]).any()  # a held pick is never forwarded again
+
+
+def test_keep_forwards_at_most_rebuild_forward_picks_per_step(tiny):
+    """`rebuild_forward` = F: each step forwards at most the F best picks that are not held (the batch's forward
+    is that wide at most); the others wait, and held picks are still attended without a forward."""
+    model, _ = tiny
+    method = make_method("oracle", 6, model, R=4, rebuild="keep", rebuild_forward=1)
+    session, _, logits = decode_a_few(model, method, static=False, steps=8)
+    for _ in range(6):
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+        assert session.last_rebuilt_cols.shape[1] <= 1
+    assert session.reused > 0 and session.rebuilt > 0
+
+
 def test_rebuild_every_k_steps(tiny):
     model, _ = tiny
     session, _, logits = decode_a_few(model, make_method("adore", 8, model, R=3, rebuild_every=2), False, steps=3)
@@ -123,7 +154,9 @@ def test_rebuild_every_k_steps(tiny):
     assert all(width == 0 for odd, width in widths if odd) and any(width > 0 for odd, width in widths if not odd)
 
 
-@pytest.mark.parametrize("bad", [{"rebuild": "all"}, {"rebuild_every": 0}])
+@pytest.mark.parametrize(
+    "bad", [{"rebuild": "all"}, {"rebuild_every": 0}, {"rebuild_forward": 2}, {"rebuild": "keep", "rebuild_forward": 0}]
+)
 def test_bad_rebuild_policy_fails_with_a_message(bad):
     from adore.methods import Adore
 

@@ -34,8 +34,9 @@ class Adore(Method):
     controller: str | None = None
     seed: int = 0
     config: dict = field(default_factory=dict)  # ControllerConfig fields for a fresh controller
-    rebuild: str = "top"  # rebuild policy: "top" (the paper's top-R) or "survivors" (Session._pick_rebuild)
+    rebuild: str = "top"  # rebuild policy: "top" (the paper's top-R), "survivors" or "keep" (Session._pick_rebuild)
     rebuild_every: int = 8  # rebuild on every k-th step only (1: the paper's rule; 8: same KL, faster; issue 13)
+    rebuild_forward: int | None = None  # keep: forward at most this many picks per step (the rest wait); None: all
     release: str = "controller"  # controller: release by its scores | attention: by this step's attention (TOVA)
     sinks: int | None = None  # the first `sinks` positions are never released
     recent_ratio: float | None = None  # the newest round(recent_ratio * m) tokens are never released
@@ -47,7 +48,7 @@ class Adore(Method):
     def __post_init__(self):
         super().__post_init__()
         check_R(self.R, self.m)
-        check_rebuild(self.rebuild, self.rebuild_every)
+        check_rebuild(self.rebuild, self.rebuild_every, self.rebuild_forward)
         if self.controller is not None:
             in_project = PROJECT / self.controller
             if not Path(self.controller).is_file() and in_project.is_file():

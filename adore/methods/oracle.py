@@ -19,6 +19,7 @@ class Oracle(Method):
     R: int = 4
     rebuild: str = "top"
     rebuild_every: int = 1
+    rebuild_forward: int | None = None
     name: ClassVar[str] = "oracle"
     label: ClassVar[str] = "Oracle"
     training_free: ClassVar[bool] = False  # it reads full attention: an upper bound, not a baseline
@@ -27,7 +28,7 @@ class Oracle(Method):
     def __post_init__(self):
         super().__post_init__()
         check_R(self.R, self.m)
-        check_rebuild(self.rebuild, self.rebuild_every)
+        check_rebuild(self.rebuild, self.rebuild_every, self.rebuild_forward)
 
     def identity(self) -> dict:
         return {"name": self.name, "m": self.m, "R": self.R} | rebuild_identity(self)
@@ -45,15 +46,23 @@ def check_R(R, m: int) -> None:
         )
 
 
-REBUILD_POLICIES = ("top", "survivors")  # adore.session.Session._pick_rebuild says what each does
-PAPER_REBUILD = {"rebuild": "top", "rebuild_every": 1}
+REBUILD_POLICIES = ("top", "survivors", "keep")  # adore.session.Session._pick_rebuild says what each does
+PAPER_REBUILD = {"rebuild": "top", "rebuild_every": 1, "rebuild_forward": None}
 
 
-def check_rebuild(policy, every) -> None:
+def check_rebuild(policy, every, forward=None) -> None:
     if policy not in REBUILD_POLICIES:
         raise ValueError(f"method.rebuild={policy!r}: choose one of {list(REBUILD_POLICIES)}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"method.rebuild_every={every!r} must be a positive integer (rebuild on every k-th step)")
+    if forward is not None:
+        if isinstance(forward, bool) or not isinstance(forward, int) or forward < 1:
+            raise ValueError(f"method.rebuild_forward={forward!r} must be a positive integer or null (all picks)")
+        if policy != "keep":
+            raise ValueError(
+                f"method.rebuild_forward={forward} caps the picks `keep` forwards (the others wait, held or "
+                f"released); with method.rebuild={policy!r} it would only be a smaller R: set method.rebuild=keep"
+            )
 
 
 def rebuild_identity(method) -> dict:

@@ -212,5 +212,6 @@ def sum_stats(stats: list[dict]) -> dict:
         "perf/rebuilt_tokens": total("rebuilt_tokens"),
         "perf/rebuilt_per_step": total("rebuilt_tokens") / max(total("decode_tokens"), 1),  # per row and step
         "perf/rebuilt_kept": total("rebuilt_kept_tokens") / max(total("rebuilt_tokens"), 1),  # share the release kept
+        "perf/reused_per_step": total("reused_tokens") / max(total("decode_tokens"), 1),  # rebuild=keep: held picks
         "perf/peak_kv_bytes": max([s.get("peak_kv_bytes", 0) for s in stats] + [0]),
     }
