@@ -26,8 +26,9 @@ with random weights (speed does not depend on the values) for GPU runs.
 
 The floor: `floor_<n>` is a bare forward, one token per row, over a cache already holding n tokens (m, or the
 prompt plus half the new tokens: full attention's mean), with no bookkeeping: the best any engine can do. It
-runs the engine's attention kernel (transformers' own decode, with its growing cache, is 2.7x slower per step
-at 4k here). `x_floor` is each row against its own floor (bounded methods: m; full attention: the context).
+runs the engine's attention kernel (a step of transformers' own `generate`, with its own cache and SDPA, takes
+1.1-1.2x the floor's over 4k tokens here). `x_floor` is each row against its own floor (bounded methods: m;
+full attention: the context).
 `--rebuild` / `--rebuild-every` add rows per rebuild policy for methods that rebuild; `rebuilt/step` is the
 tokens rebuilt (forwarded) per row and step, `kept` the share of them the same step's release kept, and
 `reused/step` the picks `rebuild=keep` found held in the cache (attended without a forward).
