@@ -363,9 +363,8 @@ class Session:
         the tokens forwarded and they are the picks that changed. A held token's state is the one computed when
         it was last forwarded (`top` recomputes it under the current cache every step); `rebuild_forward` = F
         forwards only the F best picks not held (the others wait), which bounds a batch's forward width, the
-        fullest row's count. `rebuild_every` = k
-        rebuilds on every k-th feed only. The first forward of a session rebuilds nothing (the method has no
-        running state yet).
+        fullest row's count. `rebuild_every` = k rebuilds on every k-th feed only. The first forward of a
+        session rebuilds nothing (the method has no running state yet).
         """
         R = self.method.R if self.method.m is not None else 0
         empty = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
@@ -438,13 +437,15 @@ class Session:
         """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3). `rebuild=keep`
         holds the R best of the released (and of those held before) in the cache for the next pick."""
         if self.occupied <= m:  # the host bound: nothing to release, no scores needed
-            self.held.zero_()  # room for every token: none is held outside the kept cache
+            if self.keep_rebuilt:
+                self.held.zero_()  # room for every token: none is held outside the kept cache
             return
         valid = self.slot_valid
         scores = self._score(self.slot_col.clamp(min=0)).masked_fill(~valid, float("-inf"))
         candidates = scores.masked_fill(self.held, float("-inf")) if self.keep_rebuilt else scores  # held: by a pick
-        keep = torch.zeros_like(valid).scatter_(1, candidates.topk(m, dim=1).indices, True) & valid & ~self.held
+        keep = torch.zeros_like(valid).scatter_(1, candidates.topk(m, dim=1).indices, True)
         if self.keep_rebuilt:
+            keep &= valid & ~self.held
             rest = scores.masked_fill(keep, float("-inf")).topk(self.method.R, dim=1)
             C = self.cache.capacity
             hold = torch.zeros(self.batch_size, C + 1, dtype=torch.bool, device=self.device)
