@@ -57,7 +57,9 @@ class Pipeline:
     prefill_chunk : int or None
         Feed prompts in chunks of this many tokens, releasing to `m` between chunks (None: whole prompt).
     max_prompt_tokens : int or None
-        Longer prompts keep their last tokens.
+        Longer prompts lose their middle: a chat prompt keeps its first `adore.tasks.PROMPT_HEAD` (64) tokens (the
+        chat header and the start of the instruction, at most a quarter of the limit) and its last ones, as
+        `eval.py` cuts them; a plain text without a chat template keeps its last tokens.
     chat_template : bool or None
         Whether a text prompt is wrapped as one user message of the tokenizer's chat template (None: when the
         tokenizer has one). Chat messages always use the template.

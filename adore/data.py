@@ -222,7 +222,22 @@ def _wikitext2(spec: DataSpec) -> list[dict]:
     ]
 
 
-LOADERS = {"chat": _chat, "math": _math, "gsm8k": _gsm8k, "samsum": _samsum, "wikitext2": _wikitext2}
+def _noise(spec: DataSpec) -> list[dict]:
+    """RULER's noise haystack: one passage of filler sentences ("The grass is green. ..."), which task=ruler repeats
+    to the length it needs. Nothing is read: the same offline and online, for either split."""
+    from adore.ruler import NOISE
+
+    return [{"id": "noise-0", "messages": [], "reference": NOISE, "answer": None}]
+
+
+LOADERS = {
+    "chat": _chat,
+    "math": _math,
+    "gsm8k": _gsm8k,
+    "samsum": _samsum,
+    "wikitext2": _wikitext2,
+    "noise": _noise,
+}
 
 
 def load_records(spec: DataSpec, num_examples: int | None = None) -> list[dict]:

@@ -27,7 +27,7 @@ def tiny_config(vocab_size: int):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,  # the packaged SmolLM2's context window (eval checks prompts against it)
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
     )

@@ -268,6 +268,21 @@ def test_bad_method_values_fail_with_a_message(bad):
         bad()
 
 
+def test_snapkv_default_window_is_valid_at_every_budget():
+    """SnapKV's default window (m // 8) is capped at the attention rows the engine records, so a long-context sweep
+    over m builds at every budget; a window out of range names the value to pass."""
+    from adore.methods.snapkv import MAX_WINDOW, SnapKV
+
+    for m in (2, 16, 128, 2048, 4096, 32768):
+        assert 1 <= SnapKV(m=m).rows <= min(m - 1, MAX_WINDOW)
+    assert SnapKV(m=128).rows == 16 and SnapKV(m=4096).rows == MAX_WINDOW  # runs below m = 2,056 are unchanged
+    assert make_method("snapkv", 4096).rows == MAX_WINDOW  # conf/method/snapkv.yaml, as eval.py builds it
+    with pytest.raises(ValueError, match="pass method.window=64"):
+        SnapKV(m=4096, window=512)
+    with pytest.raises(ValueError, match="pass method.window=7"):
+        SnapKV(m=8, window=8)
+
+
 @pytest.mark.slow
 def test_packaged_model_large_budget_equals_generate(packaged):
     """The real SmolLM2 backbone: every method with m >= total length gives transformers' greedy tokens."""

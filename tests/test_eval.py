@@ -68,6 +68,11 @@ def test_math_reports_accuracy(tmp_path, tiny_model_dir):
         ("method=adore method.controller=/nope.pt", "method.controller"),
         ("sampling.temperature=0", "sampling.temperature=0"),
         ("eval.batch_size=100000000", "eval.batch_size=100000000 needs .* GiB of KV cache"),
+        (
+            "eval.max_prompt_tokens=8192",
+            "eval.max_prompt_tokens=8192 .* context window of 8192 .* set eval.max_prompt_tokens=8128",
+        ),
+        ("task=ruler data=noise task.lengths=[16384]", "task.lengths=.16384.: .* context window of 8192"),
     ],
 )
 def test_bad_values_fail_before_any_model_loads(override, message, monkeypatch):

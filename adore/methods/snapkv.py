@@ -23,7 +23,7 @@ class SnapKV(Method):
     """
 
     m: int = 128
-    window: int | None = None  # queries in the observation window; None: m // 8 (kvpress: 64, for budgets of thousands)
+    window: int | None = None  # queries in the observation window; None: m // 8, at most MAX_WINDOW (kvpress: 64)
     kernel: int = 5  # average-pooling width over keys (odd)
     name: ClassVar[str] = "snapkv"
     label: ClassVar[str] = "SnapKV"
@@ -33,16 +33,22 @@ class SnapKV(Method):
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.rows < min(self.m, MAX_WINDOW + 1):
+            fits = min(self.m - 1, MAX_WINDOW)
             raise ValueError(
-                f"method.window={self.rows} must be in [1, min(m={self.m}, {MAX_WINDOW + 1})): the window's tokens are always kept"
+                f"method.window={self.rows} must be in [1, min(m={self.m}, {MAX_WINDOW + 1})): the window's tokens are "
+                f"always kept and the engine records at most {MAX_WINDOW} attention rows; pass method.window="
+                f"{min(64, fits)} (kvpress's default) or any value up to {fits}"
+                if fits >= 1
+                else f"method.m={self.m}: SnapKV keeps its window and at least one more token, so use method.m=2 or more"
             )
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"method.kernel={self.kernel} must be a positive odd number (average-pooling width)")
 
     @property
     def rows(self) -> int:
-        """Queries in the observation window: `window`, or m // 8 when unset (one setting across an m sweep)."""
-        return self.window or max(1, self.m // 8)
+        """Queries in the observation window: `window`, or m // 8 when unset (one setting across an m sweep), capped
+        at the MAX_WINDOW rows the engine records (m > 2,048; kvpress uses 64 at such budgets)."""
+        return self.window or min(max(1, self.m // 8), MAX_WINDOW)
 
     def start(self, batch_size, length, device, model):
         rows = torch.zeros(batch_size, length, self.rows, device=device)  # (B, T, window): the window's rows

@@ -1,9 +1,9 @@
 """results.json files -> one flat DataFrame, and what makes two runs the same row (their identity).
 
-A run's identity is its run settings (task, data, model, adapter, num_examples, max_new_tokens, and batch size for
-throughput) and every field of its method (the results.json `method` section). Runs that differ in any of them are
-never averaged into one row. Display names, row order and which runs are baselines come from the files too
-(`run.label`, `run.training_free`), never from a list of known methods.
+A run's identity is its run settings (task, data, model, adapter, num_examples, max_new_tokens, task=ruler's arrival
+regime, and batch size for throughput) and every field of its method (the results.json `method` section). Runs that
+differ in any of them are never averaged into one row. Display names, row order and which runs are baselines come
+from the files too (`run.label`, `run.training_free`), never from a list of known methods.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from adore.io import read_json
 
 # run fields that also name a method setting (the method section's m, R, sinks land here, not under method/)
 BUDGET = ("m", "R", "K", "sinks")
-SETTINGS = ("adapter", "model", "num_examples", "max_new_tokens")
+SETTINGS = ("adapter", "model", "num_examples", "max_new_tokens", "arrival")  # arrival: task=ruler's regime
 FLAGS = ("label", "tag", "training_free", "chat", "has_answer")
 RUN_FIELDS = (
     "task",
@@ -31,6 +31,7 @@ RUN_FIELDS = (
     *BUDGET,
     "num_examples",
     "max_new_tokens",
+    "arrival",
     "batch_size",
 )
 NUMERIC_FIELDS = (*BUDGET, "num_examples", "max_new_tokens", "batch_size")

@@ -1,4 +1,5 @@
-"""The report's plots: quality and throughput against the cache size m, and the rebuild trade-off against R.
+"""The report's plots: quality and throughput against the cache size m, the rebuild trade-off against R, and
+RULER's accuracy by needle depth x length (task=ruler).
 
 Figures are built with matplotlib's object API (no pyplot), so drawing them changes no global state.
 """
@@ -6,6 +7,7 @@ Figures are built with matplotlib's object API (no pyplot), so drawing them chan
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 from matplotlib import rcParams
@@ -20,6 +22,7 @@ from adore.report.collect import (
     in_row_order,
     row_labels,
     shorten,
+    task_runs,
     variants,
 )
 from adore.report.tables import DECODE, QUALITY
@@ -146,15 +149,65 @@ def plot_R_tradeoff(df: pd.DataFrame, metric: str = "eval/rougeL") -> Figure:
     return fig
 
 
-PLOTS = {"quality_vs_m": plot_quality_vs_m, "throughput_vs_m": plot_throughput_vs_m, "R_tradeoff": plot_R_tradeoff}
+DEPTH_CELL = re.compile(r"eval/ruler_depth(\d+)_(\d+)")  # task=ruler: needle tasks' accuracy at (depth %, length)
+HEATMAP_COLUMNS = 4  # panels per row of the heatmap figure
+
+
+def plot_ruler_heatmap(df: pd.DataFrame) -> Figure | None:
+    """RULER (task=ruler): accuracy of the needle tasks by depth of the needle (rows, 0 % = start of the context)
+    x target length (columns), one panel per method and arrival regime (and haystack), the long-context papers'
+    figure. Cells hold the accuracy; empty where no example was at that depth and length. None (no plot, no note)
+    for a sweep without task=ruler runs."""
+    runs = task_runs(df, "ruler")
+    if not len(runs):
+        return None
+    cells = {c: (int(m.group(1)), int(m.group(2))) for c in runs.columns if (m := DEPTH_CELL.fullmatch(c))}
+    if not cells:
+        raise NoAxis("no task=ruler run has needle depths")
+    v = variants(runs, identity(runs))
+    depths = sorted({d for d, _ in cells.values()})
+    lengths = sorted({n for _, n in cells.values()})
+    panels = [(r["data"], r["row"], r) for _, r in v.iterrows()]
+    cols = min(HEATMAP_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(
+        figsize=(2.2 + 1.0 * len(lengths) * cols, 0.6 + (0.35 * len(depths) + 0.9) * rows), layout="constrained"
+    )
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    image = None
+    for ax, (data, row, r) in zip(axes, panels):
+        grid = [[r.get(f"eval/ruler_depth{d}_{n}", math.nan) for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, x in enumerate(line):
+                if x == x:
+                    ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize="x-small")
+        ax.set_xticks(range(len(lengths)), [fmt_value(float(n)) for n in lengths], fontsize="small")
+        ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize="small")
+        ax.set_title(shorten(f"{row} · {data}", LEGEND_WIDTH), fontsize="small")
+        ax.set(xlabel="length (tokens)", ylabel="needle depth")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=list(axes[: len(panels)]), label="accuracy", shrink=0.8)
+    return fig
+
+
+PLOTS = {
+    "quality_vs_m": plot_quality_vs_m,
+    "throughput_vs_m": plot_throughput_vs_m,
+    "R_tradeoff": plot_R_tradeoff,
+    "ruler_heatmap": plot_ruler_heatmap,
+}
 
 
 def figures(df: pd.DataFrame) -> tuple[dict[str, Figure], list[str]]:
-    """Every plot the sweep supports, and a note for each one skipped."""
+    """Every plot the sweep supports, and a note for each one skipped (none for a plot of another task's runs)."""
     figs, notes = {}, []
     for name, plot in PLOTS.items():
         try:
-            figs[name] = plot(df)
+            fig = plot(df)
+            if fig is not None:
+                figs[name] = fig
         except NoAxis as why:
             notes.append(f"{name}.png skipped: {why}.")
     return figs, notes

@@ -21,6 +21,7 @@ TESTS = {
     "rougeL": ("ROUGE-L", True),
     "bertscore_f": ("BERT-F", True),
     "accuracy": ("Acc", True),
+    "score": ("RULER", True),  # task=ruler: share of an example's reference strings found in the output
     "fidelity_kl": ("KL", False),
     "fidelity_top1": ("top-1", False),
     # the output scored against full attention's own: where the backbone itself fails the task (a base model that
@@ -28,8 +29,8 @@ TESTS = {
     "fidelity_rougeL_vs_full": ("ROUGE-L vs full", False),
 }
 # Two runs are compared only when they share these (and a baseline the cache size m).
-PAIRED = ("data", "task", "model", "adapter", "max_new_tokens")
-TASKS = ("generate", "stream")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
+PAIRED = ("data", "task", "model", "adapter", "max_new_tokens", "arrival")
+TASKS = ("generate", "stream", "ruler")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
 CAPTION = (
     "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
@@ -116,6 +117,7 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
 
     bootstrap = bootstrap or Bootstrap()
     df = df.assign(task=df["task"].fillna("generate") if "task" in df else "generate")  # older runs: generate
+    df = df if "arrival" in df else df.assign(arrival=None)  # frames from before task=ruler's regimes
     runs = df[df["task"].isin(TASKS)]
     if runs.empty or "path" not in runs:
         return pd.DataFrame(columns=COLUMNS)

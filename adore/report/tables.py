@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import pandas as pd
@@ -19,6 +20,7 @@ from adore.report.collect import (
     task_runs,
     variants,
 )
+from adore.ruler import VARIANTS
 
 QUALITY = {
     "eval/bleu": "BLEU",
@@ -64,6 +66,7 @@ STREAM = {
     DECODE: ("tok/s", 1),
 }
 LONG = {"eval/repeated_ngram_fraction": ("rep. n-gram", 3), DECODE: ("tok/s", 1)}
+RULER_ALL = "eval/ruler_accuracy"  # task=ruler: share of reference strings found, over every example
 # The few numbers the terminal shows per dataset: column -> (label, digits, suffix).
 OVERVIEW = {
     "eval/rougeL": ("ROUGE-L", 2, ""),
@@ -268,6 +271,22 @@ def long_table(df: pd.DataFrame) -> pd.DataFrame:
     return _metric_table(task_runs(df, "long"), LONG)
 
 
+def _ruler_metrics(runs: pd.DataFrame, by: str) -> dict[str, tuple[str, int]]:
+    """task=ruler's accuracy columns per length (`by="length"`, ascending) or per task (`by="variant"`), then "all"."""
+    if by == "length":
+        lengths = sorted(int(m.group(1)) for c in runs.columns if (m := re.fullmatch(r"eval/ruler_(\d+)", c)))
+        columns = {f"eval/ruler_{n}": (str(n), 2) for n in lengths}
+    else:
+        columns = {f"eval/ruler_{v}": (v, 2) for v in VARIANTS}
+    return columns | {RULER_ALL: ("all", 2)}
+
+
+def ruler_table(df: pd.DataFrame, by: str = "length") -> pd.DataFrame:
+    """RULER (task=ruler): methods (and arrival regimes) x (haystack, length | task | all), accuracy ± half-width."""
+    runs = task_runs(df, "ruler")
+    return _metric_table(runs, _ruler_metrics(runs, by)) if len(runs) else pd.DataFrame()
+
+
 def _perplexity(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """PPL, its CI half-width and its ratio to full attention: methods x (dataset, "m=<m>")."""
     keys = identity(runs)
@@ -400,7 +419,17 @@ def build_tables(df: pd.DataFrame, paper: bool = False, tests: pd.DataFrame | bo
     ):  # fmt: skip
         if frame.shape[0] and frame.shape[1]:
             tables.append(Table(task, title, caption, frame))
-    known = ("generate", "perplexity", "stream", "long")
+    for by, title in (("length", "by length"), ("variant", "by task")):
+        frame = ruler_table(df, by)
+        if frame.shape[0] and frame.shape[1]:
+            tables.append(Table(f"ruler_{by}", f"Long context (RULER), {title}", (
+                "RULER's synthetic tasks (task=ruler): the share of each example's reference strings found in the "
+                "output, mean ± half-width of its bootstrap interval, per target length (prompt + answer budget, in "
+                "tokens) or per task; all: every example. The data column is the haystack (noise: RULER's noise "
+                "passage; wikitext2: WikiText-2 prose); arrival: how the prompt reached the cache (oneshot, chunked, "
+                f"turns). {MISSING} where missing."
+            ), frame))  # fmt: skip
+    known = ("generate", "perplexity", "stream", "long", "ruler")
     others = df[df["task"].notna() & ~df["task"].isin(known)] if "task" in df else df.iloc[:0]
     for task in sorted(set(others["task"].astype(str))):
         frame = other_task_table(others[others["task"] == task])
