@@ -115,7 +115,7 @@ def grouped_sdpa(query, key, value, attention_mask, scaling, dropout=0.0):
     out = torch.nn.functional.scaled_dot_product_attention(
         folded, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
     )
-    return out.view(B, H, q, D).transpose(1, 2).contiguous(), None
+    return out.reshape(B, H, q, D).transpose(1, 2).contiguous(), None  # CUDA kernels may return it strided
 
 
 def register() -> str:

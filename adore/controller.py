@@ -209,6 +209,46 @@ class Controller(nn.Module):
         shares = shares + self.head_mix.log_softmax(0)  # log w_h softmax_h
         return torch.logsumexp(shares, -1).masked_fill(~allowed, float("-inf"))
 
+    def page_logits(self, summary, pages: int, query_pos: torch.Tensor, query: torch.Tensor, log_norm) -> torch.Tensor:
+        """The probe's (B, pages) log attention share of each page's best member, bounded from the page summaries
+        (adore.pages): each head's score is the page's upper bound on <q, k> plus the bias at the page's mean
+        distance, normalised by `log_norm` (B, 1, heads) (`log_normaliser`). O(pages): no per-token key is read."""
+        c = self.config
+        bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))  # (B, pages, heads)
+        upper = summary.upper_bound(query, c.heads, pages) / math.sqrt(c.head_dim) + bias
+        shares = upper - log_norm + self.head_mix.log_softmax(0)
+        return torch.logsumexp(shares, -1).masked_fill(~summary.filled(pages), float("-inf"))
+
+    def log_normaliser(self, summary, query_pos, query, cached_z, cached_pos, cached_cols) -> torch.Tensor:
+        """(B, 1, heads) log of each head's softmax normaliser over the history: exact over the cached tokens
+        (cached_z (B, C, width) at cached_pos, history columns cached_cols, -1: empty slot), and for the released
+        rest of each page its count times exp of the page's mean-key score (adore.pages). O(C + pages)."""
+        c = self.config
+        pages = summary.pages
+        own = self._dots(cached_z, cached_pos, query_pos, query).masked_fill(
+            (cached_cols < 0)[..., None], float("-inf")
+        )
+        page = cached_cols.clamp(min=0) // summary.page_size
+        in_cache = torch.zeros_like(summary.count).scatter_add_(1, page, (cached_cols >= 0).float())  # (B, pages)
+        released = (summary.count - in_cache).clamp(min=0)
+        bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))
+        typical = summary.mean_dot(query, c.heads, pages) / math.sqrt(c.head_dim) + bias + released.log()[..., None]
+        return torch.logaddexp(own.logsumexp(1, keepdim=True), typical.logsumexp(1, keepdim=True))
+
+    def paged_logits(self, z, token_pos, query_pos, query, log_norm) -> torch.Tensor:
+        """`logits` of the probe for the k tokens of z (B, k, width) only, normalised by `log_norm` (B, 1, heads)
+        (`log_normaliser`) in place of the exact sum over every history token: O(k) per query. (B, k)."""
+        shares = self._dots(z, token_pos, query_pos, query) - log_norm + self.head_mix.log_softmax(0)
+        return torch.logsumexp(shares, -1).masked_fill(token_pos > query_pos, float("-inf"))
+
+    def _dots(self, z, token_pos, query_pos, query) -> torch.Tensor:
+        """(B, k, heads) <q_h, k_h> / sqrt(head_dim) + b_h(t - j) for the keys z (B, k, width), one query per row."""
+        c = self.config
+        keys = z.unflatten(-1, (c.heads, c.head_dim))
+        q = query.unflatten(-1, (c.heads, c.head_dim))[:, None]  # (B, 1, heads, head_dim)
+        bias = self.head_bias(self.buckets(query_pos - token_pos))
+        return self._head_dots(z, keys, q).div_(math.sqrt(c.head_dim)).add_(bias)
+
     def _head_dots(self, z, keys, query) -> torch.Tensor:
         """<q_h, k_{i,h}> per head, (..., k, heads). One query per row (the engine's case, z (B, k, width)): one
         bmm of z against a block-diagonal query matrix, reading z in place; einsum first copies z into a

@@ -89,7 +89,7 @@ def validate(cfg: DictConfig):
         raise ValueError(f"budget={cfg.budget!r} must be a positive integer (the KV budget m)")
     if not isinstance(cfg.get("task"), DictConfig) or "_target_" not in cfg.task:
         raise ValueError(
-            f"task={cfg.get('task')!r} is not a task config: use task=generate, perplexity, stream or long"
+            f"task={cfg.get('task')!r} is not a task config: use task=generate, perplexity, stream, long or ruler"
         )
     if cfg.eval.bertscore_model == PACKAGED_BERTSCORE:
         bertscore_model_path(cfg.eval.bertscore_model)
@@ -99,8 +99,27 @@ def validate(cfg: DictConfig):
     except OSError as err:
         raise ValueError(f"model.name_or_path={model_spec.name_or_path!r}: its config cannot be read ({err})") from None
     method.check(model_config)  # e.g. a controller trained on another backbone
+    check_context_window(model_config, task)
     check_memory(model_spec, model_config, method, task)
     return model_spec, data_spec, method, task
+
+
+def check_context_window(config, task) -> None:
+    """A sequence longer than the model's context window (`max_position_embeddings`) would be read at positions it
+    was never trained on: refused now, naming the key to lower. A task with its own lengths checks them
+    (`task.check_window`); the others, eval.max_prompt_tokens and the tokens generated after it."""
+    window = getattr(config, "max_position_embeddings", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        return
+    if hasattr(task, "check_window"):
+        task.check_window(window)
+        return
+    prompt, new = getattr(task, "max_prompt_tokens", None), getattr(task, "max_new_tokens", None) or 0
+    if prompt and prompt + new > window:
+        raise ValueError(
+            f"eval.max_prompt_tokens={prompt} and eval.max_new_tokens={new} pass the model's context window of "
+            f"{window} tokens (max_position_embeddings): set eval.max_prompt_tokens={max(window - new, 1)} or less"
+        )
 
 
 def check_memory(model_spec, config, method, task) -> None:
@@ -112,14 +131,25 @@ def check_memory(model_spec, config, method, task) -> None:
     batch = getattr(task, "batch_size", 1)
     slots = capacity_for(method, length)
     need = kv_bytes_per_slot(config, DTYPES[model_spec.dtype]) * batch * slots
-    if model_spec.device.startswith("cuda"):
-        have = torch.cuda.mem_get_info(torch.device(model_spec.device))[0]
-    else:
-        have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if need > have:
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cuda = model_spec.device.startswith("cuda")
+    have = torch.cuda.mem_get_info(torch.device(model_spec.device))[0] if cuda else host
+    store = (
+        0
+        if method.m is None
+        else method.rebuild_policy().store_bytes_for(config, DTYPES[model_spec.dtype]) * batch * length
+    )
+    if need + (0 if cuda else store) > have:  # on the CPU the cache and the store share one RAM
         raise ValueError(
-            f"eval.batch_size={batch} needs {need / 2**30:.1f} GiB of KV cache ({batch} rows x {slots} slots), "
-            f"more than the {have / 2**30:.1f} GiB free on {model_spec.device}: lower eval.batch_size or eval.max_prompt_tokens"
+            f"eval.batch_size={batch} needs {need / 2**30:.1f} GiB of KV cache ({batch} rows x {slots} slots)"
+            + (f" and {store / 2**30:.1f} GiB of recall store" if store and not cuda else "")
+            + f", more than the {have / 2**30:.1f} GiB free on {model_spec.device}: lower eval.batch_size or "
+            "eval.max_prompt_tokens"
+        )
+    if store > host:
+        raise ValueError(
+            f"method.rebuild=recall stores {store / 2**30:.1f} GiB of KV ({batch} rows x {length} tokens), more than "
+            f"the {host / 2**30:.1f} GiB of host memory free: lower eval.batch_size or set method.store_dtype=int8"
         )
 
 

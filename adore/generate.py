@@ -98,7 +98,8 @@ def generate(
     logits, prefill_s = timed_prefill(session, input_ids, valid, prefill_chunk)
     steps = decode_steps(session, logits, max_new_tokens, eos_token_ids, pad_token_id, sampling, suppress_token_ids)
     gen = decode(session, steps, max_new_tokens, pad_token_id, progress)
-    gen.stats.update(prefill_s=prefill_s, prompt_tokens=int(valid.sum()), peak_kv_bytes=session.peak_kv_bytes)
+    gen.stats.update(prefill_s=prefill_s, prompt_tokens=int(valid.sum()), peak_kv_bytes=session.peak_kv_bytes,
+                     store_bytes=session.store_bytes)  # fmt: skip
     return gen
 
 
@@ -176,7 +177,9 @@ def teacher_force(
         "rebuilt_tokens": session.rebuilt,
         "rebuilt_kept_tokens": session.rebuilt_kept,
         "reused_tokens": session.reused,
+        "recalled_tokens": session.recalled,
         "peak_kv_bytes": session.peak_kv_bytes,
+        "store_bytes": session.store_bytes,
     } | ({"diagnostic": session.diagnostic.rows()} if session.diagnostic is not None else {})
 
 
@@ -233,7 +236,7 @@ def decode(
     device, B = session.device, session.batch_size
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    rebuilt_before, kept_before, reused_before = session.rebuilt, session.rebuilt_kept, session.reused
+    before = session.rebuilt, session.rebuilt_kept, session.reused, session.recalled
     synchronize(device)
     start = time.perf_counter()
     done_steps = 0
@@ -250,9 +253,11 @@ def decode(
         "decode_steps": done_steps,
         "generated_tokens": generated,
         "decode_tokens": generated - int((lengths > 0).sum()),  # the first token of a row comes from the last feed
-        "rebuilt_tokens": session.rebuilt - rebuilt_before,
-        "rebuilt_kept_tokens": session.rebuilt_kept - kept_before,
-        "reused_tokens": session.reused - reused_before,
+        "rebuilt_tokens": session.rebuilt - before[0],
+        "rebuilt_kept_tokens": session.rebuilt_kept - before[1],
+        "reused_tokens": session.reused - before[2],
+        "recalled_tokens": session.recalled - before[3],
         "peak_kv_bytes": session.peak_kv_bytes,
+        "store_bytes": session.store_bytes,
     }
     return Generation(tokens[:, :done_steps], lengths, stats)

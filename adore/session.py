@@ -1,9 +1,10 @@
 """One batch of sequences fed through a fixed KV budget: the engine's single loop body (ADORE.md §3).
 
 `Session.feed` takes the next tokens of every row (one decode token, a prompt, a teacher-forced token, a
-user turn of a stream) and does, in order: pick up to R released tokens to rebuild (the method's rebuild
-policy), run them together with the new tokens in one forward pass at their original positions (causal by
-position), then release down to m slots by the method's scores. Generation, perplexity and streaming all
+user turn of a stream) and does, in order: the rebuild policy brings back up to R released tokens
+(`adore.rebuild`: recompute returns them to run through the model, recall copies their stored KV into free slots),
+one forward pass runs the new tokens (and those to recompute) at their original positions (causal by position),
+then the policy releases down to m slots by the method's scores. Generation, perplexity and streaming all
 call it. Its two halves, `forward` and `settle` (release), are apart so that a prompt's forward can serve
 every method that prefills alike (`adopt`; the benchmark shares one that way).
 
@@ -25,6 +26,7 @@ from adore.attention import PLAIN_CAUSAL, AttentionRecorder, register
 from adore.cache import SlotCache
 from adore.methods.base import Entered, Tokens
 from adore.models import residual_stream
+from adore.rebuild import Rebuild
 
 
 @dataclass
@@ -39,19 +41,15 @@ class Forward:
     slots: torch.Tensor  # (B, n) the new tokens' cache slots
     recorder: AttentionRecorder | None
     hidden: list  # the residual stream captured at method.input_layer, if the method needs it
+    start: int  # the history column of the first new token
 
 
 def capacity_for(method, length: int) -> int:
     """KV slots per row a session of `length` tokens holds: never more than it can fill, so a budget above the
-    whole sequence allocates the sequence (+ R rebuilt + the new token in flight, + R held by `rebuild=keep`)."""
+    whole sequence allocates the sequence (+ what the rebuild policy brings back + the new token in flight)."""
     if method.m is None:
         return length
-    return min(method.m, length) + method.R + 1 + (method.R if keeps_rebuilt(method) else 0)
-
-
-def keeps_rebuilt(method) -> bool:
-    """The rebuild policy `keep`: up to R released tokens stay in the cache, unattended, for the next pick."""
-    return bool(method.R) and getattr(method, "rebuild", "top") == "keep"
+    return method.rebuild_policy().slots(min(method.m, length))
 
 
 class Session:
@@ -87,8 +85,7 @@ class Session:
         self.peak_kv_bytes = self.cache.nbytes
         self.slot_col = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.slot_pos = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
-        self.keep_rebuilt = method.m is not None and keeps_rebuilt(method)
-        self.held = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # released, state kept (keep)
+        self.rebuild = method.rebuild_policy() if method.m is not None else Rebuild()  # adore.rebuild
         self.hist_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -98,10 +95,7 @@ class Session:
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.occupied = 0  # an upper bound, known on the host, of any row's occupied slots (no sync to know it)
         self.feeds = 0  # feed calls so far (rebuild_every counts them)
-        self._rebuilt = torch.zeros((), dtype=torch.long, device=device)  # tokens rebuilt so far (all rows)
-        self._rebuilt_kept = torch.zeros((), dtype=torch.long, device=device)  # of those, still cached after their step
-        self._reused = torch.zeros((), dtype=torch.long, device=device)  # picks found held: attended, not forwarded
-        self.last_rebuilt_cols: torch.Tensor | None = None  # (B, r) history columns rebuilt by the last feed (-1: none)
+        self._rebuilt_kept = torch.zeros((), dtype=torch.long, device=device)  # brought back and still cached after
         self.needs = frozenset(method.needs) | frozenset(record)
         self.diagnostic = None  # adore.diagnostic: what the kept cache holds of full attention, every step
         if diagnose and method.m is not None:
@@ -124,6 +118,7 @@ class Session:
             self.graphed = GraphedForward(model, self.cache)
         self.entered: Entered | None = None  # the view of the last forward
         self.state = method.start(batch_size, max_len, device, model)
+        self.rebuild.start(self)
 
     # ---- views -------------------------------------------------------------------------------------------
     @property
@@ -135,18 +130,33 @@ class Session:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @property
+    def store_bytes(self) -> int:
+        """Memory the rebuild policy holds outside the cache (the recall store: host memory on CUDA)."""
+        return self.rebuild.store_bytes
+
+    @property
     def rebuilt(self) -> int:
-        """Tokens rebuilt so far, all rows (reading it syncs: read it after the loop)."""
-        return int(self._rebuilt)
+        """Released tokens run through the model again so far, all rows (reading it syncs: read it after the loop)."""
+        return int(self.rebuild.forwarded)
 
     @property
     def reused(self) -> int:
         """Rebuild picks that `rebuild=keep` found held in the cache: attended without a forward (all rows)."""
-        return int(self._reused)
+        return int(self.rebuild.reused)
+
+    @property
+    def recalled(self) -> int:
+        """Released tokens that `rebuild=recall` copied back from its store (all rows)."""
+        return int(self.rebuild.recalled)
+
+    @property
+    def last_rebuilt_cols(self) -> torch.Tensor | None:
+        """(B, r) history columns the last feed brought back (forwarded or recalled; -1: none)."""
+        return self.rebuild.last
 
     @property
     def rebuilt_kept(self) -> int:
-        """Rebuilt tokens that the same step's release kept (the rest informed one step and were dropped again)."""
+        """Tokens brought back that the same step's release kept (the rest informed one step, released again)."""
         return int(self._rebuilt_kept)
 
     @property
@@ -162,15 +172,24 @@ class Session:
     @property
     def slot_kept(self) -> torch.Tensor:
         """(B, C) slots of the kept cache: what a step attends (besides its rebuilt and new tokens)."""
-        return (self.slot_col >= 0) & ~self.held if self.keep_rebuilt else self.slot_col >= 0
+        return self.rebuild.attended(self.slot_col)
 
     def kept_columns(self, upto: int) -> torch.Tensor:
         """(B, upto) True where the history column's token is in the kept cache (not released, not held)."""
-        return self._kept(self.hist_slot[:, :upto])
+        return self.rebuild.kept(self, self.hist_slot[:, :upto])
 
-    def _kept(self, slot: torch.Tensor) -> torch.Tensor:
-        """Of `hist_slot` entries: True where the slot is in the kept cache."""
-        return (slot >= 0) & ~self.held.gather(1, slot.clamp(min=0)) if self.keep_rebuilt else slot >= 0
+    def released_columns(self, upto: int) -> torch.Tensor:
+        """(B, upto) True where a fed token is not in the kept cache: what a rebuild may bring back."""
+        return self.hist_valid[:, :upto] & ~self.kept_columns(upto)
+
+    def rebuild_scores(self, cols: torch.Tensor) -> torch.Tensor:
+        """The method's (B, k) rebuild-pick scores of history columns `cols` for the token being fed."""
+        return self._score(cols, rebuild=True)
+
+    def page_scores(self, cols: torch.Tensor, page_size: int, open_pages: torch.Tensor) -> torch.Tensor:
+        """The method's (B, pages) scores of the pages of `page_size` columns among `cols` (all columns seen) for a
+        pick among `open_pages` (B, pages)."""
+        return self.method.page_scores(self.state, self._tokens(cols), page_size, open_pages)
 
     @property
     def query_pos(self) -> torch.Tensor:
@@ -211,12 +230,12 @@ class Session:
         if self.shadow is not None:  # first, so that this step's scores see this query's full attention
             self.shadow.feed(input_ids, valid)
 
-        rb_cols, rb_valid = self._pick_rebuild(self.length - n)
+        rb_cols, rb_valid = self.rebuild.bring_back(self, self.length - n)  # recall: copied in, none to forward
         q_cols = torch.cat([rb_cols, cols], 1)  # rebuilt tokens first, new tokens last
         q_valid = torch.cat([rb_valid, valid], 1)
         q_ids = self.hist_ids.gather(1, q_cols)
         q_pos = torch.where(q_valid, self.hist_pos.gather(1, q_cols), 0)
-        slots = self._claim_slots(q_cols, q_valid, q_pos)
+        slots = self.claim_slots(q_cols, q_valid)
 
         recorder = AttentionRecorder(*self.recording) if self.recording else None
         if self._plain_prompt(first, valid):
@@ -241,17 +260,18 @@ class Session:
                     logits_to_keep=n if all_logits else 1,
                     **extra,
                 ).logits
-        return Forward(logits, cols, valid, input_ids, pos, slots[:, -n:], recorder, captured)
+        return Forward(logits, cols, valid, input_ids, pos, slots[:, -n:], recorder, captured, self.length - n)
 
     @torch.no_grad()
     def settle(self, step: Forward) -> torch.Tensor:
         """The second half of `feed`: hand the method what `step` computed, release down to m; its logits."""
         self._update_method(step.cols, step.valid, step.ids, step.positions, step.slots, step.recorder, step.hidden)
+        self.rebuild.entered(self, step.start, step.slots)  # recall: the new tokens' KV to the store
         if self.method.m is not None:
             self._release(self.method.m)
-            self.occupied = min(self.occupied, self.method.m + (self.method.R if self.keep_rebuilt else 0))
+            self.occupied = min(self.occupied, self.method.m + self.rebuild.held_slots)
             self._count_kept_rebuilt()
-            bounded = capacity_for(self.method, self.method.m)  # m + R + 1 (+ R held)
+            bounded = self.rebuild.slots(self.method.m)  # m + R + 1 (+ R held)
             if self.cache.capacity > bounded:
                 self._resize(bounded)
         if self.diagnostic is not None:
@@ -300,14 +320,44 @@ class Session:
         self.slot_col[:, :taken] = source.slot_col[:, :taken]
         self.slot_pos = torch.zeros_like(self.slot_col)
         self.slot_pos[:, :taken] = source.slot_pos[:, :taken]
-        self.held = torch.zeros_like(self.slot_col, dtype=torch.bool)  # a first forward releases nothing
+        none = torch.zeros_like(self.slot_col, dtype=torch.bool)  # a first forward releases nothing
+        self.rebuild.moved(torch.zeros_like(self.slot_col), none)
         for name in ("hist_ids", "hist_pos", "hist_valid", "hist_slot", "next_pos"):
             setattr(self, name, getattr(source, name).clone())
         self.length, self.occupied, self.feeds = source.length, source.occupied, source.feeds
-        self._query_pos, self.last_rebuilt_cols = source._query_pos, source.last_rebuilt_cols
+        self._query_pos = source._query_pos
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.cache.nbytes)
         self.method.arrive(self.state, Entered(step.cols, step.valid, step.ids, step.positions, self._query_pos))
         return step
+
+    @torch.no_grad()
+    def assume_prefilled(self, ids: torch.Tensor) -> torch.Tensor:
+        """Put this fresh session in the state a prefill of `ids` (B, L) leaves, without running it, for benchmarks
+        of decode at scale (decode cost depends on shapes, not values): the history holds the first L - 1 tokens,
+        the newest min(m, L - 1) are cached with random keys and values, and the method assumes random per-token
+        state (`Method.assume`), so that it ranks and rebuilds them as prefilled ones. Then one real feed (the last
+        prompt token) sets up the method's running state; its logits are returned."""
+        if self.length:
+            raise ValueError("assume_prefilled takes a fresh session")
+        B = ids.shape[0]
+        first = ids[:, :-1].to(self.device)
+        n = first.shape[1]
+        self._grow_history(n)
+        self.hist_ids[:, :n] = first
+        self.hist_pos[:, :n] = torch.arange(n, device=self.device)
+        self.hist_valid[:, :n] = True
+        self.length, self.next_pos[:] = n, n
+        cols = torch.arange(n, device=self.device)
+        self.method.assume(self.state, cols, self.hist_pos[:, :n], self.hist_ids.shape[1])
+        keep = min(n, self.method.m if self.method.m is not None else n)
+        cached = cols[n - keep :].expand(B, -1)
+        slots = torch.arange(keep, device=self.device).expand(B, -1)
+        self.slot_col[:, :keep], self.slot_pos[:, :keep] = cached, cached
+        self.hist_slot.scatter_(1, cached, slots)
+        self.occupied = keep
+        self.cache.keys.normal_()
+        self.cache.values.normal_()
+        return self.feed(ids[:, -1:].to(self.device))
 
     def _plain_prompt(self, first: bool, valid: torch.Tensor) -> bool:
         """A prompt without padding into an empty cache: slot i holds token i (the lowest free slots, in order),
@@ -318,11 +368,14 @@ class Session:
     def _score(self, cols: torch.Tensor, rebuild: bool = False) -> torch.Tensor:
         """The method's (B, k) scores of the history tokens `cols` (B, k) for the current query (`rebuild`: its
         scores for the rebuild pick)."""
+        score = self.method.rebuild_score if rebuild else self.method.score
+        return score(self.state, self._tokens(cols))
+
+    def _tokens(self, cols: torch.Tensor) -> Tokens:
         history = {"ids": self.hist_ids, "positions": self.hist_pos}
         if self.shadow is not None:
             history["full_attention"] = self.shadow.entered.last_attention
-        score = self.method.rebuild_score if rebuild else self.method.score
-        return score(self.state, Tokens(cols, self._query_pos, history))
+        return Tokens(cols, self._query_pos, history, cached=lambda: torch.where(self.slot_kept, self.slot_col, -1))
 
     def _update_method(self, cols, valid, ids, pos, new_slots, recorder, hidden) -> None:
         entered = Entered(cols, valid, ids, pos, self._query_pos)
@@ -352,69 +405,15 @@ class Session:
         return out[:, 0] if flat else out
 
     # ---- steps of feed -----------------------------------------------------------------------------------
-    def _pick_rebuild(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Released tokens to rebuild among the first `seen` columns, by the method's rebuild policy; (B, r), r <= R.
-
-        `top` (the paper, ADORE.md §3.2): the R highest-scoring released tokens, every step. `survivors`: of
-        those, only the ones that rank within the m best of all tokens (cached and released) at this step's
-        scores, i.e. the ones the release is expected to keep; the others would be released again in the same
-        step. `keep`: the top-R as `top`, but the release holds up to R of the tokens it drops in the cache with
-        their states, unattended (`held`); a pick found held is attended again without a forward, so R bounds
-        the tokens forwarded and they are the picks that changed. A held token's state is the one computed when
-        it was last forwarded (`top` recomputes it under the current cache every step); `rebuild_forward` = F
-        forwards only the F best picks not held (the others wait), which bounds a batch's forward width, the
-        fullest row's count. `rebuild_every` = k rebuilds on every k-th feed only. The first forward of a
-        session rebuilds nothing (the method has no running state yet).
-        """
-        R = self.method.R if self.method.m is not None else 0
-        empty = torch.zeros(self.batch_size, 0, dtype=torch.long, device=self.device)
-        self.last_rebuilt_cols = empty
-        if R == 0 or seen == 0 or self.entered is None or self.feeds % getattr(self.method, "rebuild_every", 1):
-            return empty, empty.bool()
-        cols = torch.arange(seen, device=self.device).expand(self.batch_size, -1)
-        scores = self._score(cols, rebuild=True)
-        released = self.hist_valid[:, :seen] & ~self.kept_columns(seen)  # held tokens are released ones too
-        top = scores.masked_fill(~released, float("-inf")).topk(min(R, seen), dim=1)  # sorted: picks come first
-        ok = torch.isfinite(top.values)
-        if getattr(self.method, "rebuild", "top") == "survivors":
-            competing = scores.masked_fill(~self.hist_valid[:, :seen], float("-inf"))
-            kth = competing.topk(min(self.method.m, seen), dim=1).values[:, -1:]
-            ok &= top.values >= kth
-        picked = top.indices
-        if self.keep_rebuilt:
-            picked, ok = self._attend_held(picked, ok)
-        if not self.static_shapes:  # CPU: forward only as many as the fullest row rebuilds (a sync is free here)
-            width = int(ok.sum(1).max())
-            picked, ok = picked[:, :width], ok[:, :width]
-        self.last_rebuilt_cols = torch.where(ok, picked, -1)
-        self._rebuilt += ok.sum()
-        return picked, ok
-
-    def _attend_held(self, picked: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rebuild=keep`: picks found held are attended from their slots (no longer held); the rest, moved to
-        the front (the CPU cuts the forward to the fullest row), are forwarded. Held tokens not picked stay held."""
-        C = self.cache.capacity
-        slot = self.hist_slot.gather(1, picked)
-        reuse = ok & (slot >= 0)
-        found = torch.zeros(self.batch_size, C + 1, dtype=torch.bool, device=self.device)
-        found.scatter_(1, torch.where(reuse, slot, C), True)  # writes True only: race-free; others to the spare
-        self.held &= ~found[:, :C]
-        self._reused += reuse.sum()
-        forward = ok & ~reuse
-        cap = getattr(self.method, "rebuild_forward", None)
-        if cap is not None:  # the best `cap` of the picks not held; the others wait for a later step
-            forward &= forward.cumsum(1) <= cap
-        order = torch.argsort((~forward).to(torch.int8), dim=1, stable=True)  # forwarded picks first, in rank order
-        return picked.gather(1, order), forward.gather(1, order)
-
     def _count_kept_rebuilt(self) -> None:
-        cols = self.last_rebuilt_cols
-        if cols.shape[1]:
-            cached = self._kept(self.hist_slot.gather(1, torch.where(cols >= 0, cols, self.trash)))
+        cols = self.rebuild.last
+        if cols is not None and cols.shape[1]:
+            cached = self.rebuild.kept(self, self.hist_slot.gather(1, torch.where(cols >= 0, cols, self.trash)))
             self._rebuilt_kept += ((cols >= 0) & cached).sum()
 
-    def _claim_slots(self, q_cols, q_valid, q_pos) -> torch.Tensor:
-        """Free slots for the q tokens, lowest first (one index for all layers); records the links.
+    def claim_slots(self, q_cols: torch.Tensor, q_valid: torch.Tensor) -> torch.Tensor:
+        """(B, q) free slots for the tokens of history columns `q_cols`, lowest first (one index for all layers);
+        records the links. Invalid entries claim a slot that stays empty.
 
         Columns within a row are distinct (rebuilt ones are released, new ones are new), so the scatters are
         race-free; padding writes to the spare column. The host bound `occupied` says when a resize might be
@@ -426,6 +425,7 @@ class Session:
             if self.occupied + need > self.cache.capacity:
                 self._resize(self.occupied + need)
         self.occupied += need
+        q_pos = torch.where(q_valid, self.hist_pos.gather(1, q_cols), 0)
         free = ~self.slot_valid
         slots = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :need]  # (B, q)
         self.slot_col.scatter_(1, slots, torch.where(q_valid, q_cols, -1))
@@ -434,25 +434,14 @@ class Session:
         return slots
 
     def _release(self, m: int) -> None:
-        """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3). `rebuild=keep`
-        holds the R best of the released (and of those held before) in the cache for the next pick."""
+        """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3), as the rebuild
+        policy decides (`keep` holds some of the released in the cache)."""
         if self.occupied <= m:  # the host bound: nothing to release, no scores needed
-            if self.keep_rebuilt:
-                self.held.zero_()  # room for every token: none is held outside the kept cache
+            self.rebuild.release_nothing()
             return
         valid = self.slot_valid
         scores = self._score(self.slot_col.clamp(min=0)).masked_fill(~valid, float("-inf"))
-        candidates = scores.masked_fill(self.held, float("-inf")) if self.keep_rebuilt else scores  # held: by a pick
-        keep = torch.zeros_like(valid).scatter_(1, candidates.topk(m, dim=1).indices, True)
-        if self.keep_rebuilt:
-            keep &= valid & ~self.held
-            rest = scores.masked_fill(keep, float("-inf")).topk(self.method.R, dim=1)
-            C = self.cache.capacity
-            hold = torch.zeros(self.batch_size, C + 1, dtype=torch.bool, device=self.device)
-            hold.scatter_(1, torch.where(torch.isfinite(rest.values), rest.indices, C), True)  # True only: race-free
-            self.held = hold[:, :C] & valid & ~keep
-            keep = keep | self.held
-        drop = valid & ~keep
+        drop = valid & ~self.rebuild.release(self, scores, valid, m)
         self.hist_slot.scatter_(1, torch.where(drop, self.slot_col, self.trash), -1)
         self.slot_col.masked_fill_(drop, -1)
 
@@ -467,7 +456,7 @@ class Session:
         self.cache.select(torch.where(taken, order, -1))
         self.slot_col = torch.where(taken, self.slot_col.gather(1, src), -1)
         self.slot_pos = torch.where(taken, self.slot_pos.gather(1, src), 0)
-        self.held = taken & self.held.gather(1, src)
+        self.rebuild.moved(src, taken)
         self.hist_slot.fill_(-1)
         slots = torch.arange(capacity, device=self.device).expand(self.batch_size, -1)
         self.hist_slot.scatter_(1, torch.where(self.slot_col >= 0, self.slot_col, self.trash), slots)
@@ -484,3 +473,4 @@ class Session:
         self.hist_valid, self.hist_slot = pad(self.hist_valid, False), pad(self.hist_slot, -1)  # the spare moves last
         for key, t in self.state.tokens.items():  # the method's per-token state grows alike, with zeros
             self.state.tokens[key] = torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1)
+        self.rebuild.grow(size + extra)

@@ -116,7 +116,7 @@ def test_an_assumed_prefill_gives_the_assumed_tokens_method_state(tiny):
     )
     assert row["rebuilt_per_step"] > 0
     session = Session(model, build_method("adore", 8, config=probe), 2, 44)
-    bench.assume_prefilled(session, ids)
+    session.assume_prefilled(ids)
     tokens = session.state.tokens
     assert tokens["filled"][:, :40].all() and torch.equal(tokens["pos"][:, :39], session.hist_pos[:, :39])
     assert (tokens["z"][:, :39] != 0).all()

@@ -77,7 +77,15 @@ def decode_a_few(model, method, static: bool, steps: int = 6, batch: int = 2):
     [(n, {}) for n in method_names() if n not in REBUILDING]
     + [("adore", {"R": 3, "rebuild_every": 1}), ("adore", {"R": 3, "rebuild": "survivors"}), ("oracle", {"R": 3})]
     + [("adore", {"R": 3, "rebuild": "keep", "rebuild_every": 1})]
-    + [("adore", {"R": 3, "rebuild_every": 1, "config": {"heads": 2, "head_dim": 4}, "release": "attention"})],
+    + [("adore", {"R": 3, "rebuild_every": 1, "config": {"heads": 2, "head_dim": 4}, "release": "attention"})]
+    + [("adore", {"R": 3, "rebuild": "recall", "rebuild_every": 1})]
+    + [("adore", {"R": 4, "rebuild": "recall", "page_size": 2, "config": {"heads": 2, "head_dim": 4}})]
+    + [
+        (
+            "adore",
+            {"R": 4, "rebuild": "recall", "page_size": 2, "config": {"heads": 2, "head_dim": 4}, "page_summary": True},
+        )
+    ],
 )
 def test_a_decode_step_never_syncs_with_the_host(tiny, name, overrides):
     """With static shapes (the CUDA default) a decode step is tensor work only: the profiler sees no op that
@@ -92,7 +100,7 @@ def test_a_decode_step_never_syncs_with_the_host(tiny, name, overrides):
         assert session.last_rebuilt_cols.shape[1] == session.method.R  # always R columns: one shape every step
 
 
-@pytest.mark.parametrize("rebuild", ["top", "survivors", "keep"])
+@pytest.mark.parametrize("rebuild", ["recompute", "survivors", "keep", "recall"])
 def test_static_shapes_decode_like_compact_ones(tiny, rebuild):
     """Static shapes run R rebuild columns every step (padding where fewer are picked); the CPU default runs
     only as many as the fullest row picks. Same tokens."""
@@ -102,7 +110,8 @@ def test_static_shapes_decode_like_compact_ones(tiny, rebuild):
     compact = decode_a_few(model, make(), static=False, steps=10)
     assert torch.equal(static[1], compact[1])
     torch.testing.assert_close(static[2], compact[2], rtol=1e-4, atol=1e-4)
-    assert static[0].rebuilt == compact[0].rebuilt > 0
+    brought = lambda s: (s.rebuilt, s.recalled)  # noqa: E731
+    assert brought(static[0]) == brought(compact[0]) and sum(brought(static[0])) > 0
 
 
 def test_survivors_rebuild_fewer_tokens_and_keep_more_of_them(tiny):
@@ -124,9 +133,9 @@ def test_keep_holds_released_tokens_and_forwards_only_the_picks_that_changed(tin
     assert keep.cache.capacity == m + 2 * R + 1 == top.cache.capacity + R
     assert keep.reused > 0 and 0 < keep.rebuilt < top.rebuilt
     for _ in range(5):
-        held_cols = torch.where(keep.held, keep.slot_col, -2)  # (B, C) history columns held before the step
+        held_cols = torch.where(keep.rebuild.held, keep.slot_col, -2)  # (B, C) history columns held before the step
         logits = keep.feed(logits[:, -1].argmax(-1, keepdim=True))
-        assert (keep.held.sum(1) <= R).all() and not (keep.held & ~keep.slot_valid).any()
+        assert (keep.rebuild.held.sum(1) <= R).all() and not (keep.rebuild.held & ~keep.slot_valid).any()
         assert all(len(p) == m for p in keep.cached_positions())  # the kept cache, held tokens not in it
         forwarded = keep.last_rebuilt_cols  # (B, r), -1: none
         assert not (forwarded[:, :, None] == held_cols[:, None, :]).any()  # a held pick is never forwarded again

@@ -7,16 +7,19 @@ from typing import ClassVar
 import torch
 
 from adore.controller import Controller, ControllerConfig, newest_valid
-from adore.methods.base import KEEP, Method, State, file_identity
-from adore.methods.oracle import check_R, check_rebuild, rebuild_identity
+from adore.methods.base import KEEP, State, file_identity
+from adore.methods.rebuilds import Rebuilds
+from adore.pages import PageSummary
 
 RELEASES = ("controller", "attention")  # what `Adore.release` may be
 
 PROJECT = Path(__file__).resolve().parents[2]
+REFINE = 4  # page_summary: candidate pages rescored exactly per page picked
+inf = float("inf")
 
 
 @dataclass
-class Adore(Method):
+class Adore(Rebuilds):
     """ADORE: the GRU controller's scores decide release, and the top-R released tokens are rebuilt (ADORE.md §2-3).
 
     `controller` is a checkpoint from `train.py stage=controller`; None builds a fresh random controller
@@ -29,26 +32,21 @@ class Adore(Method):
     (TOVA's rule), so that a wrong pick is dropped again instead of displacing a token the query reads.
     """
 
-    m: int = 128
-    R: int = 4
     controller: str | None = None
     seed: int = 0
     config: dict = field(default_factory=dict)  # ControllerConfig fields for a fresh controller
-    rebuild: str = "top"  # rebuild policy: "top" (the paper's top-R), "survivors" or "keep" (Session._pick_rebuild)
-    rebuild_every: int = 8  # rebuild on every k-th step only (1: the paper's rule; 8: same KL, faster; issue 13)
-    rebuild_forward: int | None = None  # keep: forward at most this many picks per step (the rest wait); None: all
+    rebuild_every: int = 8  # rebuild on every k-th step only (1: the paper's rule; 8: same KL, faster)
     release: str = "controller"  # controller: release by its scores | attention: by this step's attention (TOVA)
+    page_summary: bool = False  # the probe with page_size: pick pages and normalise the release from page summaries
     sinks: int | None = None  # the first `sinks` positions are never released
     recent_ratio: float | None = None  # the newest round(recent_ratio * m) tokens are never released
     name: ClassVar[str] = "adore"
     training_free: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"embeddings"})
-    short: ClassVar[dict] = {"controller": "", "recent_ratio": "recent"}
+    short: ClassVar[dict] = Rebuilds.short | {"controller": "", "recent_ratio": "recent", "page_summary": "summary"}
 
     def __post_init__(self):
         super().__post_init__()
-        check_R(self.R, self.m)
-        check_rebuild(self.rebuild, self.rebuild_every, self.rebuild_forward)
         if self.controller is not None:
             in_project = PROJECT / self.controller
             if not Path(self.controller).is_file() and in_project.is_file():
@@ -81,6 +79,11 @@ class Adore(Method):
         self.width = net_config.d_model if self.controller else None  # the embedding width it reads (checked)
         self.input_layer, self.query, self.heads = net_config.input_layer, net_config.query, net_config.heads
         self.needs = frozenset({"hidden" if self.input_layer else "embeddings"})
+        if self.page_summary and not (self.page_size and self.heads):
+            raise ValueError(
+                "method.page_summary=true scores pages from summaries of the attention probe's keys: it needs a probe "
+                "controller (e.g. method=adore_trained) and method.rebuild=recall method.page_size=16"
+            )
         if self.release not in RELEASES:
             raise ValueError(f"method.release={self.release!r}: choose one of {list(RELEASES)}")
         if self.release == "attention":  # the forward records the newest query's attention over the cache
@@ -117,7 +120,8 @@ class Adore(Method):
     def _guarantees(self) -> dict:
         guarantees = {key: getattr(self, key) for key in ("sinks", "recent_ratio") if getattr(self, key) is not None}
         release = {"release": self.release} if self.release != "controller" else {}  # older runs: by the controller
-        return rebuild_identity(self) | release | guarantees
+        release |= {"page_summary": True} if self.page_summary else {}
+        return self.rebuild_identity() | release | guarantees
 
     def check(self, model_config):
         if self.input_layer > model_config.num_hidden_layers:
@@ -152,7 +156,14 @@ class Adore(Method):
             state.tokens["filled"] = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
             state.embed = model.get_input_embeddings()
             state.query = None  # (B, heads * head_dim): the probe's query of the newest token
+            if self.paged:  # page picks and the release's normaliser read page summaries, not every key
+                state.pages = PageSummary(batch_size, self.net.state_width, self.page_size, device)
         return state
+
+    @property
+    def paged(self) -> bool:
+        """The probe scoring from page summaries (recall in pages): O(pages) per step, not O(history)."""
+        return self.probe and self.page_size is not None and self.page_summary
 
     @property
     def probe(self) -> bool:
@@ -180,6 +191,8 @@ class Adore(Method):
         if self.probe:
             state.tokens["pos"][:, entered.cols[0]] = entered.positions
             state.tokens["filled"][:, entered.cols[0]] = entered.valid
+            if self.paged:
+                state.pages.add(entered.cols[0], z, entered.positions, entered.valid, state.tokens["z"].shape[1])
             # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
             before = entered.valid.clone()
             before.scatter_(1, newest_valid(entered.valid)[1][:, None], False)
@@ -188,6 +201,12 @@ class Adore(Method):
         state.h = h
         if self.release == "attention":
             state.tokens["attention"] = entered.last_attention  # (B, T): only the newest query counts (TOVA)
+
+    def assume(self, state, cols, positions, length):
+        super().assume(state, cols, positions, length)
+        if self.paged:  # the assumed keys enter their pages' summaries
+            z = state.tokens["z"][:, cols]
+            state.pages.add(cols, z, positions, torch.ones_like(positions, dtype=torch.bool), length)
 
     def score(self, state, tokens):
         """Release scores: the controller's, or with `release=attention` this step's recorded attention."""
@@ -198,7 +217,12 @@ class Adore(Method):
     def rebuild_score(self, state, tokens):
         """The controller's scores (it alone knows released tokens: they have no attention in the cache)."""
         z = state.tokens["z"]
-        if self.probe:  # normalised over every history token, scored for the asked ones
+        if self.paged:  # the asked tokens only, normalised over the cache and the page summaries
+            z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
+            scores = self.net.paged_logits(
+                z, tokens.positions, tokens.query_pos, state.query, self._log_norm(state, tokens)
+            )
+        elif self.probe:  # normalised over every history token, scored for the asked ones
             scores = self.net.logits(
                 z,
                 state.tokens["pos"],
@@ -212,6 +236,35 @@ class Adore(Method):
             query_z = state.h[:, None] if self.query else None  # (B, 1, width): the newest token is the query
             scores = self.net.logits(z, tokens.positions, tokens.query_pos, query_z)
         return self._guaranteed(scores, tokens)
+
+    def page_scores(self, state, tokens, page_size, open_pages):
+        """The probe in pages (`page_summary`): each open page's bound from its summary (adore.pages), then the
+        REFINE x (R / page_size) best bounds rescored exactly from their members' keys (the bound alone ranks
+        loosely): O(pages + REFINE x R) keys read a step, whatever the history. Else the default."""
+        if not self.paged:
+            return super().page_scores(state, tokens, page_size, open_pages)
+        seen, pages = tokens.cols.shape[1], open_pages.shape[1]
+        log_norm = self._log_norm(state, tokens)
+        bound = self.net.page_logits(state.pages, pages, tokens.query_pos, state.query, log_norm)
+        bound = bound.masked_fill(~open_pages, -inf)
+        candidates = bound.topk(min(REFINE * max(self.R // page_size, 1), pages), dim=1).indices  # (B, c)
+        cols = (candidates[..., None] * page_size + torch.arange(page_size, device=bound.device)).flatten(1)
+        inside = cols < seen
+        cols = cols.clamp(max=seen - 1)
+        z = state.tokens["z"].gather(1, cols[..., None].expand(-1, -1, state.tokens["z"].shape[2]))  # (B, c * P, width)
+        positions = state.tokens["pos"].gather(1, cols)
+        exact = self.net.paged_logits(z, positions, tokens.query_pos, state.query, log_norm)
+        exact = exact.masked_fill(~(inside & state.tokens["filled"].gather(1, cols)), -inf)
+        best = exact.view(exact.shape[0], -1, page_size).amax(2)  # (B, c)
+        return torch.full_like(bound, -inf).scatter(1, candidates, best).masked_fill(~open_pages, -inf)
+
+    def _log_norm(self, state, tokens):
+        """The probe's per-head log normaliser for this query: exact over the cache, estimated over the released."""
+        cols = tokens.cached  # (B, C), -1: empty slot
+        z = state.tokens["z"]
+        cached_z = z.gather(1, cols.clamp(min=0)[..., None].expand(-1, -1, z.shape[2]))
+        cached_pos = state.tokens["pos"].gather(1, cols.clamp(min=0))
+        return self.net.log_normaliser(state.pages, tokens.query_pos, state.query, cached_z, cached_pos, cols)
 
     def _guaranteed(self, scores, tokens):
         if self.sinks:

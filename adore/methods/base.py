@@ -8,7 +8,10 @@ A method is a dataclass of its knobs (the config) with these functions:
 * `update(state, entered)`: after each forward, with an `Entered` view of the tokens just fed and whatever
   the method declared in `needs` (attention mass, keys, embeddings);
 * `score(state, tokens)` -> (B, k): how much to keep each history token of a `Tokens` view; higher = keep;
-* `rebuild_score(state, tokens)`: optional, the rebuild pick's scores of released tokens (default: `score`).
+* `rebuild_score(state, tokens)`: optional, the rebuild pick's scores of released tokens (default: `score`);
+* `page_scores(state, tokens, page_size, open_pages)`: optional, scores of pages of consecutive tokens for a page pick
+  (default: each page's best `rebuild_score`);
+* `rebuild_policy()`: how released tokens come back (adore.rebuild; default: never).
 
 The session (adore/session.py) computes only what some method `needs`, so methods never reach into it.
 `m=None` means no budget (full attention).
@@ -49,10 +52,17 @@ class State:
 class Tokens:
     """The history tokens being scored, all (B, k); ids, positions and full attention are gathered when read."""
 
-    def __init__(self, cols: torch.Tensor, query_pos: torch.Tensor, history: dict[str, torch.Tensor]):
+    def __init__(self, cols: torch.Tensor, query_pos: torch.Tensor, history: dict[str, torch.Tensor], cached=None):
         self.cols = cols  # history columns (the session's index of fed tokens)
         self.query_pos = query_pos  # (B, 1) position t of the newest token: the query the scores are for
         self._history = history  # (B, T) per-column tensors of the session: ids, positions[, full_attention]
+        self._cached = cached  # () -> (B, C) history columns in the cache's slots (-1: empty), computed when read
+
+    @cached_property
+    def cached(self) -> torch.Tensor:
+        """(B, C) history columns of the tokens in the cache (-1 for an empty slot): scores that need the cache's
+        own tokens (e.g. an exact part of a normaliser) read it."""
+        return self._cached()
 
     def _gather(self, name: str) -> torch.Tensor:
         return self._history[name].gather(1, self.cols)
@@ -116,6 +126,18 @@ class Method:
         """Per-session state for `batch_size` rows and `length` history columns."""
         return State(tokens={name: torch.zeros(batch_size, length, device=device) for name in self.per_token})
 
+    def assume(self, state: State, cols: torch.Tensor, positions: torch.Tensor, length: int) -> None:
+        """Random per-token state for history columns `cols` (n,) at `positions` (B, n), as if they had been fed
+        (Session.assume_prefilled, for benchmarks): floats uniform, flags set, integer state the positions.
+        `length`: the history's column capacity."""
+        for tensor in state.tokens.values():  # e.g. H2O's mass, the probe's z_i, its positions and flags
+            if tensor.dtype == torch.bool:
+                tensor[:, cols] = True
+            elif tensor.dtype == torch.long:
+                tensor[:, cols] = positions
+            else:
+                tensor[:, cols] = torch.rand_like(tensor[:, cols])
+
     def arrive(self, state: State, arriving: Entered) -> None:
         """Called before every forward (before the rebuild pick) with the tokens about to be fed."""
 
@@ -130,6 +152,21 @@ class Method:
         """(B, k) scores of released `tokens` for the rebuild pick (before the forward); higher = rebuild first.
         The same as `score` unless a method picks rebuilds and releases by different rules."""
         return self.score(state, tokens)
+
+    def page_scores(self, state: State, tokens: Tokens, page_size: int, open_pages: torch.Tensor) -> torch.Tensor:
+        """(B, pages) scores of the pages of `page_size` consecutive columns of `tokens` (all columns seen, in
+        order; the last page may be short) for a page pick among `open_pages` (B, pages) (-inf elsewhere): each
+        page's best token. A method with a per-page summary overrides it so that a pick costs O(pages)."""
+        scores = self.rebuild_score(state, tokens)  # (B, seen)
+        pages = open_pages.shape[1]
+        padded = torch.nn.functional.pad(scores, (0, pages * page_size - scores.shape[1]), value=float("-inf"))
+        return padded.view(scores.shape[0], pages, page_size).amax(2).masked_fill(~open_pages, float("-inf"))
+
+    def rebuild_policy(self):
+        """A fresh adore.rebuild policy for one session (methods without rebuild: none)."""
+        from adore.rebuild import Rebuild
+
+        return Rebuild()
 
     # ---- identity: what results.json records and run directories are named from -------------------------
     def identity(self) -> dict:

@@ -211,7 +211,10 @@ def sum_stats(stats: list[dict]) -> dict:
         "perf/prefill_tok_per_s": total("prompt_tokens") / max(total("prefill_s"), 1e-9),
         "perf/rebuilt_tokens": total("rebuilt_tokens"),
         "perf/rebuilt_per_step": total("rebuilt_tokens") / max(total("decode_tokens"), 1),  # per row and step
-        "perf/rebuilt_kept": total("rebuilt_kept_tokens") / max(total("rebuilt_tokens"), 1),  # share the release kept
+        "perf/rebuilt_kept": total("rebuilt_kept_tokens")  # share of the tokens brought back that the release kept
+        / max(total("rebuilt_tokens") + total("recalled_tokens"), 1),
         "perf/reused_per_step": total("reused_tokens") / max(total("decode_tokens"), 1),  # rebuild=keep: held picks
-        "perf/peak_kv_bytes": max([s.get("peak_kv_bytes", 0) for s in stats] + [0]),
+        "perf/recalled_per_step": total("recalled_tokens") / max(total("decode_tokens"), 1),  # rebuild=recall: copied
+        "perf/peak_kv_bytes": max([s.get("peak_kv_bytes", 0) for s in stats] + [0]),  # device: the cache
+        "perf/peak_store_bytes": max([s.get("store_bytes", 0) for s in stats] + [0]),  # recall's store (host on CUDA)
     }

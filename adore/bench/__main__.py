@@ -1,0 +1,3 @@
+from adore.bench.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Which methods, with which settings, become rows: the configs of conf/method/, built as eval.py builds them."""
+
+from __future__ import annotations
+
+import torch
+
+from adore.bench.rows import run_method
+from adore.registry import build_method, method_config, method_names
+
+
+def methods_for(
+    names: list[str],
+    m: int,
+    R: list[int],
+    controller: str | None,
+    rebuild: list[str] | None = None,
+    every: list[int] | None = None,
+    forward: list[int] | None = None,
+    pages: list[int] | None = None,
+    stores: list[str] | None = None,
+    extra: dict | None = None,
+) -> list[tuple[str, dict]]:
+    """(config name, overrides) per row: one per value of `R` for configs with an `R` field, times one per
+    rebuild policy and period for configs that rebuild (R > 0; None: the config's), for `keep` one per cap on
+    the picks forwarded, for `recall` one per page size (0: token picks) and store dtype. `extra`: overrides of
+    every config that has those fields (e.g. an untrained controller's shape)."""
+    unknown = [n for n in names if n not in method_names()]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")
+    rows = []
+    for name in names:
+        fields = method_config(name, m)
+        given = ({"controller": controller} if controller else {}) | (extra or {})
+        own = {k: v for k, v in given.items() if k in fields}
+        if "R" not in fields:
+            rows.append((name, own))
+            continue
+        for r in R:
+            policies = [{}]
+            if r > 0:  # None: the config's value
+                policies = [
+                    {"rebuild": p, "rebuild_every": k, "rebuild_forward": f, "page_size": g or None, "store_dtype": d}
+                    for p in rebuild or [None]
+                    for k in every or [None]
+                    for f in (forward or [None] if p == "keep" else [None])
+                    for g in (pages or [None] if p == "recall" else [None])
+                    for d in (stores or [None] if p == "recall" else [None])
+                ]
+                policies = [{key: v for key, v in policy.items() if v is not None} for policy in policies]
+            rows += [(name, own | {"R": r} | policy) for policy in policies]
+    return rows
+
+
+def runnable(model, specs: list[tuple[str, dict]], m: int, ids: torch.Tensor, cuda_graphs: bool) -> list:
+    """Build each method and warm it up on a short prompt; skip (with a note) those that fail on this model."""
+    methods = []
+    for name, overrides in specs:
+        try:
+            method = build_method(name, m, **overrides)
+            run_method(model, method, ids[:, :128], 4, cuda_graphs=cuda_graphs)
+        except (ValueError, RuntimeError) as err:
+            settings = "".join(f" {k}={v}" for k, v in overrides.items())
+            print(f"[skip] method={name}{settings}: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        methods.append(method)
+    if not methods:
+        raise SystemExit("no method could run on this model: see the [skip] notes above")
+    return methods

@@ -1,0 +1,91 @@
+"""The settings of a method that rebuilds released tokens (ADORE and the oracle): R and the rebuild policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from adore.kvstore import STORE_DTYPES
+from adore.methods.base import Method
+from adore.rebuild import POLICIES, Keep, Recall
+
+ALIASES = {"top": "recompute"}  # the paper's rule kept its first name in older configs and commands
+# the paper's rule: what runs written before the policies existed used, so it leaves their identity as it was
+PAPER_REBUILD = {"rebuild": "recompute", "rebuild_every": 1, "rebuild_forward": None, "page_size": None}
+RECALL_DEFAULTS = {"store_dtype": "model"}
+
+
+def positive(key: str, value, fix: str = "", nullable: bool = False) -> None:
+    """Raise ValueError naming `method.<key>` unless `value` is a positive integer (not a bool; or None)."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"method.{key}={value!r} must be a positive integer" + (" or null" if nullable else "") + fix)
+
+
+@dataclass
+class Rebuilds(Method):
+    """R released tokens come back per step, by `rebuild` (adore.rebuild): recompute (the paper), survivors,
+    keep or recall. `rebuild_every` = k rebuilds on every k-th feed only; `rebuild_forward` caps `keep`'s forward;
+    `page_size` makes `recall` pick whole pages; `store_dtype` is `recall`'s store (adore.kvstore)."""
+
+    m: int = 128
+    R: int = 4
+    rebuild: str = "recompute"
+    rebuild_every: int = 1
+    rebuild_forward: int | None = None
+    page_size: int | None = None
+    store_dtype: str = "model"
+    training_free: ClassVar[bool] = False
+    short: ClassVar[dict] = {"page_size": "page", "store_dtype": "store"}
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.rebuild = ALIASES.get(self.rebuild, self.rebuild)
+        R = self.R
+        if isinstance(R, bool) or not isinstance(R, int) or R < 0:
+            raise ValueError(f"method.R={R!r} must be a non-negative integer (tokens rebuilt per step)")
+        if R > self.m:
+            raise ValueError(
+                f"method.R={R} exceeds method.m={self.m}: a step keeps only m tokens, so at most m rebuilt ones can "
+                "stay; use R <= m"
+            )
+        if self.rebuild not in POLICIES:
+            raise ValueError(f"method.rebuild={self.rebuild!r}: choose one of {list(POLICIES)}")
+        positive("rebuild_every", self.rebuild_every, " (rebuild on every k-th step)")
+        positive("rebuild_forward", self.rebuild_forward, " (picks forwarded per step)", nullable=True)
+        if self.rebuild_forward is not None and self.rebuild != "keep":
+            raise ValueError(
+                f"method.rebuild_forward={self.rebuild_forward} caps the picks `keep` forwards (the others wait, held "
+                f"or released); with method.rebuild={self.rebuild!r} it would only be a smaller R: set "
+                "method.rebuild=keep"
+            )
+        positive("page_size", self.page_size, " (tokens per recalled page)", nullable=True)
+        if self.page_size is not None and self.rebuild != "recall":
+            raise ValueError(
+                f"method.page_size={self.page_size} picks pages to copy back from the store: set method.rebuild=recall"
+            )
+        if self.page_size is not None and R % self.page_size:
+            raise ValueError(
+                f"method.R={R} is not a whole number of pages of method.page_size={self.page_size}: use R = "
+                f"{max(self.page_size, R - R % self.page_size)}"
+            )
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"method.store_dtype={self.store_dtype!r}: choose one of {list(STORE_DTYPES)}")
+
+    def rebuild_identity(self) -> dict:
+        """The rebuild settings where they differ from the paper's rule (recompute every step), none when R = 0:
+        runs written before the policies existed used that rule, so their identity stays as it was."""
+        if not self.R:  # nothing is rebuilt: the policy changes nothing
+            return {}
+        settings = {key: getattr(self, key) for key, paper in PAPER_REBUILD.items() if getattr(self, key) != paper}
+        if self.rebuild == "recall":
+            settings |= {k: getattr(self, k) for k, v in RECALL_DEFAULTS.items() if getattr(self, k) != v}
+        return settings
+
+    def rebuild_policy(self):
+        if self.rebuild == "keep":
+            return Keep(self.R, self.rebuild_every, self.rebuild_forward)
+        if self.rebuild == "recall":
+            return Recall(self.R, self.rebuild_every, self.page_size, self.store_dtype)
+        return POLICIES[self.rebuild](self.R, self.rebuild_every)

@@ -1,0 +1,204 @@
+"""The rebuild policies (adore.rebuild) and recall's store and page summaries, alone where possible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_method
+
+from adore.cache import SlotCache
+from adore.generate import generate
+from adore.kvstore import KVStore
+from adore.pages import PageSummary
+from adore.rebuild import Keep
+from adore.session import Session
+
+PROBE = {"config": {"heads": 2, "head_dim": 4}}
+
+
+def prompts(batch=3, length=24, seed=1):
+    ids = torch.randint(100, 1000, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # one padded row: recall must respect padding like every policy
+    return ids, mask
+
+
+@pytest.mark.parametrize("store_dtype", ["model", "bfloat16"])
+@pytest.mark.parametrize("probe", [False, True])
+def test_recall_with_R_above_the_released_count_equals_full_attention(tiny, probe, store_dtype):
+    """Invariant (ADORE.md): with a store and R >= the tokens released, every step attends every past token with
+    the KV it entered with: full attention's tokens exactly (fp32 model, so a bf16 store is not exact in theory;
+    here it changes no greedy token)."""
+    model, _ = tiny
+    ids, mask = prompts()
+    full = generate(model, make_method("full", None, model), ids, mask, 8, [], 0).tokens
+    extra = PROBE if probe else {}
+    method = make_method("adore", 16, model, R=16, rebuild="recall", rebuild_every=1, store_dtype=store_dtype, **extra)
+    out = generate(model, method, ids, mask, 8, [], 0)  # 24 + 8 - 16 <= 16 released at any step
+    assert torch.equal(out.tokens, full)
+    assert out.stats["rebuilt_tokens"] == 0 and out.stats["recalled_tokens"] > 0  # copied back, never forwarded
+
+
+def test_recall_copies_are_bit_exact_and_the_store_is_write_through(tiny):
+    """Every fed token's KV is in the store as its forward computed it; a recalled token's slot holds exactly that."""
+    model, _ = tiny
+    method = make_method("adore", 8, model, R=4, rebuild="recall", rebuild_every=1)
+    session = Session(model, method, 2, 64)
+    ids, _ = prompts(batch=2, length=20)
+    logits = session.feed(ids)
+    store = session.rebuild.store
+    cached = session.slot_col >= 0
+    for b in range(2):
+        for slot in cached[b].nonzero()[:, 0].tolist():
+            col = int(session.slot_col[b, slot])
+            assert torch.equal(store.keys[b, col], session.cache.keys[:, b, :, slot])
+            assert torch.equal(store.values[b, col], session.cache.values[:, b, :, slot])
+    logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+    recalled = session.last_rebuilt_cols
+    assert (recalled >= 0).any()
+    for b, col in (recalled >= 0).nonzero().tolist():
+        c = int(recalled[b, col])
+        slot = int(session.hist_slot[b, c])
+        if slot >= 0:  # still cached after the release
+            assert torch.equal(session.cache.keys[:, b, :, slot], store.keys[b, c])
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("model", 0.0), ("bfloat16", 2**-8), ("int8", 1 / 254)])
+def test_store_dtypes_round_trip_within_their_stated_error(dtype, tolerance):
+    """model: exact; bfloat16: relative error <= 2^-8; int8: absolute error <= half a step of absmax / 127 per
+    (token, layer, head), plus the float16 scale's rounding (2^-11 relative, times up to 127 steps)."""
+    torch.manual_seed(0)
+    cache = SlotCache(3, 2, 2, 8, 6, torch.float32, "cpu")
+    cache.keys.normal_()
+    cache.values.normal_(std=3)
+    store = KVStore(cache, 10, dtype)
+    store.write(cache, 0, torch.arange(6).expand(2, -1))
+    copy = SlotCache(3, 2, 2, 8, 6, torch.float32, "cpu")
+    store.read_into(copy, torch.arange(6).flip(0).expand(2, -1), torch.arange(6).expand(2, -1))
+    for stored, original in ((copy.keys, cache.keys.flip(3)), (copy.values, cache.values.flip(3))):
+        error = (stored - original).abs()
+        if dtype == "int8":
+            bound = original.abs().amax(-1, keepdim=True) * (tolerance + 2**-10)
+        else:
+            bound = original.abs() * tolerance
+        assert (error <= bound + 1e-7).all(), dtype
+    assert store.nbytes < KVStore(cache, 10, "model").nbytes or dtype == "model"
+
+
+def test_page_bound_is_above_every_member_and_exact_for_constant_pages():
+    """Quest's bound: sum_c max(q_c lo_c, q_c hi_c) >= <q, k> for every key of the page, with equality when a
+    page's keys are one vector; so on such keys the page pick equals the exact top pages."""
+    torch.manual_seed(0)
+    B, T, W, P, H = 2, 40, 8, 4, 2
+    keys = torch.randn(B, T, W)
+    summary = PageSummary(B, W, P, "cpu")
+    summary.add(torch.arange(T), keys, torch.arange(T).expand(B, -1), torch.ones(B, T, dtype=torch.bool), T)
+    q = torch.randn(B, W)
+    exact = (keys.unflatten(-1, (H, -1)) * q.unflatten(-1, (H, -1))[:, None]).sum(-1)  # (B, T, H)
+    bound = summary.upper_bound(q, H, T // P)
+    assert (bound.repeat_interleave(P, 1) >= exact - 1e-5).all()
+    constant = keys[:, ::P].repeat_interleave(P, 1)
+    tight = PageSummary(B, W, P, "cpu")
+    tight.add(torch.arange(T), constant, torch.arange(T).expand(B, -1), torch.ones(B, T, dtype=torch.bool), T)
+    per_token = (constant.unflatten(-1, (H, -1)) * q.unflatten(-1, (H, -1))[:, None]).sum(-1)
+    torch.testing.assert_close(tight.upper_bound(q, H, T // P), per_token.view(B, T // P, P, H).amax(2))
+    top_pages = per_token.sum(-1).view(B, T // P, P).amax(2).topk(3).indices
+    assert torch.equal(tight.upper_bound(q, H, T // P).sum(-1).topk(3).indices, top_pages)
+
+
+def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny):
+    """With page summaries a step reads the page summaries, the cached tokens' keys and REFINE x R candidate keys:
+    no op takes the whole history of keys, so the cost per step does not grow with every history token."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from adore.methods.adore import REFINE
+
+    model, _ = tiny
+    m, R = 8, 4
+    method = make_method("adore", m, model, R=R, rebuild="recall", page_size=2, page_summary=True, **PROBE)
+    session = Session(model, method, 2, 256)
+    ids, _ = prompts(batch=2, length=120)
+    logits = session.feed(ids)
+    z = session.state.tokens["z"]  # (B, T, width): every history token's key
+
+    class Reads(TorchDispatchMode):
+        gathered, whole = 0, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and first.shape == z.shape and first.data_ptr() == z.data_ptr():
+                if func is torch.ops.aten.gather.default:
+                    Reads.gathered += args[2].numel() // z.shape[2]
+                elif func not in (torch.ops.aten.index_put_.default, torch.ops.aten.slice.Tensor):
+                    Reads.whole.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        session.feed(logits[:, -1].argmax(-1, keepdim=True))
+    assert not Reads.whole, f"ops reading every history key: {Reads.whole}"
+    assert 0 < Reads.gathered <= 2 * (m + R + 1 + REFINE * R)
+
+
+def test_device_kv_stays_within_m_plus_R_plus_1_while_the_store_grows(tiny):
+    model, _ = tiny
+    m, R = 8, 4
+    method = make_method("adore", m, model, R=R, rebuild="recall", rebuild_every=1)
+    session = Session(model, method, 2, 16)  # a short history allocation: the store must grow with it
+    ids, _ = prompts(batch=2, length=12)
+    logits = session.feed(ids)
+    stores = []
+    for _ in range(30):
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+        assert session.cache.capacity <= m + R + 1
+        assert int((session.slot_col >= 0).sum(1).max()) <= m
+        stores.append(session.store_bytes)
+    assert stores[-1] > stores[0] and session.rebuild.store.length >= session.length
+
+
+def test_keep_releases_to_m_and_holds_the_next_R_without_a_session():
+    keep = Keep(R=2)
+    keep.held = torch.zeros(1, 6, dtype=torch.bool)
+    scores = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0, 0.0]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    kept = keep.release(None, scores, valid, 3)
+    assert kept.tolist() == [[True, True, True, True, True, False]]  # the 3 best kept, the next R = 2 held
+    assert keep.held.tolist() == [[False, True, False, False, True, False]]
+    assert torch.equal(keep.attended(torch.arange(6)[None]), ~keep.held)
+
+
+def test_top_is_the_old_name_of_recompute_and_identities_keep_their_names():
+    from adore.methods import Adore
+
+    old, new = Adore(m=8, R=2, rebuild="top", rebuild_every=1), Adore(m=8, R=2, rebuild="recompute", rebuild_every=1)
+    assert old.rebuild == "recompute" and old.tag == new.tag == "adore_m8_R2_untrained_seed0"
+    recall = Adore(m=8, R=4, rebuild="recall", page_size=2, store_dtype="int8", rebuild_every=1)
+    assert recall.tag == "adore_m8_R4_untrained_seed0_rebuildrecall_page2_storeint8"
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"page_size": 2}, "method.page_size=2 .*rebuild=recall"),
+        ({"rebuild": "recall", "page_size": 3}, "method.R=4 is not a whole number of pages.*R = 3"),
+        ({"rebuild": "recall", "store_dtype": "fp8"}, "method.store_dtype='fp8'"),
+        ({"rebuild": "recall", "page_size": 2, "page_summary": True}, "page_summary=true .*probe"),
+        ({"rebuild": "recall", "page_size": 0}, "method.page_size=0 must be a positive integer"),
+    ],
+)
+def test_bad_recall_settings_fail_with_the_fix(bad, match):
+    from adore.methods import Adore
+
+    with pytest.raises(ValueError, match=match):
+        Adore(m=8, R=4, **bad)
+
+
+def test_recall_in_a_chunked_prefill_brings_back_before_the_answer(tiny):
+    """A chunk of a chunked prefill is fed like any step: its pick is made with its own newest token's query, so
+    the chunk holding the question recalls before the first answer token is decoded."""
+    model, _ = tiny
+    method = make_method("adore", 8, model, R=4, rebuild="recall", rebuild_every=1)
+    session = Session(model, method, 1, 64)
+    ids, _ = prompts(batch=1, length=32)
+    for s in range(0, 32, 8):
+        session.feed(ids[:, s : s + 8])
+    assert session.recalled > 0 and (session.last_rebuilt_cols >= 0).any()
