@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 
 import pandas as pd
 from matplotlib import rcParams
@@ -184,7 +185,9 @@ def plot_ruler_heatmap(df: pd.DataFrame) -> Figure | None:
                     ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize="x-small")
         ax.set_xticks(range(len(lengths)), [fmt_value(float(n)) for n in lengths], fontsize="small")
         ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize="small")
-        ax.set_title(shorten(f"{row} · {data}", LEGEND_WIDTH), fontsize="small")
+        # wrapped to the panel's width: one line of a long row label ran into the next panel's title
+        width = max(14, 9 * len(lengths))
+        ax.set_title(textwrap.fill(shorten(f"{row} · {data}", 4 * width), width), fontsize="x-small")
         ax.set(xlabel="length (tokens)", ylabel="needle depth")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
