@@ -104,7 +104,7 @@ def test_chat_data_scores_the_reference_answers_given_the_prompt(tiny, tiny_mode
     records = load_records(DataSpec("samsum"), 3)
     task = Perplexity(num_tokens=40, max_doc_tokens=16, batch_size=2)
     kept, contexts, targets = task.texts(tiny[1], records)
-    assert kept == [0, 1, 2]
+    assert [r["id"] for r in kept] == [r["id"] for r in records]
     assert [len(t) for t in targets] == [16, 16, 8] and contexts[0][-4:] == tiny[1]("<|im_start|>assistant\n")[
         "input_ids"
     ]
@@ -113,6 +113,21 @@ def test_chat_data_scores_the_reference_answers_given_the_prompt(tiny, tiny_mode
     low, high = out.metrics["eval/ppl_ci"]
     assert low <= out.metrics["eval/ppl"] <= high
     assert [r["tokens"] for r in out.rows] == [16, 16, 8]
+
+
+def test_joined_documents_make_full_length_streams_scored_by_position(tiny, tiny_model_dir):
+    records = load_records(DataSpec("wikitext2"), 6)
+    task = Perplexity(num_tokens=60, batch_size=2, join_tokens=30, position_bin=8)
+    kept, contexts, targets = task.texts(tiny[1], records)
+    assert [len(c) + len(t) for c, t in zip(contexts, targets)] == [31, 31] and kept[0]["id"] == "wikitext2-0"
+    ids = tiny[1](records[0]["reference"])["input_ids"]
+    assert contexts[0] + targets[0] == ids[:31] and contexts[1] + targets[1] == ids[31:62]  # the article goes on
+    out = task.run(context(tiny, tiny_model_dir), Window(m=8), records)
+    by_position = out.metrics["eval/ppl_by_position"]
+    assert len(by_position) == 4 and all(p > 1 for p in by_position)  # bins of 8, 8, 8 and 6 positions
+    assert sum(sum(r["nll_by_position"]) for r in out.rows) == pytest.approx(sum(r["nll"] for r in out.rows))
+    with pytest.raises(ValueError, match="join_tokens=30 joins documents: use data=wikitext2"):
+        task.texts(tiny[1], load_records(DataSpec("samsum"), 2))
 
 
 # ---- stream -----------------------------------------------------------------------------------------------

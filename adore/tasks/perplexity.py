@@ -5,7 +5,8 @@ to m between tokens and every token is predicted from at most m cached tokens (+
 Long text (data=wikitext2): every document is a stream, its first token (a BOS when the tokenizer adds
 one) is fed unscored and every later token scored. Chat data (samsum, chat, math, gsm8k): the chat-template
 prompt is prefilled and the tokens of the reference answer are scored — the paper's "natural language
-modelling" of each dataset.
+modelling" of each dataset. `join_tokens` joins documents into streams that long (long-document perplexity,
+past the distances a controller was trained on); `position_bin` reports perplexity by position.
 """
 
 from __future__ import annotations
@@ -43,22 +44,37 @@ class Perplexity:
     prefill_chunk: int | None = None
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     diagnose: bool = False  # the release diagnostic (adore.diagnostic) of every scored step, as diagnostic/*
+    join_tokens: int | None = None  # documents joined (in order, a blank line between) into streams this long
+    position_bin: int | None = None  # perplexity per bin of this many positions, as eval/ppl_by_position
 
     def __post_init__(self):
         check_counts(
             self,
             ("num_tokens", "max_doc_tokens", "batch_size"),
-            ("num_examples", "max_prompt_tokens", "prefill_chunk"),
+            ("num_examples", "max_prompt_tokens", "prefill_chunk", "join_tokens", "position_bin"),
             own=("num_examples",),
         )
+
+    def check_window(self, window: int) -> None:
+        """A joined stream (join_tokens + its unscored first token), or a chat prompt, fits the context window."""
+        if self.join_tokens and self.join_tokens + 1 > window:
+            raise ValueError(
+                f"task.join_tokens={self.join_tokens}: a stream of {self.join_tokens + 1} tokens is past the model's "
+                f"context window of {window} (max_position_embeddings): set task.join_tokens={window - 1} or less"
+            )
+        if self.max_prompt_tokens and self.max_prompt_tokens > window:
+            raise ValueError(
+                f"eval.max_prompt_tokens={self.max_prompt_tokens} passes the model's context window of {window} "
+                f"tokens (max_position_embeddings): set eval.max_prompt_tokens={window} or less"
+            )
 
     def load(self, data_spec) -> list[dict]:
         return load_examples(data_spec, self.num_examples)
 
     def run(self, ctx: Context, method, records: list[dict]) -> TaskOutput:
-        kept, contexts, targets = self.texts(ctx.tokenizer, records)
-        records = [records[i] for i in kept]
+        records, contexts, targets = self.texts(ctx.tokenizer, records)
         nll, count, stats = [0.0] * len(targets), [0] * len(targets), []
+        by_position: list[list[float]] = [[] for _ in targets]
         release: list[dict] = [{}] * len(targets)
         batches = batches_by_length([len(c) + len(t) for c, t in zip(contexts, targets)], self.batch_size)
         for batch in tqdm(batches, desc=f"{ctx.data_spec.name} {method.tag}", disable=not ctx.progress):
@@ -70,10 +86,12 @@ class Perplexity:
                 ctx.tokenizer.pad_token_id,
                 self.prefill_chunk,
                 self.diagnose and method.m is not None,
+                self.position_bin,
             )
             stats.append(st)
             for row, i in enumerate(batch):
                 nll[i], count[i] = sums[row], counts[row]
+                by_position[i] = st.get("nll_by_position", [[]] * len(batch))[row]
                 if "diagnostic" in st:
                     release[i] = st["diagnostic"][row]
         nll_np, count_np = np.array(nll), np.array(count, dtype=float)
@@ -86,6 +104,9 @@ class Perplexity:
             ),
             "eval/tokens": int(count_np.sum()),
         }
+        if self.position_bin:
+            metrics["eval/position_bin"] = self.position_bin
+            metrics["eval/ppl_by_position"] = ppl_by_position(by_position, count, self.position_bin)
         from adore.diagnostic import KEYS
 
         for key in KEYS if any(release) else ():  # over the examples with a counted step
@@ -101,6 +122,7 @@ class Perplexity:
                 "nll": nll[i],
                 "ppl": math.exp(nll[i] / max(count[i], 1)),
             }
+            | ({"nll_by_position": by_position[i]} if self.position_bin else {})
             | {f"release_{k}": v for k, v in release[i].items() if k != "steps"}
             for i, r in enumerate(records)
         ]
@@ -108,29 +130,48 @@ class Perplexity:
             "num_examples": len(records),
             "num_tokens": int(count_np.sum()),
             "max_doc_tokens": self.max_doc_tokens,
+            "join_tokens": self.join_tokens,
             "batch_size": self.batch_size,
         }
         return TaskOutput(metrics=metrics, perf=sum_stats(stats), rows=rows, run=run)
 
-    def texts(self, tokenizer, records: list[dict]) -> tuple[list[int], list[list[int]], list[list[int]]]:
-        """Records used, and their (context, scored target) token ids, in order until `num_tokens` targets in all."""
+    def texts(self, tokenizer, records: list[dict]) -> tuple[list[dict], list[list[int]], list[list[int]]]:
+        """The examples used, and their (context, scored target) token ids, in order until `num_tokens` targets
+        in all. With `join_tokens`, the examples are streams of joined documents (`joined`)."""
         kept, contexts, targets, left = [], [], [], self.num_tokens
-        for i, r in enumerate(records):
+        for r in self.joined(tokenizer, records) if self.join_tokens else records:
             if left <= 0:
                 break
             if r["messages"]:  # chat data: the prompt is context, the reference answer is scored
                 context = encode_prompts(tokenizer, [r], self.max_prompt_tokens)[0][0]
                 target = tokenizer(r["reference"], add_special_tokens=False)["input_ids"]
             else:  # a document: its first token (a BOS if the tokenizer adds one) is context, the rest is scored
-                ids = tokenizer(r["reference"])["input_ids"]
+                ids = r.get("ids") or tokenizer(r["reference"])["input_ids"]
                 context, target = ids[:1], ids[1:]
             target = target[: min(self.max_doc_tokens, left)]
             if target:
-                kept.append(i)
+                kept.append({k: v for k, v in r.items() if k != "ids"})
                 contexts.append(context)
                 targets.append(target)
                 left -= len(target)
         return kept, contexts, targets
+
+    def joined(self, tokenizer, records: list[dict]) -> list[dict]:
+        """Documents joined in order (a blank line between) and cut into streams of `join_tokens` + 1 token ids
+        (the first is context); a short last stream is dropped, so every stream reaches the full length. Its id
+        names the documents it holds."""
+        if any(r["messages"] for r in records):
+            raise ValueError(
+                f"task.join_tokens={self.join_tokens} joins documents: use data=wikitext2, or join_tokens=null"
+            )
+        streams, ids, names, size = [], [], [], self.join_tokens + 1
+        for r in records:
+            ids += tokenizer(("\n\n" if ids else "") + r["reference"], add_special_tokens=not ids)["input_ids"]
+            names.append(str(r["id"]))
+            while len(ids) >= size:
+                streams.append({"id": "+".join(names), "messages": [], "reference": "", "ids": ids[:size]})
+                ids, names = ids[size:], names[-1:] if len(ids) > size else []
+        return streams
 
 
 def forced_nll(
@@ -141,14 +182,31 @@ def forced_nll(
     pad_id: int,
     prefill_chunk: int | None = None,
     diagnose: bool = False,
+    position_bin: int | None = None,
 ) -> tuple[list[float], list[int], dict]:
     """Summed NLL and token count of each row's targets, one `Session.feed` per target token (`teacher_force`);
-    with `diagnose`, the stats carry each row's release diagnostic."""
-    nll = torch.zeros(len(contexts), dtype=torch.float64, device=model.device)
+    with `diagnose`, the stats carry each row's release diagnostic, with `position_bin` each row's summed NLL
+    per bin of that many target positions (under "nll_by_position")."""
+    bins = position_bin or max(map(len, targets), default=1)
+    nll = torch.zeros(
+        len(contexts), -(-max(map(len, targets), default=1) // bins), dtype=torch.float64, device=model.device
+    )
 
     def add(t, logits, ids, valid):
         logp = logits.float().log_softmax(-1).gather(1, ids[:, t : t + 1])[:, 0]
-        nll.sub_(torch.where(valid[:, t], logp, 0).double())
+        nll[:, t // bins].sub_(torch.where(valid[:, t], logp, 0).double())
 
     stats = teacher_force(model, method, contexts, targets, pad_id, add, prefill_chunk, diagnose)
-    return nll.tolist(), [len(t) for t in targets], stats
+    if position_bin:
+        stats["nll_by_position"] = [row[: -(-len(t) // bins)] for row, t in zip(nll.tolist(), targets)]
+    return nll.sum(1).tolist(), [len(t) for t in targets], stats
+
+
+def ppl_by_position(nll_by_position: list[list[float]], counts: list[int], position_bin: int) -> list[float]:
+    """Perplexity over every example's tokens in each bin of `position_bin` positions (token-weighted)."""
+    width = max(map(len, nll_by_position))
+    nll, tokens = np.zeros(width), np.zeros(width)
+    for row, count in zip(nll_by_position, counts):
+        nll[: len(row)] += row
+        tokens[: len(row)] += np.diff(np.minimum(np.arange(len(row) + 1) * position_bin, count))
+    return [math.exp(n / c) for n, c in zip(nll, tokens) if c > 0]
