@@ -10,18 +10,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from adore import evaluate
+from adore.eval import job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
     try:
-        job = evaluate.prepare(cfg, HydraConfig.get().runtime.output_dir)
-    except evaluate.USER_ERRORS as err:
+        prepared = job.prepare(cfg, HydraConfig.get().runtime.output_dir)
+    except job.USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         sys.exit(f"error: {err}")
-    result = evaluate.execute(job) if isinstance(job, evaluate.Job) else job
+    result = job.execute(prepared) if isinstance(prepared, job.Job) else prepared
     return result["metrics"].get("eval/rougeL")  # what a Hydra sweeper would optimise
 
 

@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from adore.pipeline import Pipeline
+from adore.lit.pipeline import Pipeline
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pipeline")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from adore.version import package_version
+
+__version__ = package_version()
 __all__ = ["Pipeline", "__version__"]
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ for piece in pipe.stream([{"role": "user", "content": "Hi"}], max_new_tokens=64)
 ppl = pipe.score("some long text")
 ```
 
-Everything runs the engine's one loop (`adore.session.Session.feed`) exactly as `eval.py` does: prompts are
+Everything runs the engine's one loop (`adore.engine.session.Session.feed`) exactly as `eval.py` does: prompts are
 prefilled, then every new (or scored) token is one `feed`, after which the method releases down to `m`
 cached tokens. A method by name is built from `conf/method/<name>.yaml` as `eval.py method=<name>` builds it.
 Plain PyTorch and transformers: no Lightning, and Hydra only to read a method's config. See docs/api.md.
@@ -24,12 +24,11 @@ from dataclasses import fields
 
 import torch
 
-from adore.generate import Sampling, decode_steps, generate, left_pad, prefill
+from adore.engine.generate import Sampling, decode_steps, forced_nll, generate, left_pad, prefill
+from adore.engine.session import Session
+from adore.engine.text import batches_by_length, encode_prompts, eos_ids
 from adore.methods import Method
 from adore.models import ModelSpec, load_model, load_tokenizer
-from adore.session import Session
-from adore.tasks import batches_by_length, encode_prompts, eos_ids
-from adore.tasks.perplexity import forced_nll
 
 Prompt = str | list[dict]  # a text, or chat messages [{"role": "user", "content": "..."}, ...]
 
@@ -57,7 +56,7 @@ class Pipeline:
     prefill_chunk : int or None
         Feed prompts in chunks of this many tokens, releasing to `m` between chunks (None: whole prompt).
     max_prompt_tokens : int or None
-        Longer prompts lose their middle: a chat prompt keeps its first `adore.tasks.PROMPT_HEAD` (64) tokens (the
+        Longer prompts lose their middle: a chat prompt keeps its first `adore.eval.tasks.PROMPT_HEAD` (64) tokens (the
         chat header and the start of the instruction, at most a quarter of the limit) and its last ones, as
         `eval.py` cuts them; a plain text without a chat template keeps its last tokens.
     chat_template : bool or None
@@ -119,7 +118,7 @@ class Pipeline:
 
         A prompt is a text or chat messages; generation stops at the model's end-of-sequence token or after
         `max_new_tokens`; special tokens are left out of the text. `sampling`: fields of
-        `adore.generate.Sampling` (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`); greedy by default.
+        `adore.engine.generate.Sampling` (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`); greedy by default.
         """
         batch, single = self._prompts(prompts)
         _check_count("max_new_tokens", max_new_tokens)
@@ -147,7 +146,7 @@ class Pipeline:
         """Yield the reply to one prompt in pieces of text as its tokens are generated.
 
         The pieces join to `generate`'s text for the same arguments (sampling included): the loop is
-        `generate`'s (`adore.generate.decode_steps`), read one step at a time. A piece is held back while the
+        `generate`'s (`adore.engine.generate.decode_steps`), read one step at a time. A piece is held back while the
         text so far ends in an incomplete character. Leaving the loop early stops the generation.
         """
         batch, single = self._prompts(prompt)

@@ -211,7 +211,7 @@ class Controller(nn.Module):
 
     def page_logits(self, summary, pages: int, query_pos: torch.Tensor, query: torch.Tensor, log_norm) -> torch.Tensor:
         """The probe's (B, pages) log attention share of each page's best member, bounded from the page summaries
-        (adore.pages): each head's score is the page's upper bound on <q, k> plus the bias at the page's mean
+        (adore.engine.pages): each head's score is the page's upper bound on <q, k> plus the bias at the page's mean
         distance, normalised by `log_norm` (B, 1, heads) (`log_normaliser`). O(pages): no per-token key is read."""
         c = self.config
         bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))  # (B, pages, heads)
@@ -222,7 +222,7 @@ class Controller(nn.Module):
     def log_normaliser(self, summary, query_pos, query, cached_z, cached_pos, cached_cols) -> torch.Tensor:
         """(B, 1, heads) log of each head's softmax normaliser over the history: exact over the cached tokens
         (cached_z (B, C, width) at cached_pos, history columns cached_cols, -1: empty slot), and for the released
-        rest of each page its count times exp of the page's mean-key score (adore.pages). O(C + pages)."""
+        rest of each page its count times exp of the page's mean-key score (adore.engine.pages). O(C + pages)."""
         c = self.config
         pages = summary.pages
         own = self._dots(cached_z, cached_pos, query_pos, query).masked_fill(

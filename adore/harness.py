@@ -10,9 +10,9 @@ model=AdoreLM(...), tasks=[...])`. Every request runs the engine's loop under th
 `adore.Pipeline` (which builds the model, tokenizer and method here) and `eval.py` run it:
 
 - `loglikelihood` (multiple choice, ...): the context is prefilled, then the continuation is teacher-forced one
-  `Session.feed` per token (`adore.generate.teacher_force`, the loop of `task=perplexity`'s forced NLL);
+  `Session.feed` per token (`adore.engine.generate.teacher_force`, the loop of `task=perplexity`'s forced NLL);
 - `loglikelihood_rolling` (perplexity tasks): the same over lm-eval's rolling windows of `max_length` tokens;
-- `generate_until`: the prompt is prefilled, then `adore.generate.decode_steps` (the loop of `generate`) runs
+- `generate_until`: the prompt is prefilled, then `adore.engine.generate.decode_steps` (the loop of `generate`) runs
   until every row has met an `until` string, its end-of-sequence token or `max_gen_toks`.
 
 Options (`--model_args key=value,...`): those of `AdoreLM`. See docs/harness.md. lm-eval is imported only here.
@@ -31,10 +31,10 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from adore.api import Pipeline
-from adore.generate import Sampling, decode_steps, left_pad, prefill, teacher_force
+from adore.engine.generate import Sampling, decode_steps, left_pad, prefill, teacher_force
+from adore.engine.session import Session
+from adore.engine.text import batches_by_length
 from adore.models import ModelSpec
-from adore.session import Session
-from adore.tasks import batches_by_length
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class AdoreLM(TemplateLM):
         `--batch_size` is given; its "auto" is not supported.
     prefill_chunk : int or None
         Feed prompts in chunks of this many tokens, releasing to m between chunks (None: the engine's default,
-        the whole prompt unless it exceeds 16 m and 2,048 tokens, `adore.generate.prefill_chunk_for`).
+        the whole prompt unless it exceeds 16 m and 2,048 tokens, `adore.engine.generate.prefill_chunk_for`).
     max_length : int or None
         Longest sequence fed (prompt + generated or scored tokens); longer prompts keep their last tokens, as
         lm-eval's `hf` model does. None: the model's `max_position_embeddings`.
@@ -207,7 +207,7 @@ class AdoreLM(TemplateLM):
 
     def _forced(self, contexts: list[list[int]], targets: list[list[int]]) -> tuple[list[float], list[bool]]:
         """Summed log-probability of each row's targets and whether each target was the argmax: the step of
-        `adore.tasks.perplexity.forced_nll` (the same log-softmax, so the same numbers) plus the greedy check."""
+        `adore.engine.generate.forced_nll` (the same log-softmax, so the same numbers) plus the greedy check."""
         B = len(contexts)
         logp_sum = torch.zeros(B, dtype=torch.float64, device=self.model.device)
         greedy = torch.ones(B, dtype=torch.bool, device=self.model.device)
@@ -278,7 +278,7 @@ class AdoreLM(TemplateLM):
     def _generate(
         self, prompts: list[list[int]], max_gen_toks: int, until: list[str], eos_text: str, sampling: Sampling
     ) -> list[str]:
-        """The text generated for each prompt: `adore.generate.generate`'s prefill and `decode_steps`, read one
+        """The text generated for each prompt: `adore.engine.generate.generate`'s prefill and `decode_steps`, read one
         step at a time so that the batch stops once every row has met a stop string (or its eos)."""
         input_ids, mask = left_pad(prompts, self.pipe.pad_token_id)
         session = Session(self.model, self.method, len(prompts), input_ids.shape[1] + max_gen_toks)

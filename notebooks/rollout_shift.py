@@ -29,8 +29,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))  # run as a script from anywhere: the package is the project's own
 
 from adore.controller import Controller  # noqa: E402
-from adore.generate import teacher_force  # noqa: E402
-from adore.labels import attention_labels, dense_labels, selection_counts  # noqa: E402
+from adore.engine.generate import teacher_force  # noqa: E402
+from adore.lit.label_builder import attention_labels, dense_labels, selection_counts  # noqa: E402
 from adore.methods import Adore  # noqa: E402
 from adore.models import residual_after  # noqa: E402
 

@@ -59,7 +59,7 @@ def test_stream_pieces_join_to_generate_text(tiny, sampling):
 
 def test_leaving_a_stream_early_stops_generating(tiny, monkeypatch):
     """The stream is read step by step: breaking after the first piece leaves the other ~200 tokens ungenerated."""
-    from adore.session import Session
+    from adore.engine.session import Session
 
     feeds = []
     original = Session.feed

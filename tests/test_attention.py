@@ -1,10 +1,10 @@
 """The engine's attention with a recorder: blocked eager attention must equal plain softmax attention, and the
-recorded mass and last rows must be its weights, whatever the blocks (adore/attention.py)."""
+recorded mass and last rows must be its weights, whatever the blocks (adore/engine/attention.py)."""
 
 import pytest
 import torch
 
-from adore.attention import PLAIN_CAUSAL, QUERY_CHUNK, AttentionRecorder, adore_attention
+from adore.engine.attention import PLAIN_CAUSAL, QUERY_CHUNK, AttentionRecorder, adore_attention
 
 
 class _Module:  # what transformers' SDPA forward reads off the attention module

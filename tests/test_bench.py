@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from adore import bench
-from adore.generate import generate
+from adore.engine.generate import generate
+from adore.engine.session import Session
 from adore.io import read_json
 from adore.registry import build_method, method_config, method_names
-from adore.session import Session
 
 
 def test_bench_runs_every_method(tmp_path, tiny_model_dir, capsys):

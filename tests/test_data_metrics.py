@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from adore.data import DataSpec, extract_answer, last_boxed, load_records, normalize_answer
-from adore.metrics import bleu, exact_match, quality, rouge
+from adore.eval.metrics import bleu, exact_match, quality, rouge
 
 SIZES = {"chat": (800, 200), "math": (500, 500), "gsm8k": (1000, 319), "samsum": (818, 819)}
 

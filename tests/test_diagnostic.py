@@ -1,4 +1,4 @@
-"""The release diagnostic (adore.diagnostic): hand-computed on a constructed pattern, exact for the oracle."""
+"""The release diagnostic (adore.engine.diagnostic): hand-computed on a constructed pattern, exact for the oracle."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import compose_eval, make_method, tiny_overrides
 
-from adore.diagnostic import KEYS, release_stats
-from adore.generate import teacher_force
+from adore.engine.diagnostic import KEYS, release_stats
+from adore.engine.generate import teacher_force
 
 
 def test_window_on_a_constructed_pattern():
@@ -57,7 +57,7 @@ def test_window_loses_what_the_oracle_keeps(tiny):
 
 
 def test_eval_records_the_diagnostic(tiny_model_dir, tmp_path):
-    from adore.evaluate import run
+    from adore.eval.job import run
 
     cfg = compose_eval(*tiny_overrides(tiny_model_dir, "method=streaming", "budget=8", "eval.diagnose=true"))
     result = run(cfg, str(tmp_path / "run"))

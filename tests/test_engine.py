@@ -8,9 +8,9 @@ from conftest import make_method, method_names
 from transformers import DynamicCache
 
 from adore.controller import Controller, ControllerConfig, bucketize
-from adore.generate import generate
+from adore.engine.generate import generate
+from adore.engine.session import Session
 from adore.methods import H2O, Adore, Full, Streaming, Window
-from adore.session import Session
 
 METHODS = method_names()  # every conf/method/*.yaml, as eval.py builds it
 

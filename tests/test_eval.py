@@ -11,7 +11,7 @@ import pytest
 from conftest import PROJECT, make_method, method_names, tiny_overrides
 from conftest import compose_eval as eval_cfg
 
-from adore import evaluate
+from adore.eval import job as evaluate
 from adore.io import read_json, read_jsonl
 
 
@@ -247,7 +247,7 @@ def test_result_files_get_the_users_umask(tmp_path):
 
 def test_a_long_prompt_keeps_its_head_and_end_and_the_cut_is_recorded(tmp_path, tiny, tiny_model_dir):
     from adore.data import DataSpec, load_records
-    from adore.tasks import encode_prompts
+    from adore.engine.text import encode_prompts
 
     record = load_records(DataSpec("samsum"), 1)[0]
     (full,), _ = encode_prompts(tiny[1], [record], None)

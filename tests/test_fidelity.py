@@ -9,9 +9,10 @@ import pytest
 import torch
 from conftest import compose_eval, make_method, method_names, tiny_overrides
 
-from adore import evaluate, fidelity
+from adore.eval import fidelity
+from adore.eval import job as evaluate
+from adore.eval.stats import Bootstrap
 from adore.io import read_jsonl
-from adore.stats import Bootstrap
 
 
 def cfg_for(tmp_path, tiny_model_dir, *overrides):
@@ -45,7 +46,7 @@ def test_second_method_reuses_stored_full_outputs(tmp_path, tiny_model_dir, monk
     evaluate.run(cfg_for(tmp_path, tiny_model_dir, "method=window", "budget=6"), str(tmp_path / "a"))
     assert "[reference] stored" in capsys.readouterr().out
     monkeypatch.setattr(fidelity, "build_reference", lambda *a, **k: pytest.fail("full attention recomputed"))
-    import adore.tasks.generate as task_module
+    import adore.eval.tasks.generate as task_module
 
     monkeypatch.setattr(task_module, "build_reference", lambda *a, **k: pytest.fail("full attention recomputed"))
     evaluate.run(cfg_for(tmp_path, tiny_model_dir, "method=streaming", "budget=6"), str(tmp_path / "b"))
@@ -120,7 +121,7 @@ def test_bad_fidelity_and_bootstrap_values_fail_early(tmp_path, tiny_model_dir, 
 def test_full_attention_against_itself_is_not_rerun_and_is_exact(tiny):
     """Full attention's own fidelity is taken as KL 0 / top-1 1 without a second pass: the pass it skips gives
     exactly that, and the same bucketed tail mass."""
-    from adore.fidelity import Fidelity, build_reference, divergence
+    from adore.eval.fidelity import Fidelity, build_reference, divergence
     from adore.methods import Full
 
     model, _ = tiny

@@ -20,9 +20,13 @@ from conftest import PROJECT  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from adore import Pipeline  # noqa: E402
-from adore.generate import Sampling, generate, left_pad  # noqa: E402
+from adore.engine.generate import (  # noqa: E402
+    Sampling,
+    forced_nll,  # noqa: E402
+    generate,
+    left_pad,
+)
 from adore.harness import AdoreLM  # noqa: E402
-from adore.tasks.perplexity import forced_nll  # noqa: E402
 
 TASKS = PROJECT / "tests" / "data" / "harness"
 # (method, m, options): full attention, and bounded methods whose m is far below the prompts' lengths
@@ -42,7 +46,7 @@ def request(kind: str, *args) -> Instance:
 
 
 def engine_tokens(lm: AdoreLM, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens of `adore.generate.generate` for each prompt alone (eos included)."""
+    """Greedy tokens of `adore.engine.generate.generate` for each prompt alone (eos included)."""
     out = []
     for p in prompts:
         ids, mask = left_pad([lm.tok_encode(p)], lm.pipe.pad_token_id)

@@ -12,11 +12,11 @@ import pytest
 from conftest import PROJECT, tiny_overrides
 from conftest import compose_eval as eval_cfg
 
-from adore import evaluate
+from adore.eval import job as evaluate
+from adore.eval.metrics import bleu, exact_match, quality, reference_streams, rouge
+from adore.eval.stats import Bootstrap, corpus_bleu_ci
+from adore.eval.tasks import group_by_prompt
 from adore.io import read_jsonl, write_json, write_jsonl
-from adore.metrics import bleu, exact_match, quality, reference_streams, rouge
-from adore.stats import Bootstrap, corpus_bleu_ci
-from adore.tasks import group_by_prompt
 
 
 def samsum_rows(n: int) -> list[dict]:

@@ -43,7 +43,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_every_package_and_the_config_tree(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = sorted(p.parent.relative_to(PROJECT).as_posix() for p in (PROJECT / "adore").rglob("__init__.py"))
-    assert {"adore", "adore/tasks", "adore/lit"} <= set(packages)
+    assert {"adore", "adore/engine", "adore/eval", "adore/eval/tasks", "adore/lit"} <= set(packages)
     missing = [p for p in packages if f"{p}/__init__.py" not in names]
     assert not missing, f"packages missing from the wheel: {missing}"
     modules = sorted(p.relative_to(PROJECT).as_posix() for p in (PROJECT / "adore").rglob("*.py"))
@@ -76,7 +76,7 @@ def run_installed(site: Path, args: list[str], cwd: Path) -> str:
 
 def test_installed_wheel_imports_and_finds_its_config_tree(site, tmp_path):
     check = (
-        "import adore, adore.tasks, adore.lit; from adore.registry import conf_dir, method_names; "
+        "import adore, adore.eval.tasks, adore.lit; from adore.registry import conf_dir, method_names; "
         "print(adore.__file__); print(conf_dir()); print(method_names())"
     )
     module, conf, methods = run_installed(site, ["-c", check], cwd=tmp_path).splitlines()[-3:]

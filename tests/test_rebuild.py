@@ -1,4 +1,4 @@
-"""The rebuild policies (adore.rebuild) and recall's store and page summaries, alone where possible."""
+"""The rebuild policies (adore.engine.rebuild) and recall's store and page summaries, alone where possible."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import make_method
 
-from adore.cache import SlotCache
-from adore.generate import generate
-from adore.kvstore import KVStore
-from adore.pages import PageSummary
-from adore.rebuild import Keep
-from adore.session import Session
+from adore.engine.cache import SlotCache
+from adore.engine.generate import generate
+from adore.engine.kvstore import KVStore
+from adore.engine.pages import PageSummary
+from adore.engine.rebuild import Keep
+from adore.engine.session import Session
 
 PROBE = {"config": {"heads": 2, "head_dim": 4}}
 

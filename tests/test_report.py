@@ -34,7 +34,7 @@ def adore_base(R: int) -> tuple[float, float]:
     return 26 + 0.5 * R, 120 - 5 * R
 
 
-# What adore/evaluate.py records about each method: its display name and whether it is training-free.
+# What adore/eval/job.py records about each method: its display name and whether it is training-free.
 LABELS = {"full": "Full attention", "window": "Window", "streaming": "StreamingLLM", "h2o": "H2O", "random": "Random",
           "adore": "ADORE", "oracle": "Oracle"}  # fmt: skip
 TRAINING_FREE = {"full", "window", "streaming", "h2o", "random"}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from conftest import compose_eval, tiny_overrides
 
-from adore import evaluate, ruler
+from adore import ruler
+from adore.eval import job as evaluate
+from adore.eval.tasks.ruler import Chunked, OneShot, Ruler, Turns
 from adore.io import read_jsonl
-from adore.tasks.ruler import Chunked, OneShot, Ruler, Turns
 
 EOS = []  # the generators' token counts do not depend on eos ids
 

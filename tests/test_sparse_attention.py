@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from adore.lit.sparse_attention import enable_topk_attention, topk_attention
 from adore.models import ModelSpec, load_model
-from adore.sparse_attention import enable_topk_attention, topk_attention
 
 
 @pytest.fixture()

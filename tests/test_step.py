@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_method, method_names
 
-from adore.generate import generate, prefill
-from adore.session import Session
+from adore.engine.generate import generate, prefill
+from adore.engine.session import Session
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "engine_tokens.json").read_text())["tokens"]
 SYNCS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select")
@@ -207,7 +207,7 @@ def test_chunked_prefill_memory_is_bounded_by_m_plus_chunk(tiny):
 
 def test_a_prompt_far_longer_than_m_is_chunked_by_default(tiny):
     """Above 16 m and 2,048 tokens, prefill goes in chunks of 4 m unless told otherwise."""
-    from adore.generate import prefill_chunk_for
+    from adore.engine.generate import prefill_chunk_for
 
     assert prefill_chunk_for(256, 4096) == 4096 and prefill_chunk_for(256, 4097) == 1024  # 16 m
     assert prefill_chunk_for(64, 2000) == 2000 and prefill_chunk_for(None, 10**5) == 10**5  # 2,048; no budget

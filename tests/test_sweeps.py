@@ -14,7 +14,8 @@ from conftest import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob
 
-from adore import evaluate, report
+from adore import report
+from adore.eval import job as evaluate
 from adore.io import read_json
 from adore.registry import method_names
 

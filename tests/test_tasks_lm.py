@@ -10,18 +10,19 @@ import torch
 from conftest import compose_eval as eval_cfg
 from conftest import make_method, method_names
 
-from adore import evaluate
 from adore.data import WIKITEXT_EVAL_ARTICLES, DataSpec, load_records
-from adore.generate import generate
+from adore.engine.generate import forced_nll, generate
+from adore.engine.session import Session
+from adore.engine.text import eos_ids
+from adore.eval import job as evaluate
+from adore.eval.metrics import repeated_ngram_fraction
+from adore.eval.tasks import Context
+from adore.eval.tasks.long import Long
+from adore.eval.tasks.perplexity import Perplexity
+from adore.eval.tasks.stream import Stream, dialogue_turns, segments
 from adore.io import read_json, read_jsonl
 from adore.lit.data import encode_document
 from adore.methods import Full, Window
-from adore.metrics import repeated_ngram_fraction
-from adore.session import Session
-from adore.tasks import Context, eos_ids
-from adore.tasks.long import Long
-from adore.tasks.perplexity import Perplexity, forced_nll
-from adore.tasks.stream import Stream, dialogue_turns, segments
 
 METHODS = method_names()
 

@@ -11,7 +11,7 @@ import torch
 from conftest import PROJECT, compose
 
 from adore.controller import Controller, bucketize
-from adore.labels import (
+from adore.lit.label_builder import (
     dense_labels,
     h2o_scores,
     load_labels,
@@ -62,7 +62,7 @@ def labels_run(tmp_path_factory, tiny_model_dir) -> Path:
     return run_dir
 
 
-# --- the pure parts (adore.labels) ---
+# --- the pure parts (adore.lit.label_builder) ---
 
 
 def test_ranked_keys_are_causal_best_first_and_padded():

@@ -10,7 +10,7 @@ session makes it slow by design). `--R` is a comma list: a method whose config h
 row per value, the others one row; `--rebuild` / `--rebuild-every` / `--rebuild-forward` add rows per rebuild
 policy for R > 0. A method that cannot run on the model is skipped with a note.
 
-Every method decodes through the engine's own loop (`adore.generate.decode_steps`, greedy), prefill timed apart
+Every method decodes through the engine's own loop (`adore.engine.generate.decode_steps`, greedy), prefill timed apart
 from decode, CUDA synchronised before every clock read, after a warm-up. The rows of a batch and their floors
 decode in turns, one step each, the order rotated every step (`decode_in_turns`): a ratio then compares steps
 timed moments apart, so the machine's drift does not land on one row. Methods that prefill alike share one

@@ -8,7 +8,7 @@ from adore.bench.floor import start_floor
 from adore.bench.prefill import SharedPrefill
 from adore.bench.rows import start_method
 from adore.bench.turns import decode_in_turns
-from adore.generate import teacher_force
+from adore.engine.generate import teacher_force
 
 
 def run_batch(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from adore.cache import kv_bytes_per_slot
-from adore.session import capacity_for
+from adore.engine.cache import kv_bytes_per_slot
+from adore.engine.session import capacity_for
 
 
 def plan(

@@ -16,7 +16,7 @@ from adore.bench.prefill_ab import prefill_ab
 from adore.bench.report import compare_to_full, device_name, print_tables, write
 from adore.bench.specs import methods_for, runnable
 from adore.bench.timing import run_hf_generate
-from adore.rebuild import POLICIES
+from adore.engine.rebuild import POLICIES
 from adore.registry import build_method, method_names
 
 

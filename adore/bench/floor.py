@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from adore.attention import PLAIN_CAUSAL, register
 from adore.bench.turns import Decoder
-from adore.cache import SlotCache
+from adore.engine.attention import PLAIN_CAUSAL, register
+from adore.engine.cache import SlotCache
 
 
 @torch.no_grad()

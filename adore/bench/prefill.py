@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from adore.bench.timing import timed
-from adore.session import Session
+from adore.engine.session import Session
 
 
 class SharedPrefill:

@@ -7,8 +7,8 @@ import statistics
 import torch
 
 from adore.bench.timing import hf_generate
-from adore.generate import timed_prefill
-from adore.session import Session
+from adore.engine.generate import timed_prefill
+from adore.engine.session import Session
 
 
 @torch.no_grad()

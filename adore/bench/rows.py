@@ -6,8 +6,8 @@ import torch
 
 from adore.bench.prefill import SharedPrefill
 from adore.bench.turns import Decoder, decode_in_turns
-from adore.generate import Generation, decode_steps, timed_prefill
-from adore.session import Session
+from adore.engine.generate import Generation, decode_steps, timed_prefill
+from adore.engine.session import Session
 
 
 def start_method(

@@ -9,7 +9,7 @@ import time
 import torch
 from transformers import LogitsProcessor
 
-from adore.generate import synchronize
+from adore.engine.generate import synchronize
 
 
 def timed(device, fn, *args):

@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from adore.bench.timing import step_times, timed
-from adore.generate import Generation
-from adore.session import Session
+from adore.engine.generate import Generation
+from adore.engine.session import Session
 
 
 class Decoder:

@@ -30,8 +30,15 @@ from torchmetrics import Metric
 
 from adore.controller import Controller, ControllerConfig
 from adore.io import save_torch
-from adore.labels import dense_labels, h2o_scores, load_labels, recency_scores, sample_pairs, selection_counts
 from adore.lit.finetune import warmup_cosine
+from adore.lit.label_builder import (
+    dense_labels,
+    h2o_scores,
+    load_labels,
+    recency_scores,
+    sample_pairs,
+    selection_counts,
+)
 from adore.models import ModelSpec, load_model, residual_after
 
 METHODS = ("controller", "recency", "h2o")

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from adore.lit.sparse_attention import NAME as TOPK
+from adore.lit.sparse_attention import enable_topk_attention
 from adore.models import ModelSpec, load_model, load_tokenizer
-from adore.sparse_attention import NAME as TOPK
-from adore.sparse_attention import enable_topk_attention
 
 FULL = "sdpa"
 

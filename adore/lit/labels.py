@@ -1,7 +1,7 @@
 """Stage `labels` (ADORE.md §2): full-attention top-K labels for the controller, one file per run.
 
 A `predict` pass: each batch runs the (optionally fine-tuned) LLM with eager full attention and
-`output_attentions=True`; `adore.labels` turns the weights into labels. Runs on one device.
+`output_attentions=True`; `adore.lit.label_builder` turns the weights into labels. Runs on one device.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from adore.labels import attention_labels, index_dtype, save_labels
+from adore.lit.label_builder import attention_labels, index_dtype, save_labels
 from adore.models import ModelSpec, load_model
 
 
@@ -46,7 +46,7 @@ class LabelsModule(L.LightningModule):
         return len(valid)
 
     def export(self, run_dir: str | Path) -> dict:
-        """Write `labels/labels.pt` (see `adore.labels.save_labels`)."""
+        """Write `labels/labels.pt` (see `adore.lit.label_builder.save_labels`)."""
         meta = {
             "K": self.K,
             "h2o_k": self.h2o_k,

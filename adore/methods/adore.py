@@ -7,9 +7,9 @@ from typing import ClassVar
 import torch
 
 from adore.controller import Controller, ControllerConfig, newest_valid
+from adore.engine.pages import PageSummary
 from adore.methods.base import KEEP, State, file_identity
 from adore.methods.rebuilds import Rebuilds
-from adore.pages import PageSummary
 
 RELEASES = ("controller", "attention")  # what `Adore.release` may be
 
@@ -238,7 +238,7 @@ class Adore(Rebuilds):
         return self._guaranteed(scores, tokens)
 
     def page_scores(self, state, tokens, page_size, open_pages):
-        """The probe in pages (`page_summary`): each open page's bound from its summary (adore.pages), then the
+        """The probe in pages (`page_summary`): each open page's bound from its summary (adore.engine.pages), then the
         REFINE x (R / page_size) best bounds rescored exactly from their members' keys (the bound alone ranks
         loosely): O(pages + REFINE x R) keys read a step, whatever the history. Else the default."""
         if not self.paged:

@@ -11,9 +11,9 @@ A method is a dataclass of its knobs (the config) with these functions:
 * `rebuild_score(state, tokens)`: optional, the rebuild pick's scores of released tokens (default: `score`);
 * `page_scores(state, tokens, page_size, open_pages)`: optional, scores of pages of consecutive tokens for a page pick
   (default: each page's best `rebuild_score`);
-* `rebuild_policy()`: how released tokens come back (adore.rebuild; default: never).
+* `rebuild_policy()`: how released tokens come back (adore.engine.rebuild; default: never).
 
-The session (adore/session.py) computes only what some method `needs`, so methods never reach into it.
+The session (adore/engine/session.py) computes only what some method `needs`, so methods never reach into it.
 `m=None` means no budget (full attention).
 """
 
@@ -163,8 +163,8 @@ class Method:
         return padded.view(scores.shape[0], pages, page_size).amax(2).masked_fill(~open_pages, float("-inf"))
 
     def rebuild_policy(self):
-        """A fresh adore.rebuild policy for one session (methods without rebuild: none)."""
-        from adore.rebuild import Rebuild
+        """A fresh adore.engine.rebuild policy for one session (methods without rebuild: none)."""
+        from adore.engine.rebuild import Rebuild
 
         return Rebuild()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from adore.kvstore import STORE_DTYPES
+from adore.engine.kvstore import STORE_DTYPES
+from adore.engine.rebuild import POLICIES, Keep, Recall
 from adore.methods.base import Method
-from adore.rebuild import POLICIES, Keep, Recall
 
 ALIASES = {"top": "recompute"}  # the paper's rule kept its first name in older configs and commands
 # the paper's rule: what runs written before the policies existed used, so it leaves their identity as it was
@@ -25,9 +25,9 @@ def positive(key: str, value, fix: str = "", nullable: bool = False) -> None:
 
 @dataclass
 class Rebuilds(Method):
-    """R released tokens come back per step, by `rebuild` (adore.rebuild): recompute (the paper), survivors,
+    """R released tokens come back per step, by `rebuild` (adore.engine.rebuild): recompute (the paper), survivors,
     keep or recall. `rebuild_every` = k rebuilds on every k-th feed only; `rebuild_forward` caps `keep`'s forward;
-    `page_size` makes `recall` pick whole pages; `store_dtype` is `recall`'s store (adore.kvstore)."""
+    `page_size` makes `recall` pick whole pages; `store_dtype` is `recall`'s store (adore.engine.kvstore)."""
 
     m: int = 128
     R: int = 4

@@ -6,10 +6,10 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from adore.attention import MAX_ROWS
+from adore.engine.attention import MAX_ROWS
 from adore.methods.base import KEEP, Method, State
 
-MAX_WINDOW = MAX_ROWS  # attention rows the engine records at most (adore.attention)
+MAX_WINDOW = MAX_ROWS  # attention rows the engine records at most (adore.engine.attention)
 
 
 @dataclass

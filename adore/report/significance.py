@@ -1,7 +1,7 @@
 """Paired bootstrap tests on the per-example scores of two runs (predictions.jsonl, aligned by example id).
 
 Rows with the same prompt are one unit of resampling: runs written before repeated prompts were grouped
-(`adore.tasks.group_by_prompt`) hold one row per reference of a prompt, and resampling those rows one by one
+(`adore.eval.tasks.group_by_prompt`) hold one row per reference of a prompt, and resampling those rows one by one
 would give intervals too narrow by about sqrt(references per prompt).
 """
 
@@ -113,7 +113,7 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
     controllers, two recipes, a lever on and off); against each of them where several rows at that m hold it (one
     controller at R = 4 and R = 0). No row label holding it: ValueError naming the labels.
     """
-    from adore.stats import Bootstrap
+    from adore.eval.stats import Bootstrap
 
     bootstrap = bootstrap or Bootstrap()
     df = df.assign(task=df["task"].fillna("generate") if "task" in df else "generate")  # older runs: generate

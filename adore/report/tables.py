@@ -35,7 +35,7 @@ ACCURACY = "eval/accuracy"
 REPEATED = "eval/repeated_ngram_fraction"  # runs before it was recorded have none: no column then
 DECODE = "perf/decode_tok_per_s"
 RATIO = "ratio"  # decode tok/s over full attention's, a column of the throughput variants
-# Distance to full attention (adore/fidelity.py); digits shown per metric.
+# Distance to full attention (adore/eval/fidelity.py); digits shown per metric.
 FIDELITY = {
     "fidelity/kl": ("KL", 3),
     "fidelity/top1": ("top-1", 2),
@@ -44,7 +44,7 @@ FIDELITY = {
     "fidelity/rougeL_vs_full": ("ROUGE-L vs full", 2),
     "fidelity/bertscore_f_vs_full": ("BERT-F vs full", 2),
 }
-# The release diagnostic (adore/diagnostic.py, eval.diagnose=true): what the kept cache holds of full attention.
+# The release diagnostic (adore/engine/diagnostic.py, eval.diagnose=true): what the kept cache holds of full attention.
 RELEASE = {
     "fidelity/release_recall": ("recall@m", 3),
     "fidelity/release_mass": ("kept mass", 3),
@@ -375,7 +375,7 @@ def build_tables(df: pd.DataFrame, paper: bool = False, tests: pd.DataFrame | bo
         tables.append(Table("throughput", "Throughput", caption, frame))
     if len(runs) and any(c in runs and runs[c].notna().any() for c in FIDELITY):
         tables.append(Table("fidelity", "Fidelity to full attention", (
-            "Distance of each bounded method to full attention on the same prompts (adore/fidelity.py): KL(full || "
+            "Distance of each bounded method to full attention on the same prompts (adore/eval/fidelity.py): KL(full || "
             "method) in nats and top-1 agreement of the next-token distributions with full attention's output "
             "teacher-forced; identical: share of outputs equal to full attention's; 1st div.: tokens generated "
             "before the first difference; ROUGE-L / BERT-F vs full: the two outputs scored against each other (%). "

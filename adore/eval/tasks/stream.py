@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import Sampling, decode, decode_steps, left_pad, timed_prefill
-from adore.metrics import quality
-from adore.session import Session
-from adore.stats import Bootstrap, corpus_bleu_ci
-from adore.tasks import Context, TaskOutput, check_counts, eos_ids, load_examples, sum_stats
+from adore.engine.generate import Sampling, decode, decode_steps, left_pad, timed_prefill
+from adore.engine.session import Session
+from adore.engine.text import eos_ids
+from adore.eval.metrics import quality
+from adore.eval.stats import Bootstrap, corpus_bleu_ci
+from adore.eval.tasks import Context, TaskOutput, check_counts, load_examples, sum_stats
 
 PLACEHOLDER = "ADOREREPLYPLACEHOLDER"  # stands for a generated reply when rendering the chat template
 

@@ -1,10 +1,10 @@
 """Task generation (`task=generate`): answer each prompt under the method's budget and score the answers.
 
 Reference-based quality (BLEU, ROUGE, BERTScore-F, accuracy for math), fidelity to full attention
-(`adore.fidelity`), a bootstrap interval on every quality number, and decode throughput.
+(`adore.eval.fidelity`), a bootstrap interval on every quality number, and decode throughput.
 
 Rows of the data with the same prompt (a dialogue listed once per reference summary) are one example
-(`adore.tasks.group_by_prompt`): generated once, scored against all of its references (multi-reference
+(`adore.eval.tasks.group_by_prompt`): generated once, scored against all of its references (multi-reference
 BLEU, the best ROUGE / BERTScore-F over them, a match with any gold answer) and resampled as one unit.
 """
 
@@ -15,7 +15,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from adore.fidelity import (
+from adore.engine.generate import Sampling
+from adore.engine.text import PROMPT_HEAD, batches_by_length, encode_prompts, eos_ids
+from adore.eval.fidelity import (
     Fidelity,
     Reference,
     build_reference,
@@ -24,22 +26,10 @@ from adore.fidelity import (
     load_reference,
     store_reference,
 )
-from adore.generate import Sampling
+from adore.eval.metrics import bertscore_f, quality, repeated_ngram_fraction, rouge
+from adore.eval.stats import Bootstrap, corpus_bleu_ci
+from adore.eval.tasks import Context, TaskOutput, check_counts, generate_batches, load_examples, sum_stats
 from adore.methods import Full
-from adore.metrics import bertscore_f, quality, repeated_ngram_fraction, rouge
-from adore.stats import Bootstrap, corpus_bleu_ci
-from adore.tasks import (
-    PROMPT_HEAD,
-    Context,
-    TaskOutput,
-    batches_by_length,
-    check_counts,
-    encode_prompts,
-    eos_ids,
-    generate_batches,
-    load_examples,
-    sum_stats,
-)
 
 
 @dataclass

@@ -92,7 +92,7 @@ def corpus_bleu_ci(outputs: list[str], references: list, bootstrap: Bootstrap) -
     `references`: one text, or a list of texts (multi-reference BLEU), per output."""
     from sacrebleu.metrics import BLEU
 
-    from adore.metrics import reference_streams
+    from adore.eval.metrics import reference_streams
 
     metric = BLEU()
     stats = metric._extract_corpus_statistics(outputs, reference_streams(references))

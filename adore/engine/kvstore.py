@@ -23,7 +23,7 @@ STORE_DTYPES = ("model", "bfloat16", "int8")
 
 def store_bytes_per_token(config, model_dtype: torch.dtype, kind: str) -> int:
     """Bytes one stored token takes: keys and values of every layer and KV head (int8: + a float16 scale each)."""
-    from adore.cache import head_dim_of
+    from adore.engine.cache import head_dim_of
 
     layers, heads, dim = config.num_hidden_layers, config.num_key_value_heads, head_dim_of(config)
     if kind == "int8":

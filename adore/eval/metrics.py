@@ -1,7 +1,7 @@
 """Quality metrics computed directly with sacrebleu, rouge-score and bert-score (no hub metric scripts).
 
 A reference is one text or, for an example with several (a prompt repeated in the data with different
-references, grouped by `adore.tasks.group_by_prompt`), a list of texts: BLEU is sacrebleu's multi-reference
+references, grouped by `adore.eval.tasks.group_by_prompt`), a list of texts: BLEU is sacrebleu's multi-reference
 BLEU, ROUGE and BERTScore-F the best score over the references (rouge-score's `score_multi`, bert-score's
 multi-reference mode). One reference gives exactly the single-reference numbers.
 """

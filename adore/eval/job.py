@@ -22,16 +22,16 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-import adore
-from adore import runlock
-from adore.cache import kv_bytes_per_slot
 from adore.config import build
+from adore.engine.cache import kv_bytes_per_slot
+from adore.engine.session import capacity_for
+from adore.eval import runlock
+from adore.eval.metrics import PACKAGED_BERTSCORE, bertscore_model_path
+from adore.eval.tasks import Context
 from adore.io import read_json, write_json, write_jsonl
-from adore.metrics import PACKAGED_BERTSCORE, bertscore_model_path
 from adore.models import DTYPES, load, load_config
-from adore.session import capacity_for
-from adore.tasks import Context
 from adore.tracking import wandb_run
+from adore.version import package_version
 
 NOT_SETTINGS = (
     "eval.overwrite",
@@ -81,6 +81,14 @@ def settings(cfg: DictConfig) -> dict:
         else:
             plain.pop(head, None)
     return plain
+
+
+def without_targets(node):
+    """Settings compared without their `_target_` class paths: a class that moves to another module (as the
+    packages did) runs the same settings, and its run folder still resumes."""
+    if isinstance(node, dict):
+        return {k: without_targets(v) for k, v in node.items() if k != "_target_"}
+    return [without_targets(v) for v in node] if isinstance(node, list) else node
 
 
 def validate(cfg: DictConfig):
@@ -223,7 +231,7 @@ def finished(cfg: DictConfig, run_dir: Path) -> dict | None:
         raise ValueError(
             f"{results_path} is damaged ({err}): delete it, or pass eval.overwrite=true to run again over it"
         ) from None
-    if previous.get("settings") == settings(cfg):
+    if without_targets(previous.get("settings")) == without_targets(settings(cfg)):
         print(f"[skip] {run_dir} already holds results for these settings")
         return previous
     if not cfg.eval.overwrite:
@@ -268,7 +276,7 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
         "settings": settings(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": {
-            "adore": adore.__version__,
+            "adore": package_version(),
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
             "python": platform.python_version(),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from adore.session import Session
+from adore.engine.session import Session
 
 
 @dataclass
@@ -156,7 +156,7 @@ def teacher_force(
     `step(t, logits, ids, valid)` gets the (B, vocab) logits predicting ids[:, t], with the (B, T) target
     ids and validity on the session's device, so the method releases between any two predictions.
     Perplexity and fidelity both read this. Returns the stats of `generate` (decode = the targets), and with
-    `diagnose` the release diagnostic of each row (`adore.diagnostic`) under "diagnostic".
+    `diagnose` the release diagnostic of each row (`adore.engine.diagnostic`) under "diagnostic".
     """
     ctx_ids, ctx_mask = left_pad(contexts, pad_id)  # (B, Lc)
     ids, valid = right_pad(targets, pad_id)  # (B, T)
@@ -181,6 +181,34 @@ def teacher_force(
         "peak_kv_bytes": session.peak_kv_bytes,
         "store_bytes": session.store_bytes,
     } | ({"diagnostic": session.diagnostic.rows()} if session.diagnostic is not None else {})
+
+
+def forced_nll(
+    model,
+    method,
+    contexts: list[list[int]],
+    targets: list[list[int]],
+    pad_id: int,
+    prefill_chunk: int | None = None,
+    diagnose: bool = False,
+    position_bin: int | None = None,
+) -> tuple[list[float], list[int], dict]:
+    """Summed NLL and token count of each row's targets, one `Session.feed` per target token (`teacher_force`);
+    with `diagnose`, the stats carry each row's release diagnostic, with `position_bin` each row's summed NLL
+    per bin of that many target positions (under "nll_by_position")."""
+    bins = position_bin or max(map(len, targets), default=1)
+    nll = torch.zeros(
+        len(contexts), -(-max(map(len, targets), default=1) // bins), dtype=torch.float64, device=model.device
+    )
+
+    def add(t, logits, ids, valid):
+        logp = logits.float().log_softmax(-1).gather(1, ids[:, t : t + 1])[:, 0]
+        nll[:, t // bins].sub_(torch.where(valid[:, t], logp, 0).double())
+
+    stats = teacher_force(model, method, contexts, targets, pad_id, add, prefill_chunk, diagnose)
+    if position_bin:
+        stats["nll_by_position"] = [row[: -(-len(t) // bins)] for row, t in zip(nll.tolist(), targets)]
+    return nll.sum(1).tolist(), [len(t) for t in targets], stats
 
 
 def decode_steps(

@@ -16,20 +16,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from adore.generate import teacher_force
-from adore.stats import Bootstrap
-from adore.tasks import (
-    Context,
-    TaskOutput,
-    batches_by_length,
-    check_counts,
-    encode_prompts,
-    load_examples,
-    sum_stats,
-)
+from adore.engine.generate import forced_nll
+from adore.engine.text import batches_by_length, encode_prompts
+from adore.eval.stats import Bootstrap
+from adore.eval.tasks import Context, TaskOutput, check_counts, load_examples, sum_stats
 
 
 @dataclass
@@ -43,7 +35,7 @@ class Perplexity:
     max_prompt_tokens: int | None = 2048
     prefill_chunk: int | None = None
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
-    diagnose: bool = False  # the release diagnostic (adore.diagnostic) of every scored step, as diagnostic/*
+    diagnose: bool = False  # the release diagnostic (adore.engine.diagnostic) of every scored step, as diagnostic/*
     join_tokens: int | None = None  # documents joined (in order, a blank line between) into streams this long
     position_bin: int | None = None  # perplexity per bin of this many positions, as eval/ppl_by_position
 
@@ -107,7 +99,7 @@ class Perplexity:
         if self.position_bin:
             metrics["eval/position_bin"] = self.position_bin
             metrics["eval/ppl_by_position"] = ppl_by_position(by_position, count, self.position_bin)
-        from adore.diagnostic import KEYS
+        from adore.engine.diagnostic import KEYS
 
         for key in KEYS if any(release) else ():  # over the examples with a counted step
             values = [r[key] for r in release if key in r]
@@ -172,34 +164,6 @@ class Perplexity:
                 streams.append({"id": "+".join(names), "messages": [], "reference": "", "ids": ids[:size]})
                 ids, names = ids[size:], names[-1:] if len(ids) > size else []
         return streams
-
-
-def forced_nll(
-    model,
-    method,
-    contexts: list[list[int]],
-    targets: list[list[int]],
-    pad_id: int,
-    prefill_chunk: int | None = None,
-    diagnose: bool = False,
-    position_bin: int | None = None,
-) -> tuple[list[float], list[int], dict]:
-    """Summed NLL and token count of each row's targets, one `Session.feed` per target token (`teacher_force`);
-    with `diagnose`, the stats carry each row's release diagnostic, with `position_bin` each row's summed NLL
-    per bin of that many target positions (under "nll_by_position")."""
-    bins = position_bin or max(map(len, targets), default=1)
-    nll = torch.zeros(
-        len(contexts), -(-max(map(len, targets), default=1) // bins), dtype=torch.float64, device=model.device
-    )
-
-    def add(t, logits, ids, valid):
-        logp = logits.float().log_softmax(-1).gather(1, ids[:, t : t + 1])[:, 0]
-        nll[:, t // bins].sub_(torch.where(valid[:, t], logp, 0).double())
-
-    stats = teacher_force(model, method, contexts, targets, pad_id, add, prefill_chunk, diagnose)
-    if position_bin:
-        stats["nll_by_position"] = [row[: -(-len(t) // bins)] for row, t in zip(nll.tolist(), targets)]
-    return nll.sum(1).tolist(), [len(t) for t in targets], stats
 
 
 def ppl_by_position(nll_by_position: list[list[float]], counts: list[int], position_bin: int) -> list[float]:

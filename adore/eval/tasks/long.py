@@ -8,19 +8,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from adore.generate import Sampling
-from adore.metrics import repeated_ngram_fraction
-from adore.stats import Bootstrap
-from adore.tasks import (
-    Context,
-    TaskOutput,
-    batches_by_length,
-    check_counts,
-    encode_prompts,
-    generate_batches,
-    load_examples,
-    sum_stats,
-)
+from adore.engine.generate import Sampling
+from adore.engine.text import batches_by_length, encode_prompts
+from adore.eval.metrics import repeated_ngram_fraction
+from adore.eval.stats import Bootstrap
+from adore.eval.tasks import Context, TaskOutput, check_counts, generate_batches, load_examples, sum_stats
 
 
 @dataclass

@@ -15,7 +15,7 @@ Policies, one class each (`method.rebuild` names one):
 * `Keep` (`keep`): up to R released tokens stay in R more slots, unattended, with their KV; a pick found there
   is attended again without a forward, the others are forwarded (at most `forward` of them);
 * `Recall` (`recall`): every token's KV, as its forward computed it, is kept in a store outside the cache
-  (`adore.kvstore`); picks are copied back into free slots, never forwarded. With `page_size` the pick is made in
+  (`adore.engine.kvstore`); picks are copied back into free slots, never forwarded. With `page_size` the pick is made in
   pages of that many consecutive tokens (scored by `Method.page_scores`), as Quest (Tang et al., ICML 2024) and
   ArkVale (Chen et al., NeurIPS 2024) select KV pages by a per-page summary.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adore.kvstore import KVStore, store_bytes_per_token
+from adore.engine.kvstore import KVStore, store_bytes_per_token
 
 
 @dataclass

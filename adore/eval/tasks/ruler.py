@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import Sampling, decode, decode_steps, left_pad, timed_prefill
+from adore.engine.generate import Sampling, decode, decode_steps, left_pad, timed_prefill
+from adore.engine.session import Session
+from adore.engine.text import batches_by_length, eos_ids
+from adore.eval.stats import Bootstrap
+from adore.eval.tasks import Context, TaskOutput, check_counts, sum_stats
+from adore.eval.tasks.stream import segments
 from adore.ruler import DEPTHS, VARIANTS, Example, haystack_sentences, make_example, string_match_all
-from adore.session import Session
-from adore.stats import Bootstrap
-from adore.tasks import Context, TaskOutput, batches_by_length, check_counts, eos_ids, sum_stats
-from adore.tasks.stream import segments
 
 
 # ------------------------------------------------------------------------------------------------- arrivals
@@ -35,7 +36,7 @@ class Arrival:
     """How an example's prompt is fed: its segments (one per user turn) and the chunk each is fed in.
 
     `segments` gives, per turn, the token ids fed before the model speaks, as (after a reply cut at its budget,
-    after a reply that ended with eos) like `adore.tasks.stream.segments`; the last ends with the answer prefix.
+    after a reply that ended with eos) like `adore.eval.tasks.stream.segments`; the last ends with the answer prefix.
     Between two turns the model generates a reply of at most `reply_tokens`."""
 
     name: ClassVar[str] = ""

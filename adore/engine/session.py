@@ -2,7 +2,7 @@
 
 `Session.feed` takes the next tokens of every row (one decode token, a prompt, a teacher-forced token, a
 user turn of a stream) and does, in order: the rebuild policy brings back up to R released tokens
-(`adore.rebuild`: recompute returns them to run through the model, recall copies their stored KV into free slots),
+(`adore.engine.rebuild`: recompute returns them to run through the model, recall copies their stored KV into free slots),
 one forward pass runs the new tokens (and those to recompute) at their original positions (causal by position),
 then the policy releases down to m slots by the method's scores. Generation, perplexity and streaming all
 call it. Its two halves, `forward` and `settle` (release), are apart so that a prompt's forward can serve
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from adore.attention import PLAIN_CAUSAL, AttentionRecorder, register
-from adore.cache import SlotCache
+from adore.engine.attention import PLAIN_CAUSAL, AttentionRecorder, register
+from adore.engine.cache import SlotCache
+from adore.engine.rebuild import Rebuild
 from adore.methods.base import Entered, Tokens
 from adore.models import residual_stream
-from adore.rebuild import Rebuild
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Session:
         self.peak_kv_bytes = self.cache.nbytes
         self.slot_col = torch.full((batch_size, capacity), -1, dtype=torch.long, device=device)
         self.slot_pos = torch.zeros(batch_size, capacity, dtype=torch.long, device=device)
-        self.rebuild = method.rebuild_policy() if method.m is not None else Rebuild()  # adore.rebuild
+        self.rebuild = method.rebuild_policy() if method.m is not None else Rebuild()  # adore.engine.rebuild
         self.hist_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_pos = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.hist_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -97,9 +97,9 @@ class Session:
         self.feeds = 0  # feed calls so far (rebuild_every counts them)
         self._rebuilt_kept = torch.zeros((), dtype=torch.long, device=device)  # brought back and still cached after
         self.needs = frozenset(method.needs) | frozenset(record)
-        self.diagnostic = None  # adore.diagnostic: what the kept cache holds of full attention, every step
+        self.diagnostic = None  # adore.engine.diagnostic: what the kept cache holds of full attention, every step
         if diagnose and method.m is not None:
-            from adore.diagnostic import ReleaseDiagnostic
+            from adore.engine.diagnostic import ReleaseDiagnostic
 
             self.needs |= {"full_attention"}
             self.diagnostic = ReleaseDiagnostic(batch_size, method.m, device)
@@ -113,7 +113,7 @@ class Session:
         self.static_shapes = device.type == "cuda" if static_shapes is None else static_shapes
         self.graphed = None
         if cuda_graphs and device.type == "cuda" and self.recording is None and "hidden" not in self.needs:
-            from adore.cuda_graph import GraphedForward
+            from adore.engine.cuda_graph import GraphedForward
 
             self.graphed = GraphedForward(model, self.cache)
         self.entered: Entered | None = None  # the view of the last forward

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from adore.generate import teacher_force
+from adore.engine.generate import teacher_force
 from adore.io import read_json, save_torch, write_json
 
 SOURCES = ("full", "reference")
@@ -41,7 +41,7 @@ class Fidelity:
     source: str = "full"  # full: full attention's greedy output is teacher-forced; reference: the dataset's text
     top_k: int = 256  # full attention's top-k log-probs stored per position (KL support)
     cache_dir: str = "outputs/reference"  # where full attention's outputs are stored, keyed by settings
-    diagnose: bool = False  # also record the release diagnostic (adore.diagnostic; one more full-attention pass)
+    diagnose: bool = False  # also record the release diagnostic (adore.engine.diagnostic; one more full-attention pass)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -98,7 +98,7 @@ def forced_logits(
     """Feed each prompt, then its forced tokens one `feed` at a time under `method`'s budget.
 
     `visit(i, j, logits)` gets example i's (vocab,) logits predicting forced[i][j], for every j. With
-    `diagnose`, returns example i's release diagnostic (`adore.diagnostic`) by i.
+    `diagnose`, returns example i's release diagnostic (`adore.engine.diagnostic`) by i.
     """
     diagnostic = {}
     for batch in tqdm(batches, desc=f"teacher-force {method.tag}", disable=not progress, leave=False):
@@ -153,7 +153,7 @@ def divergence(
     ref: Reference, model, method, prompts, batches, pad_id, prefill_chunk, progress, diagnose: bool = False
 ) -> dict[str, list[float]]:
     """Per-example teacher-forced KL(full || method), top-1 agreement and rank of full's top token; with
-    `diagnose` (a bounded method), the release diagnostic as `release_<key>` (adore.diagnostic)."""
+    `diagnose` (a bounded method), the release diagnostic as `release_<key>` (adore.engine.diagnostic)."""
     sums = {k: [0.0] * len(prompts) for k in ("kl", "top1", "rank", "tail")}
 
     def visit(i, j, logits):
@@ -172,7 +172,7 @@ def divergence(
     counts = [max(len(f), 1) for f in ref.forced]
     scores = {k: [s / c for s, c in zip(v, counts)] for k, v in sums.items()}
     if diagnostic:
-        from adore.diagnostic import KEYS
+        from adore.engine.diagnostic import KEYS
 
         # an example whose history never exceeded m has no counted step: None, left out of the means
         for key in KEYS:

@@ -2,7 +2,7 @@
 
 Each task is a dataclass chosen by the config's `_target_` (conf/task/): `load` reads its examples (cheap,
 before any model loads, so bad data fails early) and `run` drives the engine's one loop (`Session.feed`)
-and returns metrics, perf numbers and per-example rows. `adore.evaluate` owns everything around it:
+and returns metrics, perf numbers and per-example rows. `adore.eval.job` owns everything around it:
 validation, resume, atomic writing and tracking.
 """
 
@@ -84,9 +84,6 @@ def group_by_prompt(records: list[dict]) -> list[dict]:
     return out
 
 
-PROMPT_HEAD = 64  # a prompt over max_prompt_tokens keeps its first tokens (chat header, instruction) and its end
-
-
 def load_examples(
     data_spec, num_examples: int | None, keep=None, fix: str | None = None, group: bool = False
 ) -> Examples:
@@ -126,38 +123,6 @@ def load_examples(
     return out
 
 
-def encode_prompts(tokenizer, records, max_prompt_tokens: int | None) -> tuple[list[list[int]], list[int]]:
-    """Chat-template token ids per record, and the tokens cut from each.
-
-    A prompt over `max_prompt_tokens` keeps its first PROMPT_HEAD tokens (the chat header and the start of the
-    instruction) and its last ones: the middle is cut, and the cut is recorded, never silent."""
-    prompts, cut = [], []
-    for r in records:
-        ids = tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
-        over = len(ids) - max_prompt_tokens if max_prompt_tokens else 0
-        if over > 0:
-            head = min(PROMPT_HEAD, max_prompt_tokens // 4)
-            ids = ids[:head] + ids[head + over :]
-        prompts.append(ids)
-        cut.append(max(over, 0))
-    return prompts, cut
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    gen = model.generation_config.eos_token_id
-    ids.update(gen if isinstance(gen, list) else [gen])
-    return sorted(i for i in ids if i is not None)
-
-
-def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Example indices grouped so that similar lengths share a batch (less padding), longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def generate_batches(
     ctx: Context,
     method,
@@ -172,7 +137,8 @@ def generate_batches(
     every row generates `max_new_tokens`."""
     from tqdm.auto import tqdm
 
-    from adore.generate import generate, left_pad
+    from adore.engine.generate import generate, left_pad
+    from adore.engine.text import eos_ids
 
     tok = ctx.tokenizer
     eos = eos_ids(ctx.model, tok)
