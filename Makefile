@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check adore tests train.py eval.py pipeline.py setup.py
 	$(BIN)/ruff format --check adore tests train.py eval.py pipeline.py setup.py
+	$(BIN)/lint-imports  # the layer contracts in pyproject.toml
 
 bench: $(STAMP)
 	$(BIN)/python -m adore.bench

@@ -106,3 +106,13 @@ def test_requirements_pins_satisfy_the_declared_dependencies():
     for name, pin in pins.items():
         (spec,) = pin.specifier
         assert bounds[name].specifier.contains(spec.version), f"{name}{spec} is outside pyproject's {bounds[name]}"
+
+
+def test_the_layer_contracts_hold():
+    """pyproject.toml's import contracts (engine and methods below everything, no Lightning outside the
+    stages, no Hydra or wandb in the core) hold for the tree as it is: `lint-imports` exits 0."""
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if lint is None:
+        pytest.skip("import-linter is not installed (pip install -r requirements.txt)")
+    done = subprocess.run([lint, "--no-cache"], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

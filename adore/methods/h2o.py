@@ -3,7 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from adore.methods.base import KEEP, Method
+from adore.checks import check_share
+from adore.methods.base import Method
+from adore.methods.guarantees import protect, recent_tokens
 
 
 @dataclass
@@ -23,13 +25,11 @@ class H2O(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"method.recent_ratio={self.recent_ratio} must be in [0, 1]")
+        check_share("method.recent_ratio", self.recent_ratio, closed=True)
 
     def update(self, state, entered):
         state.tokens["mass"] += entered.attention.float()
 
     def score(self, state, tokens):
-        recent = max(1, int(round(self.m * self.recent_ratio)))
-        is_recent = tokens.positions > tokens.query_pos - recent
-        return state.tokens["mass"].gather(1, tokens.cols) + KEEP * is_recent
+        recent = max(1, recent_tokens(self.m, self.recent_ratio))  # the newest token is always kept
+        return protect(state.tokens["mass"].gather(1, tokens.cols), tokens, recent=recent)

@@ -3,7 +3,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from adore.methods.base import KEEP, Method, positions_of
+from adore.checks import check_integer
+from adore.methods.base import Method, positions_of
+from adore.methods.guarantees import protect
 
 
 @dataclass
@@ -18,10 +20,11 @@ class Streaming(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0 <= self.sinks < self.m:
+        check_integer("method.sinks", self.sinks, 0)
+        if self.sinks >= self.m:
             raise ValueError(
                 f"method.sinks={self.sinks} must be in [0, m={self.m}): sinks plus at least one recent token"
             )
 
     def score(self, state, tokens):
-        return positions_of(tokens) + KEEP * (tokens.positions < self.sinks)
+        return protect(positions_of(tokens), tokens, sinks=self.sinks)
