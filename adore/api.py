@@ -24,6 +24,7 @@ from dataclasses import fields
 
 import torch
 
+from adore.checks import check_integer
 from adore.engine.generate import Sampling, decode_steps, forced_nll, generate, left_pad, prefill
 from adore.engine.session import Session
 from adore.engine.text import batches_by_length, encode_prompts, eos_ids
@@ -81,10 +82,10 @@ class Pipeline:
         chat_template: bool | None = None,
         **method_options,
     ):
-        _check_count("batch_size", batch_size)
+        check_integer("batch_size", batch_size, fix=": pass e.g. batch_size=8")
         for key, value in (("prefill_chunk", prefill_chunk), ("max_prompt_tokens", max_prompt_tokens)):
             if value is not None:
-                _check_count(key, value)
+                check_integer(key, value, fix=f": pass e.g. {key}=512, or None")
         self.method = _build_method(method, m, method_options)  # before loading anything: bad names fail fast
         if isinstance(model, str | ModelSpec):
             spec = model if isinstance(model, ModelSpec) else ModelSpec(name_or_path=model, device=device, dtype=dtype)
@@ -121,7 +122,7 @@ class Pipeline:
         `adore.engine.generate.Sampling` (`do_sample`, `temperature`, `top_k`, `top_p`, `seed`); greedy by default.
         """
         batch, single = self._prompts(prompts)
-        _check_count("max_new_tokens", max_new_tokens)
+        check_integer("max_new_tokens", max_new_tokens, fix=": pass e.g. max_new_tokens=64")
         sampling = _sampling(sampling)
         ids = self._encode(batch)
         texts: list[str] = [""] * len(ids)
@@ -152,7 +153,7 @@ class Pipeline:
         batch, single = self._prompts(prompt)
         if not single:
             raise ValueError(f"stream takes one prompt, got a list of {len(batch)}: use generate for a batch")
-        _check_count("max_new_tokens", max_new_tokens)
+        check_integer("max_new_tokens", max_new_tokens, fix=": pass e.g. max_new_tokens=64")
         ids = self._encode(batch)[0]
         input_ids, mask = left_pad([ids], self.pad_token_id)
         session = Session(self.model, self.method, 1, len(ids) + max_new_tokens)
@@ -261,7 +262,7 @@ def _build_method(method, m: int | None, options: dict) -> Method:
         raise ValueError(f"method={method!r}: pass one of {method_names()} or an adore.methods.Method object")
     budget = {} if m is None else {"budget": m}  # None: the registry's default budget
     if m is not None:
-        _check_count("m", m)
+        check_integer("m", m, fix=": pass the cache budget, e.g. m=256, or None for the method's default")
     node = method_config(method, **budget)  # a ValueError listing the names if it is not one
     unknown = sorted(set(options) - set(node) - {"_target_"})
     if unknown:
@@ -271,11 +272,6 @@ def _build_method(method, m: int | None, options: dict) -> Method:
     if m is not None and built.m != m:
         raise ValueError(f"method={method!r} keeps every token (no budget); drop m={m} or choose a bounded method")
     return built
-
-
-def _check_count(key: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}={value!r} must be a positive integer")
 
 
 def _sampling(options: dict) -> Sampling:

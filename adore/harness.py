@@ -31,6 +31,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from adore.api import Pipeline
+from adore.checks import check_integer
 from adore.engine.generate import Sampling, decode_steps, left_pad, prefill, teacher_force
 from adore.engine.session import Session
 from adore.engine.text import batches_by_length
@@ -97,9 +98,9 @@ class AdoreLM(TemplateLM):
     ):
         super().__init__()
         batch_size = _batch_size(batch_size)
-        for key, value in (("max_length", max_length), ("max_gen_toks", max_gen_toks)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{key}={value!r} must be a positive integer")
+        if max_length is not None:  # None: the model's max_position_embeddings
+            check_integer("max_length", max_length, fix=": pass e.g. max_length=4096, or leave it unset")
+        check_integer("max_gen_toks", max_gen_toks, fix=": pass e.g. max_gen_toks=256")
         if isinstance(pretrained, Pipeline):
             options = {"method": method, "m": m, "tokenizer": tokenizer, "prefill_chunk": prefill_chunk}
             given = [k for k, v in options.items() if v is not None] + list(method_options)
@@ -308,8 +309,7 @@ def _batch_size(value) -> int | None:
         return None
     if isinstance(value, str) and value.isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"batch_size={value!r}: pass a positive integer (lm-eval's 'auto' is not supported here)")
+    check_integer("batch_size", value, fix=": pass e.g. --batch_size 8 (lm-eval's 'auto' is not supported here)")
     return value
 
 

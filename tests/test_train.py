@@ -303,7 +303,7 @@ def test_resume_continues_from_the_saved_step(tmp_path, tiny_model_dir):
         ("labels", "model.adapter=/nowhere", "model.adapter='/nowhere'"),
         ("controller", "stage.datamodule.labels=/nowhere/labels.pt", "python train.py stage=labels"),
         ("finetune", "stage.name=typo", "stage.name='typo'"),
-        ("finetune", "stage.datamodule.batch_size=0", "stage.datamodule.batch_size=0 must be an integer >= 1"),
+        ("finetune", "stage.datamodule.batch_size=0", "stage.datamodule.batch_size=0 must be a positive integer"),
         ("controller", "stage.datamodule.num_val=-1", "stage.datamodule.num_val=-1"),
     ],
 )

@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "adore"
-QUERY_CHUNK = 64  # queries per eager block: small blocks keep each block's weights in cache (1.2-1.4x SDPA's time)
+QUERY_CHUNK = 64  # queries per eager block: small blocks keep each block's weights in the CPU cache
 MAX_ROWS = 256  # attention rows of the last queries a recorder keeps at most
 PLAIN_CAUSAL = torch.ones(1, 1, 0, 0, dtype=torch.bool)  # the mask argument meaning "causal, slot i = position i"
 
@@ -101,9 +101,8 @@ def adore_attention(
 def grouped_sdpa(query, key, value, attention_mask, scaling, dropout=0.0):
     """SDPA with grouped KV heads, keys and values never repeated: the query heads that share a KV head become
     extra query rows of it, each with its query's mask row (None: one unmasked query). transformers repeats the
-    whole cache per layer for several masked queries: a rebuild step or a prefill chunk then copied 3x the KV
-    cache in every layer (6x slower attention at batch 64). One query without a mask it hands to `enable_gqa`,
-    which on the CPU is 1.1-1.3x slower than this over a 4k cache at batch 4-16 (the floor's forward)."""
+    whole cache per layer for several masked queries, so a rebuild step or a prefill chunk would copy the KV cache
+    in every layer; one query without a mask it hands to `enable_gqa`, which is slower than this on the CPU."""
     B, H, q, D = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
     groups = H // kv_heads

@@ -1,4 +1,4 @@
-"""Where release goes wrong (issue 12): after each step, how much of what full attention wants the cache kept.
+"""Where release goes wrong: after each step, how much of what full attention wants the cache kept.
 
 For the newest query t of every row, with a(i) its full-attention weights (a shadow full-attention pass,
 summed over heads and layers, normalised to 1 over the tokens i <= t):

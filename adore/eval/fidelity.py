@@ -1,7 +1,7 @@
 """Fidelity to full attention: how far a bounded cache moves the model from what full attention does.
 
 Reference-based scores of a 135M model are low and close together; distances to full attention separate
-release policies with few examples. Two views (issue 8):
+release policies with few examples. Two views:
 
 * teacher-forced: full attention's greedy continuation (or the reference text) is fed through the method's
   bounded cache one token per `Session.feed`; at each position we compare the method's next-token
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from adore.checks import check_integer
 from adore.engine.generate import teacher_force
 from adore.io import read_json, save_torch, write_json
 
@@ -46,8 +47,7 @@ class Fidelity:
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"task.fidelity.source={self.source!r}: use one of {SOURCES}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"task.fidelity.top_k={self.top_k!r} must be a positive integer (e.g. 256)")
+        check_integer("task.fidelity.top_k", self.top_k, fix=": log-probs stored per position, e.g. 256")
 
 
 @dataclass

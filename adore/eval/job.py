@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from adore.checks import check_integer, is_integer
 from adore.config import build
 from adore.engine.cache import kv_bytes_per_slot
 from adore.engine.session import capacity_for
@@ -93,8 +94,7 @@ def without_targets(node):
 
 def validate(cfg: DictConfig):
     """Build every cheap object first so a bad value fails before any model is loaded."""
-    if not isinstance(cfg.budget, int) or cfg.budget < 1:
-        raise ValueError(f"budget={cfg.budget!r} must be a positive integer (the KV budget m)")
+    check_integer("budget", cfg.budget, fix=" (the KV budget m)")
     if not isinstance(cfg.get("task"), DictConfig) or "_target_" not in cfg.task:
         raise ValueError(
             f"task={cfg.get('task')!r} is not a task config: use task=generate, perplexity, stream, long or ruler"
@@ -117,7 +117,7 @@ def check_context_window(config, task) -> None:
     was never trained on: refused now, naming the key to lower. A task with its own lengths checks them
     (`task.check_window`); the others, eval.max_prompt_tokens and the tokens generated after it."""
     window = getattr(config, "max_position_embeddings", None)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    if not is_integer(window):  # a config without one: nothing to check against
         return
     if hasattr(task, "check_window"):
         task.check_window(window)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adore.checks import check_integer, check_share
+
 
 @dataclass(frozen=True)
 class Bootstrap:
@@ -26,12 +28,8 @@ class Bootstrap:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.resamples, int) or self.resamples < 1:
-            raise ValueError(
-                f"bootstrap.resamples={self.resamples!r} must be a positive integer (0 resamples: set it to 1)"
-            )
-        if not 0 < self.level < 1:
-            raise ValueError(f"bootstrap.level={self.level!r} must be in (0, 1), e.g. 0.95")
+        check_integer("bootstrap.resamples", self.resamples, fix=": e.g. 1000 (no intervals wanted: set it to 1)")
+        check_share("bootstrap.level", self.level, fix=": e.g. 0.95")
 
     def indices(self, n: int) -> np.ndarray:
         """(resamples, n) example indices; the same seed gives the same draws to every run (paired)."""

@@ -1,4 +1,4 @@
-"""`python pipeline.py`: finetune -> labels -> controller -> evaluation on one backbone, resumable (issue 12).
+"""`python pipeline.py`: finetune -> labels -> controller -> evaluation on one backbone, resumable.
 
 Each stage is the ordinary `train.py` / `eval.py` command, run as its own process into a fixed folder under
 `out`, so that every stage finds the previous one's output without anyone pasting run paths:
@@ -58,7 +58,7 @@ class Pipeline:
             raise ValueError(f"until={self.until!r}: use one of {STAGES}")
         self.root = Path(self.out)
         self.python = self.python or sys.executable
-        recipes = Path(__file__).resolve().parents[1] / "conf" / "recipe"
+        recipes = Path(__file__).resolve().parents[2] / "conf" / "recipe"
         for recipe in self.controller.get("recipes", []):
             if recipes.is_dir() and not (recipes / f"{recipe}.yaml").is_file():
                 raise ValueError(
@@ -168,7 +168,7 @@ class Pipeline:
                 print(f"{head}: resuming from {stage.checkpoints / 'last.ckpt'}")
             print(f"{head}: {shlex.join(command[1:])}", flush=True)
             t0 = time.time()
-            done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1])
+            done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2])
             if done.returncode != 0:
                 sys.exit(
                     f"[pipeline] {stage.name} failed (exit {done.returncode}); fix it and rerun: finished stages are kept"

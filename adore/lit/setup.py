@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from adore.checks import check_integer
 from adore.config import build
 
 STAGES = ("finetune", "labels", "controller")
@@ -59,15 +60,12 @@ def check_config(cfg: DictConfig) -> None:
     stage = cfg.stage.name
     if stage not in STAGES:
         _fail(f"stage.name={stage!r} is not a training stage: use stage=finetune, stage=labels or stage=controller")
-    if not isinstance(cfg.K, int) or cfg.K < 1:
-        _fail(f"K={cfg.K!r}: top-K keeps K >= 1 keys per query; pass e.g. K=64")
+    check_integer("K", cfg.K, fix=": top-K keeps K keys per query; pass e.g. K=64")
     build(cfg.model)  # ModelSpec checks device, quantize (CUDA only) and adapter without loading anything
     build(cfg.data)
     loader = cfg.stage.datamodule
-    for key, least in (("batch_size", 1), ("num_train", 1), ("num_val", 0)):
-        value = loader.get(key, least)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-            _fail(f"stage.datamodule.{key}={value!r} must be an integer >= {least}")
+    for key, least, optional in (("batch_size", 1, False), ("num_train", 1, True), ("num_val", 0, False)):
+        check_integer(f"stage.datamodule.{key}", loader.get(key, least), least, optional=optional)
     cuda = torch.cuda.is_available()
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if not cuda and accelerator in ("gpu", "cuda"):
@@ -82,13 +80,10 @@ def check_config(cfg: DictConfig) -> None:
         _fail(f"logger.mode={mode!r}: use offline, online or disabled")
     module = cfg.stage.module
     if stage == "finetune":
-        r = module.lora.r
-        if not isinstance(r, int) or r < 1:
-            _fail(f"stage.module.lora.r={r!r}: the LoRA rank must be an integer >= 1 (e.g. 16)")
-        if cfg.stage.datamodule.max_length < 2:
-            _fail(f"stage.datamodule.max_length={cfg.stage.datamodule.max_length!r}: need at least 2 tokens")
-    if stage == "labels" and module.h2o_k is not None and module.h2o_k < 1:
-        _fail(f"stage.module.h2o_k={module.h2o_k!r}: the H2O ranking keeps >= 1 keys (default 2*K)")
+        check_integer("stage.module.lora.r", module.lora.r, fix=": the LoRA rank, e.g. 16")
+        check_integer("stage.datamodule.max_length", loader.max_length, 2, fix=": a prompt token and a target")
+    if stage == "labels":
+        check_integer("stage.module.h2o_k", module.h2o_k, optional=True, fix=": the H2O ranking's length (null = 2*K)")
     if stage != "controller" and "recipe" in cfg.stage.module:
         _fail(f"recipe={cfg.stage.module.recipe} is a controller recipe (conf/recipe): use it with stage=controller")
     if stage == "controller":
@@ -97,8 +92,9 @@ def check_config(cfg: DictConfig) -> None:
         labels = [str(resolve_labels(p)) for p in given] if many else str(resolve_labels(given))
         with open_dict(cfg):
             cfg.stage.datamodule.labels = labels
-        if module.budget is not None and module.budget < 1:
-            _fail(f"stage.module.budget={module.budget!r}: the evaluated budget must be >= 1 (null = the labels' K)")
+        check_integer(
+            "stage.module.budget", module.budget, optional=True, fix=": the evaluated budget (null = the labels' K)"
+        )
     if not cfg.train.resume and any(checkpoint_dir(cfg).glob("*.ckpt")):
         _fail(
             f"{checkpoint_dir(cfg)} holds checkpoints of an earlier run: pass train.resume=true to continue it, or "

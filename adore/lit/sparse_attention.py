@@ -14,6 +14,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.models.llama.modeling_llama import repeat_kv
 
+from adore.checks import check_integer, is_integer
+
 NAME = "topk"
 
 
@@ -25,8 +27,8 @@ def topk_attention(module, query, key, value, attention_mask, scaling=None, drop
     Returns the output (B, T, H, D) and the attention weights (B, H, T, S), at most K nonzeros per row.
     """
     K = topk_k if topk_k is not None else getattr(module.config, "topk_k", None)
-    if K is None or K < 1:
-        raise ValueError(f"top-K attention needs K >= 1, got {K!r}: call enable_topk_attention(model, K)")
+    if not is_integer(K):
+        raise ValueError(f"topk_k={K!r} must be a positive integer: call enable_topk_attention(model, K)")
     key = repeat_kv(key, module.num_key_value_groups)  # (B, H, S, D)
     value = repeat_kv(value, module.num_key_value_groups)
     if scaling is None:
@@ -66,8 +68,7 @@ def enable_topk_attention(model, K: int):
 
     `model.set_attn_implementation("sdpa")` switches back to full attention; K stays in `config.topk_k`.
     """
-    if K < 1:
-        raise ValueError(f"K={K!r}: top-K attention keeps K >= 1 keys per query")
-    model.config.topk_k = int(K)
+    check_integer("K", K, fix=": top-K attention keeps K keys per query, e.g. K=64")
+    model.config.topk_k = K
     model.set_attn_implementation(register())
     return model

@@ -1,3 +1,11 @@
+"""ADORE, the release method (ADORE.md §2-3): a controller scores every history token, the session keeps the m
+best, and the R best released tokens are rebuilt.
+
+The method holds three objects, each a concept with variants: the controller (`adore.controller`: the GRU scorer
+or the attention probe), its `Scoring` (how a session keeps the controller's per-token state and scores with it)
+and its `release` rule (by the controller's scores, or by this step's attention).
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,30 +14,202 @@ from typing import ClassVar
 
 import torch
 
-from adore.controller import Controller, ControllerConfig, newest_valid
+from adore.checks import check_integer, check_share
+from adore.controller import AttentionProbe, Controller, ControllerConfig, newest_valid
 from adore.engine.pages import PageSummary
-from adore.methods.base import KEEP, State, file_identity
+from adore.methods.base import State, file_identity
+from adore.methods.guarantees import protect, recent_tokens
 from adore.methods.rebuilds import Rebuilds
-
-RELEASES = ("controller", "attention")  # what `Adore.release` may be
 
 PROJECT = Path(__file__).resolve().parents[2]
 REFINE = 4  # page_summary: candidate pages rescored exactly per page picked
 inf = float("inf")
 
 
+class Scoring:
+    """A controller in a session: `start` adds the state it keeps, `arrive` / `update` follow the fed tokens
+    (Method's hooks of the same names), `score` gives the (B, k) raw scores of a `Tokens` view. Every kind keeps
+    z_i per history column (`tokens["z"]`) and the state `encode` carries (`state.h`)."""
+
+    def __init__(self, net: Controller):
+        self.net = net
+
+    def start(self, state: State, model) -> None:
+        pass
+
+    def arrive(self, state: State, arriving) -> None:
+        pass
+
+    def update(self, state: State, entered, x: torch.Tensor) -> torch.Tensor:
+        """Encode the tokens just fed (x: (B, n, d_model)), once; returns their z (B, n, state_width)."""
+        z, state.h = self.net.encode(x, entered.valid, state.h)
+        state.tokens["z"][:, entered.cols[0]] = z
+        return z
+
+    def assume(self, state: State, cols: torch.Tensor, positions: torch.Tensor, length: int) -> None:
+        pass
+
+    def score(self, state: State, tokens) -> torch.Tensor:
+        raise NotImplementedError
+
+    def page_scores(self, state, tokens, page_size: int, open_pages: torch.Tensor, best_member):
+        """(B, pages) page scores for a page pick; `best_member` is the method's default (each page's best token)."""
+        return best_member(state, tokens, page_size, open_pages)
+
+
+class GRUScoring(Scoring):
+    """The GRU scorer: each asked token's z_i, scored for the newest token, whose state h is the query."""
+
+    def score(self, state, tokens):
+        z = state.tokens["z"]
+        z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
+        query_z = state.h[:, None] if self.net.config.query else None  # (B, 1, width): the newest token's state
+        return self.net.logits(z, tokens.positions, tokens.query_pos, query_z)
+
+
+class ProbeScoring(Scoring):
+    """The attention probe: keys with their positions and flags per history column, and the query of the token
+    being fed, made before its forward (from x_{t-1} and its input embedding), so the rebuild pick is for it.
+    Scores are normalised over every history token."""
+
+    def start(self, state, model):
+        B, T = state.tokens["z"].shape[:2]
+        device = state.tokens["z"].device
+        state.tokens["pos"] = torch.zeros(B, T, dtype=torch.long, device=device)
+        state.tokens["filled"] = torch.zeros(B, T, dtype=torch.bool, device=device)
+        state.embed = model.get_input_embeddings()
+        state.query = None  # (B, heads * head_dim): the query of the newest token
+
+    def arrive(self, state, arriving):
+        """The query of the newest arriving token t: x_{t-1} (known) and token t's input embedding."""
+        has, newest = newest_valid(arriving.valid)
+        state.embedded = state.embed(arriving.ids.gather(1, newest[:, None]))[:, 0].float()  # (B, d_model)
+        previous = torch.zeros_like(state.embedded) if state.h is None else state.h
+        self._set_query(state, has, previous)
+
+    def update(self, state, entered, x):
+        z = super().update(state, entered, x)
+        state.tokens["pos"][:, entered.cols[0]] = entered.positions
+        state.tokens["filled"][:, entered.cols[0]] = entered.valid
+        # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
+        before = entered.valid.clone()
+        before.scatter_(1, newest_valid(entered.valid)[1][:, None], False)
+        two, second = newest_valid(before)
+        self._set_query(state, two, x.gather(1, second[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0])
+        return z
+
+    def _set_query(self, state, rows: torch.Tensor, previous: torch.Tensor) -> None:
+        query = self.net.queries(previous, state.embedded)
+        state.query = query if state.query is None else torch.where(rows[:, None], query, state.query)
+
+    def score(self, state, tokens):
+        return self.net.logits(
+            state.tokens["z"],
+            state.tokens["pos"],
+            tokens.query_pos,
+            state.query[:, None],
+            key_valid=state.tokens["filled"],
+            columns=tokens.cols,
+        )  # (B, k)
+
+
+class PagedProbeScoring(ProbeScoring):
+    """The probe with page summaries (`page_summary`, recall in pages): the asked tokens are normalised over the
+    cache and the page summaries, and pages are picked by their bounds: O(pages) per step, not O(history)."""
+
+    def __init__(self, net: AttentionProbe, page_size: int, R: int):
+        super().__init__(net)
+        self.page_size, self.R = page_size, R
+
+    def start(self, state, model):
+        super().start(state, model)
+        B, _, width = state.tokens["z"].shape
+        state.pages = PageSummary(B, width, self.page_size, state.tokens["z"].device)
+
+    def update(self, state, entered, x):
+        z = super().update(state, entered, x)
+        state.pages.add(entered.cols[0], z, entered.positions, entered.valid, state.tokens["z"].shape[1])
+        return z
+
+    def assume(self, state, cols, positions, length):
+        """The assumed keys enter their pages' summaries."""
+        z = state.tokens["z"][:, cols]
+        state.pages.add(cols, z, positions, torch.ones_like(positions, dtype=torch.bool), length)
+
+    def score(self, state, tokens):
+        z = state.tokens["z"]
+        z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
+        return self.net.paged_logits(z, tokens.positions, tokens.query_pos, state.query, self._log_norm(state, tokens))
+
+    def page_scores(self, state, tokens, page_size, open_pages, best_member):
+        """Each open page's bound from its summary (adore.engine.pages), then the REFINE x (R / page_size) best
+        bounds rescored exactly from their members' keys (the bound alone ranks loosely): O(pages + REFINE x R)
+        keys read a step, whatever the history."""
+        seen, pages = tokens.cols.shape[1], open_pages.shape[1]
+        log_norm = self._log_norm(state, tokens)
+        bound = self.net.page_logits(state.pages, pages, tokens.query_pos, state.query, log_norm)
+        bound = bound.masked_fill(~open_pages, -inf)
+        candidates = bound.topk(min(REFINE * max(self.R // page_size, 1), pages), dim=1).indices  # (B, c)
+        cols = (candidates[..., None] * page_size + torch.arange(page_size, device=bound.device)).flatten(1)
+        inside = cols < seen
+        cols = cols.clamp(max=seen - 1)
+        z = state.tokens["z"].gather(1, cols[..., None].expand(-1, -1, state.tokens["z"].shape[2]))  # (B, c * P, width)
+        positions = state.tokens["pos"].gather(1, cols)
+        exact = self.net.paged_logits(z, positions, tokens.query_pos, state.query, log_norm)
+        exact = exact.masked_fill(~(inside & state.tokens["filled"].gather(1, cols)), -inf)
+        best = exact.view(exact.shape[0], -1, page_size).amax(2)  # (B, c)
+        return torch.full_like(bound, -inf).scatter(1, candidates, best).masked_fill(~open_pages, -inf)
+
+    def _log_norm(self, state, tokens):
+        """The per-head log normaliser for this query: exact over the cache, estimated over the released."""
+        cols = tokens.cached  # (B, C), -1: empty slot
+        z = state.tokens["z"]
+        cached_z = z.gather(1, cols.clamp(min=0)[..., None].expand(-1, -1, z.shape[2]))
+        cached_pos = state.tokens["pos"].gather(1, cols.clamp(min=0))
+        return self.net.log_normaliser(state.pages, tokens.query_pos, state.query, cached_z, cached_pos, cols)
+
+
+class ByController:
+    """Release by the controller's scores (the paper)."""
+
+    needs: frozenset[str] = frozenset()
+    identity: dict = {}  # runs written before the release rules existed released this way: their names stay
+
+    def update(self, state, entered) -> None:
+        pass
+
+    def score(self, state, tokens, scoring: Scoring) -> torch.Tensor:
+        return scoring.score(state, tokens)
+
+
+class ByAttention:
+    """Release by the newest query's attention over the cache in this step's forward, rebuilt tokens included
+    (TOVA's rule), so that a wrong rebuild pick is dropped again instead of displacing a token the query reads.
+    The controller still picks the rebuilds: released tokens have nothing else to be scored by."""
+
+    needs = frozenset({"last_attention"})
+    identity = {"release": "attention"}
+
+    def update(self, state, entered) -> None:
+        state.tokens["attention"] = entered.last_attention  # (B, T): only the newest query counts
+
+    def score(self, state, tokens, scoring: Scoring) -> torch.Tensor:
+        return state.tokens["attention"].gather(1, tokens.cols)
+
+
+RELEASES = {"controller": ByController, "attention": ByAttention}  # what `Adore.release` may be
+
+
 @dataclass
 class Adore(Rebuilds):
-    """ADORE: the GRU controller's scores decide release, and the top-R released tokens are rebuilt (ADORE.md §2-3).
+    """ADORE: the controller's scores decide release, and the top-R released tokens are rebuilt (ADORE.md §2-3).
 
     `controller` is a checkpoint from `train.py stage=controller`; None builds a fresh random controller
     (seeded) so the engine runs before any training: it is labelled "untrained" everywhere. R=0 is the
     no-rebuild ablation. `sinks` / `recent_ratio` (null = off) always keep the first positions and the most
-    recent round(recent_ratio * m) tokens, as StreamingLLM and H2O do (a share of m, as H2O's, so that one value
-    serves a sweep over m); the controller ranks the rest (issue 12's guarantee lever).
-    `release="attention"` keeps the controller for the rebuild pick only (released tokens have nothing else to
-    be scored by) and releases by the newest query's attention in this step's forward, rebuilt tokens included
-    (TOVA's rule), so that a wrong pick is dropped again instead of displacing a token the query reads.
+    recent round(recent_ratio * m) tokens, as StreamingLLM and H2O do (adore.methods.guarantees; a share of m,
+    as H2O's, so that one value serves a sweep over m); the controller ranks the rest. `release` chooses what
+    releases (`RELEASES`); rebuilds are always the controller's picks.
     """
 
     controller: str | None = None
@@ -56,38 +236,33 @@ class Adore(Rebuilds):
                     f"method.controller={self.controller!r} does not exist: pass controller.pt from a "
                     "`python train.py stage=controller` run, or null for an untrained controller"
                 )
-        sinks = self.sinks
-        if sinks is not None and (isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 < sinks < self.m):
-            raise ValueError(f"method.sinks={sinks!r} must be an integer in 1..m-1={self.m - 1}, or null (off)")
-        ratio = self.recent_ratio
-        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
-            raise ValueError(f"method.recent_ratio={ratio!r} must be a share of m in (0, 1), e.g. 0.75, or null (off)")
-        if ratio is not None and self.recent < 1:
+        check_integer("method.sinks", self.sinks, optional=True, fix=" (off): the first positions never released")
+        check_share("method.recent_ratio", self.recent_ratio, optional=True, fix=" (off): a share of m, e.g. 0.75")
+        if self.recent_ratio is not None and self.recent < 1:
             raise ValueError(
-                f"method.recent_ratio={ratio} keeps no token of m={self.m}: raise it to >= {1 / self.m:.3g}"
+                f"method.recent_ratio={self.recent_ratio} keeps no token of m={self.m}: raise it to >= {1 / self.m:.3g}"
             )
-        if (sinks or 0) + self.recent >= self.m:
+        if (self.sinks or 0) + self.recent >= self.m:
             raise ValueError(
-                f"method.sinks + round(method.recent_ratio * m) = {(sinks or 0) + self.recent} leave the controller "
-                f"nothing of m={self.m}: lower them"
+                f"method.sinks={self.sinks} and method.recent_ratio={self.recent_ratio} keep "
+                f"{(self.sinks or 0) + self.recent} tokens, leaving the controller nothing of m={self.m}: lower them"
             )
+        if self.release not in RELEASES:
+            raise ValueError(f"method.release={self.release!r}: choose one of {list(RELEASES)}")
+        self.release_rule = RELEASES[self.release]()
         self.net: Controller | None = None  # loaded on first use
         meta = Controller.meta(self.controller) if self.controller is not None else {}
         self.K = meta.get("K")  # the labels' top-K
         self.recipe = meta.get("recipe")  # the training recipe's name (conf/recipe), shown in labels
         net_config = Controller.config_of(self.controller) if self.controller else ControllerConfig(1, **self.config)
         self.width = net_config.d_model if self.controller else None  # the embedding width it reads (checked)
-        self.input_layer, self.query, self.heads = net_config.input_layer, net_config.query, net_config.heads
-        self.needs = frozenset({"hidden" if self.input_layer else "embeddings"})
-        if self.page_summary and not (self.page_size and self.heads):
+        self.input_layer = net_config.input_layer
+        self.needs = frozenset({"hidden" if self.input_layer else "embeddings"}) | self.release_rule.needs
+        if self.page_summary and not (self.page_size and net_config.heads):
             raise ValueError(
                 "method.page_summary=true scores pages from summaries of the attention probe's keys: it needs a probe "
                 "controller (e.g. method=adore_trained) and method.rebuild=recall method.page_size=16"
             )
-        if self.release not in RELEASES:
-            raise ValueError(f"method.release={self.release!r}: choose one of {list(RELEASES)}")
-        if self.release == "attention":  # the forward records the newest query's attention over the cache
-            self.needs |= {"last_attention"}
 
     @property
     def label(self) -> str:
@@ -97,31 +272,20 @@ class Adore(Rebuilds):
 
     def identity(self) -> dict:
         if self.controller is None:  # a random controller: its seed and shape are what it is
-            return {
-                "name": self.name,
-                "m": self.m,
-                "R": self.R,
-                "controller": "untrained",
-                "seed": self.seed,
-                "config": self.config,
-            } | self._guarantees()
-        return {
-            "name": self.name,
-            "m": self.m,
-            "R": self.R,
-            "controller": file_identity(self.controller),
-        } | self._guarantees()
+            net = {"controller": "untrained", "seed": self.seed, "config": self.config}
+        else:
+            net = {"controller": file_identity(self.controller)}
+        return {"name": self.name, "m": self.m, "R": self.R} | net | self._guarantees()
 
     @property
     def recent(self) -> int:
         """Newest tokens never released: round(recent_ratio * m), 0 when off."""
-        return 0 if self.recent_ratio is None else int(round(self.recent_ratio * self.m))
+        return recent_tokens(self.m, self.recent_ratio)
 
     def _guarantees(self) -> dict:
         guarantees = {key: getattr(self, key) for key in ("sinks", "recent_ratio") if getattr(self, key) is not None}
-        release = {"release": self.release} if self.release != "controller" else {}  # older runs: by the controller
-        release |= {"page_summary": True} if self.page_summary else {}
-        return self.rebuild_identity() | release | guarantees
+        summary = {"page_summary": True} if self.page_summary else {}
+        return self.rebuild_identity() | self.release_rule.identity | summary | guarantees
 
     def check(self, model_config):
         if self.input_layer > model_config.num_hidden_layers:
@@ -147,128 +311,40 @@ class Adore(Rebuilds):
                     torch.manual_seed(self.seed)
                     self.net = Controller(ControllerConfig(d_model=model.config.hidden_size, **self.config))
         self.net = self.net.to(device).eval()
-        state = State(
-            tokens={"z": torch.zeros(batch_size, length, self.net.state_width, device=device)}
-        )  # (B, T, state width)
-        state.h = None  # (B, width) GRU state after the last fed token (the probe: x of the newest token)
-        if self.probe:
-            state.tokens["pos"] = torch.zeros(batch_size, length, dtype=torch.long, device=device)
-            state.tokens["filled"] = torch.zeros(batch_size, length, dtype=torch.bool, device=device)
-            state.embed = model.get_input_embeddings()
-            state.query = None  # (B, heads * head_dim): the probe's query of the newest token
-            if self.paged:  # page picks and the release's normaliser read page summaries, not every key
-                state.pages = PageSummary(batch_size, self.net.state_width, self.page_size, device)
+        if not isinstance(self.net, AttentionProbe):
+            self.scoring = GRUScoring(self.net)
+        elif self.page_summary:
+            self.scoring = PagedProbeScoring(self.net, self.page_size, self.R)
+        else:
+            self.scoring = ProbeScoring(self.net)
+        state = State(tokens={"z": torch.zeros(batch_size, length, self.net.state_width, device=device)})
+        state.h = None  # the state `encode` carries (the GRU's; the probe's x of the newest token)
+        self.scoring.start(state, model)
         return state
 
-    @property
-    def paged(self) -> bool:
-        """The probe scoring from page summaries (recall in pages): O(pages) per step, not O(history)."""
-        return self.probe and self.page_size is not None and self.page_summary
-
-    @property
-    def probe(self) -> bool:
-        return bool(self.heads)
-
     def arrive(self, state, arriving):
-        """The probe's query of the newest arriving token t: x_{t-1} (known) and token t's input embedding."""
-        if not self.probe:
-            return
-        has, newest = newest_valid(arriving.valid)
-        state.embedded = state.embed(arriving.ids.gather(1, newest[:, None]))[:, 0].float()  # (B, d_model)
-        previous = torch.zeros_like(state.embedded) if state.h is None else state.h
-        self._set_query(state, has, previous)
-
-    def _set_query(self, state, rows: torch.Tensor, previous: torch.Tensor) -> None:
-        query = self.net.queries(previous, state.embedded)
-        state.query = query if state.query is None else torch.where(rows[:, None], query, state.query)
+        self.scoring.arrive(state, arriving)
 
     def update(self, state, entered):
-        """z_i = GRU(x_i, z_{i-1}) for the new tokens, once, when they enter (h: z of each row's newest token).
-        The probe: k_i per token, and h = x of the newest token (the next query reads it)."""
+        """z_i of the new tokens, once, when they enter (and what the release rule records)."""
         x = (entered.hidden if self.input_layer else entered.embeddings).float()
-        z, h = self.net.encode(x, entered.valid, state.h)
-        state.tokens["z"][:, entered.cols[0]] = z
-        if self.probe:
-            state.tokens["pos"][:, entered.cols[0]] = entered.positions
-            state.tokens["filled"][:, entered.cols[0]] = entered.valid
-            if self.paged:
-                state.pages.add(entered.cols[0], z, entered.positions, entered.valid, state.tokens["z"].shape[1])
-            # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
-            before = entered.valid.clone()
-            before.scatter_(1, newest_valid(entered.valid)[1][:, None], False)
-            two, second = newest_valid(before)
-            self._set_query(state, two, x.gather(1, second[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0])
-        state.h = h
-        if self.release == "attention":
-            state.tokens["attention"] = entered.last_attention  # (B, T): only the newest query counts (TOVA)
+        self.scoring.update(state, entered, x)
+        self.release_rule.update(state, entered)
 
     def assume(self, state, cols, positions, length):
         super().assume(state, cols, positions, length)
-        if self.paged:  # the assumed keys enter their pages' summaries
-            z = state.tokens["z"][:, cols]
-            state.pages.add(cols, z, positions, torch.ones_like(positions, dtype=torch.bool), length)
+        self.scoring.assume(state, cols, positions, length)
 
     def score(self, state, tokens):
-        """Release scores: the controller's, or with `release=attention` this step's recorded attention."""
-        if self.release == "attention":
-            return self._guaranteed(state.tokens["attention"].gather(1, tokens.cols), tokens)
-        return self.rebuild_score(state, tokens)
+        """Release scores: the release rule's, sinks and recent tokens kept."""
+        return self._protect(self.release_rule.score(state, tokens, self.scoring), tokens)
 
     def rebuild_score(self, state, tokens):
         """The controller's scores (it alone knows released tokens: they have no attention in the cache)."""
-        z = state.tokens["z"]
-        if self.paged:  # the asked tokens only, normalised over the cache and the page summaries
-            z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
-            scores = self.net.paged_logits(
-                z, tokens.positions, tokens.query_pos, state.query, self._log_norm(state, tokens)
-            )
-        elif self.probe:  # normalised over every history token, scored for the asked ones
-            scores = self.net.logits(
-                z,
-                state.tokens["pos"],
-                tokens.query_pos,
-                state.query[:, None],
-                key_valid=state.tokens["filled"],
-                columns=tokens.cols,
-            )  # (B, k)
-        else:
-            z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
-            query_z = state.h[:, None] if self.query else None  # (B, 1, width): the newest token is the query
-            scores = self.net.logits(z, tokens.positions, tokens.query_pos, query_z)
-        return self._guaranteed(scores, tokens)
+        return self._protect(self.scoring.score(state, tokens), tokens)
 
     def page_scores(self, state, tokens, page_size, open_pages):
-        """The probe in pages (`page_summary`): each open page's bound from its summary (adore.engine.pages), then the
-        REFINE x (R / page_size) best bounds rescored exactly from their members' keys (the bound alone ranks
-        loosely): O(pages + REFINE x R) keys read a step, whatever the history. Else the default."""
-        if not self.paged:
-            return super().page_scores(state, tokens, page_size, open_pages)
-        seen, pages = tokens.cols.shape[1], open_pages.shape[1]
-        log_norm = self._log_norm(state, tokens)
-        bound = self.net.page_logits(state.pages, pages, tokens.query_pos, state.query, log_norm)
-        bound = bound.masked_fill(~open_pages, -inf)
-        candidates = bound.topk(min(REFINE * max(self.R // page_size, 1), pages), dim=1).indices  # (B, c)
-        cols = (candidates[..., None] * page_size + torch.arange(page_size, device=bound.device)).flatten(1)
-        inside = cols < seen
-        cols = cols.clamp(max=seen - 1)
-        z = state.tokens["z"].gather(1, cols[..., None].expand(-1, -1, state.tokens["z"].shape[2]))  # (B, c * P, width)
-        positions = state.tokens["pos"].gather(1, cols)
-        exact = self.net.paged_logits(z, positions, tokens.query_pos, state.query, log_norm)
-        exact = exact.masked_fill(~(inside & state.tokens["filled"].gather(1, cols)), -inf)
-        best = exact.view(exact.shape[0], -1, page_size).amax(2)  # (B, c)
-        return torch.full_like(bound, -inf).scatter(1, candidates, best).masked_fill(~open_pages, -inf)
+        return self.scoring.page_scores(state, tokens, page_size, open_pages, super().page_scores)
 
-    def _log_norm(self, state, tokens):
-        """The probe's per-head log normaliser for this query: exact over the cache, estimated over the released."""
-        cols = tokens.cached  # (B, C), -1: empty slot
-        z = state.tokens["z"]
-        cached_z = z.gather(1, cols.clamp(min=0)[..., None].expand(-1, -1, z.shape[2]))
-        cached_pos = state.tokens["pos"].gather(1, cols.clamp(min=0))
-        return self.net.log_normaliser(state.pages, tokens.query_pos, state.query, cached_z, cached_pos, cols)
-
-    def _guaranteed(self, scores, tokens):
-        if self.sinks:
-            scores = scores + KEEP * (tokens.positions < self.sinks)
-        if self.recent:
-            scores = scores + KEEP * (tokens.query_pos - tokens.positions < self.recent)
-        return scores
+    def _protect(self, scores, tokens):
+        return protect(scores, tokens, sinks=self.sinks or 0, recent=self.recent)

@@ -27,6 +27,8 @@ from typing import ClassVar
 
 import torch
 
+from adore.checks import check_integer
+
 KEEP = 1e9  # a score bonus no learned or accumulated score reaches: "always keep"
 
 # What a method may ask the session for (`Method.needs`); each costs something, so nothing is computed unasked.
@@ -113,8 +115,7 @@ class Method:
     short: ClassVar[dict[str, str]] = {}  # field -> its prefix in run-directory names (default: the field name)
 
     def __post_init__(self):
-        if self.m is not None and (isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1):
-            raise ValueError(f"method.m={self.m!r} must be a positive integer (the KV budget), or null for no budget")
+        check_integer("method.m", self.m, optional=True, fix=": the KV budget, e.g. method.m=128 (null: no budget)")
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"{type(self).__name__}.needs has {sorted(unknown)}: choose from {sorted(NEEDS)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from adore.checks import check_integer
 from adore.engine.kvstore import STORE_DTYPES
 from adore.engine.rebuild import POLICIES, Keep, Recall
 from adore.methods.base import Method
@@ -13,14 +14,6 @@ ALIASES = {"top": "recompute"}  # the paper's rule kept its first name in older 
 # the paper's rule: what runs written before the policies existed used, so it leaves their identity as it was
 PAPER_REBUILD = {"rebuild": "recompute", "rebuild_every": 1, "rebuild_forward": None, "page_size": None}
 RECALL_DEFAULTS = {"store_dtype": "model"}
-
-
-def positive(key: str, value, fix: str = "", nullable: bool = False) -> None:
-    """Raise ValueError naming `method.<key>` unless `value` is a positive integer (not a bool; or None)."""
-    if value is None and nullable:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"method.{key}={value!r} must be a positive integer" + (" or null" if nullable else "") + fix)
 
 
 @dataclass
@@ -43,8 +36,7 @@ class Rebuilds(Method):
         super().__post_init__()
         self.rebuild = ALIASES.get(self.rebuild, self.rebuild)
         R = self.R
-        if isinstance(R, bool) or not isinstance(R, int) or R < 0:
-            raise ValueError(f"method.R={R!r} must be a non-negative integer (tokens rebuilt per step)")
+        check_integer("method.R", R, 0, fix=": tokens rebuilt per step, e.g. method.R=4")
         if R > self.m:
             raise ValueError(
                 f"method.R={R} exceeds method.m={self.m}: a step keeps only m tokens, so at most m rebuilt ones can "
@@ -52,15 +44,17 @@ class Rebuilds(Method):
             )
         if self.rebuild not in POLICIES:
             raise ValueError(f"method.rebuild={self.rebuild!r}: choose one of {list(POLICIES)}")
-        positive("rebuild_every", self.rebuild_every, " (rebuild on every k-th step)")
-        positive("rebuild_forward", self.rebuild_forward, " (picks forwarded per step)", nullable=True)
+        check_integer("method.rebuild_every", self.rebuild_every, fix=": rebuild on every k-th step, e.g. 1")
+        check_integer(
+            "method.rebuild_forward", self.rebuild_forward, optional=True, fix=": picks forwarded per step, e.g. 2"
+        )
         if self.rebuild_forward is not None and self.rebuild != "keep":
             raise ValueError(
                 f"method.rebuild_forward={self.rebuild_forward} caps the picks `keep` forwards (the others wait, held "
                 f"or released); with method.rebuild={self.rebuild!r} it would only be a smaller R: set "
                 "method.rebuild=keep"
             )
-        positive("page_size", self.page_size, " (tokens per recalled page)", nullable=True)
+        check_integer("method.page_size", self.page_size, optional=True, fix=": tokens per recalled page, e.g. 16")
         if self.page_size is not None and self.rebuild != "recall":
             raise ValueError(
                 f"method.page_size={self.page_size} picks pages to copy back from the store: set method.rebuild=recall"

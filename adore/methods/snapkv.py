@@ -6,6 +6,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from adore.checks import check_integer, is_integer
 from adore.engine.attention import MAX_ROWS
 from adore.methods.base import KEEP, Method, State
 
@@ -32,6 +33,7 @@ class SnapKV(Method):
 
     def __post_init__(self):
         super().__post_init__()
+        check_integer("method.window", self.window, optional=True, fix=": queries in the observation window, e.g. 64")
         if not 1 <= self.rows < min(self.m, MAX_WINDOW + 1):
             fits = min(self.m - 1, MAX_WINDOW)
             raise ValueError(
@@ -41,8 +43,8 @@ class SnapKV(Method):
                 if fits >= 1
                 else f"method.m={self.m}: SnapKV keeps its window and at least one more token, so use method.m=2 or more"
             )
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"method.kernel={self.kernel} must be a positive odd number (average-pooling width)")
+        if not is_integer(self.kernel) or self.kernel % 2 == 0:
+            raise ValueError(f"method.kernel={self.kernel!r} must be a positive odd integer: the pooling width, e.g. 5")
 
     @property
     def rows(self) -> int:

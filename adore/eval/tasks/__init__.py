@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from adore.checks import check_integer
+
 
 @dataclass
 class Context:
@@ -44,14 +46,8 @@ def check_counts(task, required=(), optional=(), own=()) -> None:
     Settings that tasks share are set as `eval.<key>`; the rest, and keys in `own`, as `task.<key>`.
     """
     for key in (*required, *optional):
-        value = getattr(task, key)
-        if value is None and key in optional:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            where = "eval" if key in EVAL_KEYS and key not in own else "task"
-            raise ValueError(
-                f"{where}.{key}={value!r} must be a positive integer" + (" or null" if key in optional else "")
-            )
+        where = "eval" if key in EVAL_KEYS and key not in own else "task"
+        check_integer(f"{where}.{key}", getattr(task, key), optional=key in optional)
 
 
 class Examples(list):

@@ -30,9 +30,10 @@ class Long:
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
 
     def __post_init__(self):
-        if not isinstance(self.length_factor, int | float) or self.length_factor <= 0:
+        factor = self.length_factor
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 0:
             raise ValueError(
-                f"task.length_factor={self.length_factor!r} must be > 0 (tokens generated = length_factor x m)"
+                f"task.length_factor={factor!r} must be a number > 0: tokens generated = length_factor x m, e.g. 4"
             )
         check_counts(
             self, ("reference_m", "ngram", "batch_size"), ("num_examples", "max_prompt_tokens", "prefill_chunk")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from adore.checks import check_integer, is_integer, is_share
 from adore.engine.generate import Sampling, decode, decode_steps, left_pad, timed_prefill
 from adore.engine.session import Session
 from adore.engine.text import batches_by_length, eos_ids
@@ -83,10 +84,7 @@ class Chunked(Arrival):
     chunk: int | None = None  # tokens per chunk; None: the method's m (full attention: the whole prompt)
 
     def __post_init__(self):
-        if self.chunk is not None and (
-            isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1
-        ):
-            raise ValueError(f"task.arrival.chunk={self.chunk!r} must be a positive integer or null (the method's m)")
+        check_integer("task.arrival.chunk", self.chunk, optional=True, fix=": tokens per chunk (null: the method's m)")
 
     @property
     def tag(self) -> str:
@@ -105,8 +103,7 @@ class Turns(Arrival):
     reply_tokens: int = 16
 
     def __post_init__(self):
-        if isinstance(self.reply_tokens, bool) or not isinstance(self.reply_tokens, int) or self.reply_tokens < 1:
-            raise ValueError(f"task.arrival.reply_tokens={self.reply_tokens!r} must be a positive integer")
+        check_integer("task.arrival.reply_tokens", self.reply_tokens, fix=": the reply's token cap, e.g. 16")
 
     @property
     def tag(self) -> str:
@@ -140,10 +137,14 @@ class Ruler:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"task.variants={self.variants}: use a non-empty list of {list(VARIANTS)}")
-        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.lengths):
-            raise ValueError(f"task.lengths={self.lengths} must be a non-empty list of positive token counts")
-        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
-            raise ValueError(f"task.depths={self.depths} must be a non-empty list of fractions in [0, 1]")
+        if not self.lengths or not all(is_integer(n) for n in self.lengths):
+            raise ValueError(
+                f"task.lengths={self.lengths} must be a non-empty list of positive token counts, e.g. [1024,2048]"
+            )
+        if not self.depths or not all(is_share(d, closed=True) for d in self.depths):
+            raise ValueError(
+                f"task.depths={self.depths} must be a non-empty list of fractions in [0, 1], e.g. [0.1,0.5,0.9]"
+            )
         if not isinstance(self.arrival, Arrival):
             raise ValueError(f"task.arrival={self.arrival!r}: use task/arrival=oneshot, chunked or turns")
 

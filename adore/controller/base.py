@@ -1,0 +1,172 @@
+"""What every controller is (ADORE.md §2): its config, the scoring interface, checkpoints and shared helpers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from adore.checks import check_integer
+
+
+@dataclass
+class ControllerConfig:
+    d_model: int  # the LLM's embedding width (input of the projection)
+    width: int = 64  # GRU state and position-embedding width
+    mlp_hidden: int = 64
+    num_buckets: int = 32
+    max_distance: int = 4096  # distances beyond this share the last bucket
+    # the longest distance (or, absolute, position) training saw; beyond it the bucket of this one: the buckets
+    # past it were never trained and hold their random init. None: every bucket (checkpoints written before)
+    trained_distance: int | None = None
+    position: str = "relative"  # relative: p encodes t - i; absolute: p encodes i
+    input_layer: int = 0  # x_i: 0 = the LLM's input embedding (paper); k = its residual stream after k layers
+    query: bool = False  # add a query-dependent bilinear term (False: the paper's query-independent score)
+    heads: int = 0  # > 0: an attention probe of that many heads instead of the GRU + MLP (adore/controller/probe.py)
+    head_dim: int = 32  # the probe's query/key width per head
+
+    def __post_init__(self):
+        check_integer("controller d_model", self.d_model, fix=" (the backbone's embedding width)")
+        check_integer("controller width", self.width)
+        check_integer("controller mlp_hidden", self.mlp_hidden)
+        check_integer("controller num_buckets", self.num_buckets, 4)
+        check_integer("controller max_distance", self.max_distance, self.num_buckets // 2 + 1)  # log buckets above
+        check_integer("controller trained_distance", self.trained_distance, 0, optional=True)
+        if self.position not in ("relative", "absolute"):
+            raise ValueError(f"controller position={self.position!r}: use 'relative' or 'absolute'")
+        check_integer("controller input_layer", self.input_layer, 0, fix=" (0: input embeddings)")
+        check_integer("controller heads", self.heads, 0, fix=" (0: the GRU controller)")
+        check_integer("controller head_dim", self.head_dim)
+        if self.heads and self.query:
+            raise ValueError("controller heads > 0 (an attention probe) is query-dependent already: set query=false")
+
+
+def bucketize(distance: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """Log-spaced buckets (as T5's relative positions): exact below num_buckets/2, logarithmic above."""
+    distance = distance.clamp(min=0)
+    exact = num_buckets // 2
+    log_bucket = (
+        exact
+        + (
+            torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+        ).long()
+    )
+    return torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
+
+
+def newest_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) whether each row of `valid` (B, T) has a valid column, and the index of its last one (0 if none); no
+    host sync."""
+    index = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(1)
+    return valid.any(1), index
+
+
+class Controller(nn.Module):
+    """Scores how likely each past token is among the current query's top-K keys.
+
+    `Controller(config)` builds the kind the config names, as `pathlib.Path()` builds a `PosixPath`: the paper's
+    GRU scorer (`heads` = 0, `GRUScorer`) or the attention probe (`heads` > 0, `AttentionProbe`). Either stores a
+    state z_i per token when the token enters (`encode`), and scores tokens for a query (`logits`); what a query is
+    differs by kind (`sequence_queries`). Pure PyTorch: no Lightning, no transformers.
+    """
+
+    config: ControllerConfig
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Controller:  # the kind its config names (a copy or unpickling names its class itself)
+            from adore.controller.gru import GRUScorer
+            from adore.controller.probe import AttentionProbe
+
+            config = args[0] if args else kwargs["config"]
+            cls = AttentionProbe if config.heads else GRUScorer
+        return super().__new__(cls)
+
+    def __init__(self, config: ControllerConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def state_width(self) -> int:
+        """Width of the per-token state z_i the engine stores for every history token."""
+        raise NotImplementedError
+
+    def encode(
+        self, embeds: torch.Tensor, valid: torch.Tensor, h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_i of newly entered tokens, once each, and the state carried to the next call.
+
+        embeds: (B, T, d_model) x_i (input embeddings or residual stream); valid: (B, T) bool, False for padding
+        (skipped); h: the carried state of the previous call, None at the start. Returns z: (B, T, state_width)
+        (zeros at invalid columns) and the new carried state.
+        """
+        raise NotImplementedError
+
+    def sequence_queries(self, x: torch.Tensor, embeds: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The query of every position t of whole sequences, as `logits` reads it (training scores all of them at
+        once). x: (B, T, d_model) what `encode` read; embeds: (B, T, d_model) input embeddings; z: `encode`'s."""
+        raise NotImplementedError
+
+    def logits(
+        self,
+        z: torch.Tensor,
+        token_pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        query: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        columns: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(..., k) scores of the tokens of z (..., k, state_width) at token_pos (..., k) for the query at position
+        query_pos (..., 1) or broadcastable, whose state is `query`. Higher: more likely in the query's top-K."""
+        raise NotImplementedError
+
+    def buckets(self, distance: torch.Tensor) -> torch.Tensor:
+        """The learned bucket of each distance, capped at the longest one training saw."""
+        c = self.config
+        if c.trained_distance is not None:
+            distance = distance.clamp(max=c.trained_distance)
+        return bucketize(distance, c.num_buckets, c.max_distance)
+
+    def save(self, path, meta: dict | None = None) -> None:
+        """`meta`: how it was trained (e.g. the labels' K), read back by `Controller.meta`."""
+        torch.save({"config": asdict(self.config), "state_dict": self.state_dict(), "meta": meta or {}}, path)
+
+    @staticmethod
+    def meta(path) -> dict:
+        return _read(path).get("meta", {})
+
+    @staticmethod
+    def config_of(path) -> ControllerConfig:
+        return ControllerConfig(**_read(path)["config"])
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> Controller:
+        """The controller of a checkpoint (`save`), of the kind its config names, in eval mode."""
+        blob = _read(path, map_location)
+        controller = Controller(ControllerConfig(**blob["config"]))
+        if not isinstance(controller, cls):
+            raise ValueError(f"{path} holds a controller of kind {type(controller).__name__}, not {cls.__name__}")
+        try:
+            controller.load_state_dict(blob["state_dict"])
+        except RuntimeError as err:
+            raise ValueError(
+                f"{path}: its weights do not fit its own config ({str(err).splitlines()[0]}); retrain it"
+            ) from None
+        return controller.eval()
+
+
+def _read(path, map_location="cpu") -> dict:
+    """A controller checkpoint's contents, or a ValueError naming the file (weights only: nothing is executed)."""
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a corrupt or truncated file; torch's message advises unsafe loading: not repeated
+        raise ValueError(
+            f"{path} is not a readable controller checkpoint ({type(err).__name__}): rebuild it with "
+            "`python train.py stage=controller` or restore the file"
+        ) from None
+    if not isinstance(blob, dict) or not {"config", "state_dict"} <= set(blob):
+        raise ValueError(
+            f"{path} is not a controller checkpoint (no config / state_dict): pass controller.pt of a controller run"
+        )
+    return blob
