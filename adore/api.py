@@ -211,7 +211,7 @@ class Pipeline:
                 [contexts[i] for i in rows],
                 [targets[i] for i in rows],
                 self.pad_token_id,
-                self.prefill_chunk,
+                prefill_chunk=self.prefill_chunk,
             )
             for row, i in enumerate(rows):
                 ppl[i] = math.exp(nll[row] / counts[row])

@@ -23,9 +23,14 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"no config tree at {source} or {installed}: reinstall adore (pip install .)")
 
 
+def config_names(group: str) -> list[str]:
+    """Every config of a group, sorted: the stems of conf/<group>/*.yaml."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
 def method_names() -> list[str]:
     """Every method config, sorted: the stems of conf/method/*.yaml."""
-    return sorted(p.stem for p in (conf_dir() / "method").glob("*.yaml"))
+    return config_names("method")
 
 
 def method_config(name: str, budget: int = 128, **overrides) -> DictConfig:

@@ -202,3 +202,20 @@ def test_recall_in_a_chunked_prefill_brings_back_before_the_answer(tiny):
     for s in range(0, 32, 8):
         session.feed(ids[:, s : s + 8])
     assert session.recalled > 0 and (session.last_rebuilt_cols >= 0).any()
+
+
+def test_the_report_knows_every_setting_only_rebuild_records():
+    """The report pairs a rebuilding run with its R = 0 run by every setting but those only R > 0 records
+    (`adore.report.significance.REBUILD_SETTINGS`): each key `rebuild_identity` can write must be listed there."""
+    from adore.methods.oracle import Oracle
+    from adore.report.significance import REBUILD_SETTINGS
+
+    written = set()
+    for options in (
+        {"rebuild": "keep", "rebuild_forward": 2, "rebuild_every": 2},
+        {"rebuild": "recall", "page_size": 4, "store_dtype": "int8"},
+        {"rebuild": "survivors"},
+    ):
+        written |= set(Oracle(m=16, R=4, **options).rebuild_identity())
+    assert written and written <= set(REBUILD_SETTINGS)
+    assert not Oracle(m=16, R=0).rebuild_identity()

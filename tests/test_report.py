@@ -395,7 +395,7 @@ def test_paired_tests_against_full_and_the_best_baseline(rich):
 
 
 def test_a_rebuilding_method_is_tested_against_its_own_run_without_rebuild(tmp_path):
-    """Issue 12's "rebuild pays": ADORE R = 4 against ADORE R = 0 with the same controller, on every metric."""
+    """Whether rebuilding pays: ADORE R = 4 against ADORE R = 0 with the same controller, on every metric."""
     from adore.io import write_jsonl
 
     for name, (method, R, rl, kl, controller) in {
@@ -409,8 +409,15 @@ def test_a_rebuilding_method_is_tested_against_its_own_run_without_rebuild(tmp_p
             tmp_path / name / "results.json", new_format(res, **({"controller": controller} if controller else {}))
         )
         write_jsonl(tmp_path / name / "predictions.jsonl", rows(rl, 50, kl))
+    recall = run_result("generate", "adore", "samsum", 64, 64, {"eval/rougeL": 30, "fidelity/kl": 0.05})
+    recall = new_format(recall, controller="a@1", rebuild="recall", page_size=16)  # settings only R > 0 records
+    write_json(tmp_path / "r64_pages" / "results.json", recall)
+    write_jsonl(tmp_path / "r64_pages" / "predictions.jsonl", rows(30, 50, 0.05))
     tests = report.paired_tests(report.collect(tmp_path))
-    vs_r0 = tests[tests["vs"] == "R = 0"].set_index("metric")
+    vs_r0 = tests[tests["vs"] == "R = 0"]
+    pages = vs_r0[vs_r0["method"].str.contains("recall")].set_index("metric")
+    assert pages.loc["ROUGE-L", "diff"] == pytest.approx(5)  # recall in pages, against the same controller's R = 0
+    vs_r0 = vs_r0[~vs_r0["method"].str.contains("recall")].set_index("metric")
     assert len(vs_r0["method"].unique()) == 1 and vs_r0.loc["ROUGE-L", "diff"] == pytest.approx(3)
     assert vs_r0.loc["KL", "diff"] == pytest.approx(-0.2) and vs_r0.loc["KL", "significant"]
     assert set(vs_r0.index) == {"ROUGE-L", "BERT-F", "KL", "top-1"}
@@ -600,6 +607,21 @@ def test_untrained_adore_and_controllers_in_labels(tmp_path):
     rows = report.quality_values(report.collect(tmp_path)).index.tolist()
     # R, a run field, varies in the table, so every row that has one names it
     assert rows == ["ADORE (R=4, K=8)", "ADORE (R=4, K=16)", "ADORE (untrained, R=0)", "ADORE (untrained, R=4)"]
+
+
+def test_a_rebuild_policy_that_follows_R_stays_in_the_label(tmp_path):
+    """page_size implies rebuild=recall; the label says both even where recall runs are exactly the large-R ones."""
+    write_run(tmp_path / "a", "R4", "adore", 256, 4)  # the paper's rule: results.json records no rebuild
+    write_run(tmp_path / "a", "R64_recall", "adore", 256, 64, rebuild="recall")
+    write_run(tmp_path / "a", "R64_recall_page16", "adore", 256, 64, rebuild="recall", page_size=16)
+    assert report.quality_values(report.collect(tmp_path / "a")).index.tolist() == [
+        "ADORE (R=4)", "ADORE (R=64, rebuild=recall)", "ADORE (R=64, rebuild=recall, page_size=16)"
+    ]  # fmt: skip
+    write_run(tmp_path / "b", "R16_keep", "adore", 256, 16, rebuild="keep")
+    write_run(tmp_path / "b", "R64_recall_page16", "adore", 256, 64, rebuild="recall", page_size=16)
+    assert report.quality_values(report.collect(tmp_path / "b")).index.tolist() == [
+        "ADORE (R=16, rebuild=keep)", "ADORE (R=64, rebuild=recall, page_size=16)"
+    ]  # fmt: skip
 
 
 def test_a_legacy_results_file_still_makes_a_row(tmp_path):

@@ -388,3 +388,28 @@ def test_labels_store_an_h2o_ranking_of_2K_by_default(tiny_model_dir):
     assert cfg.stage.module.h2o_k is None  # null = 2 K
     assert LabelsModule(ModelSpec(name_or_path=tiny_model_dir), K=96).h2o_k == 192
     assert LabelsModule(ModelSpec(name_or_path=tiny_model_dir), K=96, h2o_k=16).h2o_k == 16
+
+
+def test_attention_summed_layer_by_layer_equals_every_layers_weights_summed(tiny_model_dir):
+    """The labels stage sums attention as each layer computes it (memory of one layer): the same (B, T, T) total,
+    and so the same labels, as keeping every layer's weights (`output_attentions`)."""
+    from adore.lit.label_builder import aggregate_attention, attention_labels
+    from adore.models import summed_attention
+
+    model = load_model(ModelSpec(name_or_path=tiny_model_dir))  # its own copy: the attention kernel changes
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    with torch.no_grad():
+        every = model.base_model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with summed_attention(model) as totals:
+            model.base_model(input_ids=ids, attention_mask=mask)
+            model.base_model(input_ids=ids[:1], attention_mask=mask[:1])  # one total per forward
+    assert len(totals) == 2 and torch.allclose(totals[0], aggregate_attention(every), atol=1e-6)
+    valid = mask.bool()
+    for a, b in zip(attention_labels(totals[0], valid, 4, 8), attention_labels(every, valid, 4, 8)):
+        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="needs attention weights"), summed_attention(model), torch.no_grad():
+        model.base_model(input_ids=ids, attention_mask=mask)

@@ -66,15 +66,7 @@ class GRUScorer(Controller):
         """The query of token t is token t itself: its state z_t."""
         return z
 
-    def logits(
-        self,
-        z: torch.Tensor,
-        token_pos: torch.Tensor,
-        query_pos: torch.Tensor,
-        query: torch.Tensor | None = None,
-        key_valid: torch.Tensor | None = None,
-        columns: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def logits(self, z, token_pos, query_pos, query=None, key_valid=None, columns=None) -> torch.Tensor:
         """Pre-sigmoid scores MLP(p + z) (+ the bilinear term with `query`, the query's state z_t (..., 1, width)
         or broadcastable, read only with `config.query`). Each token's score is its own: `key_valid` changes
         nothing, and `columns` is refused (gather z and positions first)."""

@@ -55,15 +55,7 @@ class AttentionProbe(Controller):
         previous = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)  # x_{t-1} at t (zeros at t = 0)
         return self.queries(previous, embeds)
 
-    def logits(
-        self,
-        z: torch.Tensor,
-        token_pos: torch.Tensor,
-        query_pos: torch.Tensor,
-        query: torch.Tensor | None = None,
-        key_valid: torch.Tensor | None = None,
-        columns: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def logits(self, z, token_pos, query_pos, query=None, key_valid=None, columns=None) -> torch.Tensor:
         """Log attention shares, normalised over the k tokens given: they must be all tokens <= t. `query`: (..., 1,
         heads * head_dim) from `queries`. Tokens after t and those where `key_valid` (..., k) is False get -inf.
         With `columns` (B, c), indices into the k tokens: only their scores, (B, c), normalised over all k as ever

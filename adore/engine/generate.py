@@ -183,19 +183,10 @@ def teacher_force(
     } | ({"diagnostic": session.diagnostic.rows()} if session.diagnostic is not None else {})
 
 
-def forced_nll(
-    model,
-    method,
-    contexts: list[list[int]],
-    targets: list[list[int]],
-    pad_id: int,
-    prefill_chunk: int | None = None,
-    diagnose: bool = False,
-    position_bin: int | None = None,
-) -> tuple[list[float], list[int], dict]:
-    """Summed NLL and token count of each row's targets, one `Session.feed` per target token (`teacher_force`);
-    with `diagnose`, the stats carry each row's release diagnostic, with `position_bin` each row's summed NLL
-    per bin of that many target positions (under "nll_by_position")."""
+def forced_nll(model, method, contexts, targets, pad_id: int, position_bin: int | None = None, **options):
+    """(summed NLL, token count) of each row's targets and the loop's stats, one `Session.feed` per target token
+    (`teacher_force`, which takes `options`: prefill_chunk, diagnose). With `position_bin`, the stats carry each
+    row's summed NLL per bin of that many target positions (under "nll_by_position")."""
     bins = position_bin or max(map(len, targets), default=1)
     nll = torch.zeros(
         len(contexts), -(-max(map(len, targets), default=1) // bins), dtype=torch.float64, device=model.device
@@ -205,7 +196,7 @@ def forced_nll(
         logp = logits.float().log_softmax(-1).gather(1, ids[:, t : t + 1])[:, 0]
         nll[:, t // bins].sub_(torch.where(valid[:, t], logp, 0).double())
 
-    stats = teacher_force(model, method, contexts, targets, pad_id, add, prefill_chunk, diagnose)
+    stats = teacher_force(model, method, contexts, targets, pad_id, add, **options)
     if position_bin:
         stats["nll_by_position"] = [row[: -(-len(t) // bins)] for row, t in zip(nll.tolist(), targets)]
     return nll.sum(1).tolist(), [len(t) for t in targets], stats

@@ -1,18 +1,16 @@
 """One batch of sequences fed through a fixed KV budget: the engine's single loop body (ADORE.md §3).
 
-`Session.feed` takes the next tokens of every row (one decode token, a prompt, a teacher-forced token, a
-user turn of a stream) and does, in order: the rebuild policy brings back up to R released tokens
-(`adore.engine.rebuild`: recompute returns them to run through the model, recall copies their stored KV into free slots),
-one forward pass runs the new tokens (and those to recompute) at their original positions (causal by position),
-then the policy releases down to m slots by the method's scores. Generation, perplexity and streaming all
-call it. Its two halves, `forward` and `settle` (release), are apart so that a prompt's forward can serve
-every method that prefills alike (`adopt`, with `assume_prefilled` in `adore.engine.prefilled`).
+`Session.feed` takes the next tokens of every row (a decode token, a prompt, a teacher-forced token, a user
+turn) and, in order: the rebuild policy brings back up to R released tokens (`adore.engine.rebuild`: recompute
+runs them through the model again, recall copies their stored KV into free slots), one forward runs the new
+tokens (and those to recompute) at their original positions, then the policy releases down to m slots by the
+method's scores. Its halves `forward` and `settle` are apart so that one prompt forward can serve every
+method that prefills alike (`adopt`, in `adore.engine.prefilled`).
 
-A decode step under a budget is tensor work only: no `.item()`, `nonzero` or `int(tensor)` (each a host sync
-on a GPU). With `static_shapes` (the default on CUDA) the forward of every decode step also has one shape,
-R rebuild columns + the new token (padding where fewer are picked), so its CUDA graph is captured once. On
-the CPU a sync costs nothing, so there the rebuild is cut to the rows' largest count. The bookkeeping around
-the forward still indexes the history with host counters (`length`), so it runs eagerly, outside the graph.
+A decode step under a budget is tensor work only: no `.item()`, `nonzero` or `int(tensor)` (host syncs on a
+GPU). With `static_shapes` (the default on CUDA) every decode forward has one shape, R rebuild columns + the new
+token (padded), so its CUDA graph is captured once; on the CPU the rebuild is cut to the rows' largest count.
+The bookkeeping around the forward indexes the history with host counters (`length`): it runs eagerly.
 """
 
 from __future__ import annotations
@@ -58,11 +56,9 @@ class Session(Prefilled):
 
     History columns are shared by the batch (column j = the j-th fed token of every row; padding columns
     are invalid). Every fed token keeps its id, position and state there after it is released, so it can
-    be rebuilt. `hist_slot` (-1 when released) and `slot_col` (-1 when empty) link history and cache.
-
-    The method's per-session state lives here (`state`); the session computes what the method `needs` (and
-    what `record` adds, e.g. for a shadow pass) and hands it over as `Entered` / `Tokens` views.
-    """
+    be rebuilt. `hist_slot` (-1 when released) and `slot_col` (-1 when empty) link history and cache. The
+    method's state lives here (`state`); the session computes what the method `needs` (and what `record` adds,
+    e.g. for a shadow pass) and hands it over as `Entered` / `Tokens` views."""
 
     def __init__(
         self,

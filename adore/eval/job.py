@@ -31,6 +31,7 @@ from adore.eval.metrics import PACKAGED_BERTSCORE, bertscore_model_path
 from adore.eval.tasks import Context
 from adore.io import read_json, write_json, write_jsonl
 from adore.models import DTYPES, load, load_config
+from adore.registry import config_names
 from adore.tracking import wandb_run
 from adore.version import package_version
 
@@ -96,9 +97,7 @@ def validate(cfg: DictConfig):
     """Build every cheap object first so a bad value fails before any model is loaded."""
     check_integer("budget", cfg.budget, fix=" (the KV budget m)")
     if not isinstance(cfg.get("task"), DictConfig) or "_target_" not in cfg.task:
-        raise ValueError(
-            f"task={cfg.get('task')!r} is not a task config: use task=generate, perplexity, stream, long or ruler"
-        )
+        raise ValueError(f"task={cfg.get('task')!r} is not a task config: use task=" + ", ".join(config_names("task")))
     if cfg.eval.bertscore_model == PACKAGED_BERTSCORE:
         bertscore_model_path(cfg.eval.bertscore_model)
     model_spec, data_spec, method, task = build(cfg.model), build(cfg.data), build(cfg.method), build(cfg.task)

@@ -49,11 +49,13 @@ def attention_labels(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-K labels, their attention shares and the H2O ranking from one batch of full-attention weights.
 
-    attentions: per-layer (B, H, T, T) softmax weights; valid: (B, T) bool (right padding).
+    attentions: per-layer (B, H, T, T) softmax weights, or their (B, T, T) sum over heads and layers
+    (`adore.models.summed_attention`); valid: (B, T) bool (right padding).
     Returns topk (B, T, K) long key indices (-1 padded), mass (B, T, K) the share of the query's attention
     (over heads and layers) each holds (0 where -1), and h2o (B, T, h2o_k) long key indices.
     """
-    A = aggregate_attention(attentions) * valid[:, :, None]  # (B, T, T): padding queries add nothing
+    summed = attentions if isinstance(attentions, torch.Tensor) else aggregate_attention(attentions)
+    A = summed.float() * valid[:, :, None]  # (B, T, T): padding queries add nothing
     accumulated = A.cumsum(dim=1)  # (B, T, T): attention key i received from queries s <= t
     topk = ranked_keys(A, valid, K)
     share = A / A.sum(-1, keepdim=True).clamp(min=1e-9)  # each query's weights sum to 1

@@ -1,7 +1,9 @@
 """Stage `labels` (ADORE.md §2): full-attention top-K labels for the controller, one file per run.
 
-A `predict` pass: each batch runs the (optionally fine-tuned) LLM with eager full attention and
-`output_attentions=True`; `adore.lit.label_builder` turns the weights into labels. Runs on one device.
+A `predict` pass: each batch runs the (optionally fine-tuned) LLM with eager full attention, its weights summed
+over heads and layers as each layer computes them (`adore.models.summed_attention`: memory of one layer's
+weights, so sequences of several thousand tokens fit); `adore.lit.label_builder` turns the sum into labels.
+Runs on one device.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import lightning as L
 import torch
 
 from adore.lit.label_builder import attention_labels, index_dtype, save_labels
-from adore.models import ModelSpec, load_model
+from adore.models import ModelSpec, load_model, summed_attention
 
 
 class LabelsModule(L.LightningModule):
@@ -29,10 +31,11 @@ class LabelsModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx) -> int:
         valid = batch["attention_mask"].bool()
-        out = self.model.base_model(  # the decoder without the LM head: no logits needed
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True
-        )
-        topk, mass, h2o = attention_labels(out.attentions, valid, self.K, self.h2o_k)
+        with summed_attention(self.model) as totals:
+            self.model.base_model(  # the decoder without the LM head: no logits needed
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            )
+        topk, mass, h2o = attention_labels(totals[0], valid, self.K, self.h2o_k)
         for row, n in enumerate(valid.sum(1).tolist()):
             self.rows.append(
                 {

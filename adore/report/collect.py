@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -190,12 +191,26 @@ def _varies(v: pd.DataFrame, key: str, dropna: bool = False) -> bool:
 
 
 def _renames(g: pd.DataFrame, key: str, before: list[str]) -> bool:
-    """A text setting in one-to-one correspondence with a key shown before it (the controller file when K is shown)."""
+    """A text setting that only renames a key shown before it: one-to-one with it and spelling its value on every
+    row (the controller file `c_k64@ab` where K=64 is shown). A setting that merely follows a shown key in one sweep
+    (rebuild=recall on the R=64 rows only) is a choice of its own, so the label keeps it."""
 
     def determines(a: str, b: str) -> bool:
         return bool((g.groupby(a, dropna=False)[b].nunique(dropna=False) <= 1).all())
 
-    return not pd.api.types.is_numeric_dtype(g[key]) and any(determines(j, key) and determines(key, j) for j in before)
+    def spells(j: str) -> bool:
+        return all(_spells(text, value) for text, value in zip(g[key], g[j]))
+
+    return not pd.api.types.is_numeric_dtype(g[key]) and any(
+        determines(j, key) and determines(key, j) and spells(j) for j in before
+    )
+
+
+def _spells(text, value) -> bool:
+    """Whether `text` holds `value` whole (64 in "c_k64@ab", not in "c_k640"); a missing value spells only a missing one."""
+    if pd.isna(text) or pd.isna(value):
+        return pd.isna(text) and pd.isna(value)
+    return re.search(rf"(?<![\d.]){re.escape(fmt_value(value))}(?![\d.])", str(text)) is not None
 
 
 def shown_keys(v: pd.DataFrame, keys) -> dict[str, list[str]]:

@@ -26,7 +26,8 @@ from adore.report.collect import (
     task_runs,
     variants,
 )
-from adore.report.tables import DECODE, QUALITY
+from adore.report.grid import DECODE
+from adore.report.tables import QUALITY
 
 # a marker and line style per variant of one method, so that a dozen lines in few colours stay readable
 LEGEND_WIDTH = 40  # characters of a legend entry; longer labels are cut in the middle

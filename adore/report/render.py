@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from adore.report.collect import shorten
-from adore.report.tables import OVERVIEW, Table, fmt
+from adore.report.grid import Table, fmt
+from adore.report.tables import OVERVIEW
 
 WIDTH = 120  # terminal columns
 LABEL_WIDTH = 48  # the longest row label the terminal shows whole

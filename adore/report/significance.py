@@ -30,6 +30,9 @@ TESTS = {
 }
 # Two runs are compared only when they share these (and a baseline the cache size m).
 PAIRED = ("data", "task", "model", "adapter", "max_new_tokens", "arrival")
+# identity keys a method records only when it rebuilds (adore.methods.rebuilds.Rebuilds.rebuild_identity): its R = 0
+# run has none of them, and is still the same run without rebuild
+REBUILD_SETTINGS = ("rebuild", "rebuild_every", "rebuild_forward", "page_size", "store_dtype")
 TASKS = ("generate", "stream", "ruler")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
 CAPTION = (
@@ -164,8 +167,9 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
             for row, (best, keys_) in bests.items():
                 others.append((f"best baseline: {row}", best, keys_))
         if "R" in runs and pd.notna(r["R"]) and r["R"] > 0:  # does rebuild pay? the same run at R = 0
-            settings = [k for k in keys if k != "R" and "rebuild" not in k]  # R = 0 carries no rebuild policy
-            no_rebuild = runs[same(r, ("method", *PAIRED, *settings)) & (runs["R"] == 0)]
+            settings = [k for k in keys if k != "R" and k.split("/")[-1] not in REBUILD_SETTINGS]  # R = 0 has none
+            candidates = same(r, ("method", *PAIRED, *settings)) & (runs["R"] == 0)
+            no_rebuild = runs[candidates]
             if len(no_rebuild):
                 others.append(("R = 0", no_rebuild.iloc[0], list(TESTS)))
         if against is not None and against not in r["row"]:  # the anchor row's run at this dataset and m

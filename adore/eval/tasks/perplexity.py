@@ -76,9 +76,9 @@ class Perplexity:
                 [contexts[i] for i in batch],
                 [targets[i] for i in batch],
                 ctx.tokenizer.pad_token_id,
-                self.prefill_chunk,
-                self.diagnose and method.m is not None,
                 self.position_bin,
+                prefill_chunk=self.prefill_chunk,
+                diagnose=self.diagnose and method.m is not None,
             )
             stats.append(st)
             for row, i in enumerate(batch):
