@@ -281,6 +281,8 @@ def test_snapkv_default_window_is_valid_at_every_budget():
         SnapKV(m=4096, window=512)
     with pytest.raises(ValueError, match="pass method.window=7"):
         SnapKV(m=8, window=8)
+    with pytest.raises(ValueError, match="method.m=null: SnapKV releases down to a budget"):
+        SnapKV(m=None)
 
 
 @pytest.mark.slow

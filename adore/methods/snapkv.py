@@ -33,6 +33,10 @@ class SnapKV(Method):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.m is None:
+            raise ValueError(
+                "method.m=null: SnapKV releases down to a budget; pass method.m (e.g. 128), or use method=full"
+            )
         check_integer("method.window", self.window, optional=True, fix=": queries in the observation window, e.g. 64")
         if not 1 <= self.rows < min(self.m, MAX_WINDOW + 1):
             fits = min(self.m - 1, MAX_WINDOW)
