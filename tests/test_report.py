@@ -663,3 +663,28 @@ def test_paired_tests_run_once_per_report(rich, tmp_path, monkeypatch):
     markdown, files = report.write_report(rich, tmp_path)
     assert len(calls) == 1
     assert "## Paired bootstrap tests" in markdown and (tmp_path / "significance.csv") in files
+
+
+def test_perplexity_by_position_is_plotted_per_m_with_full_attention_in_each_panel(tmp_path):
+    """task=perplexity with position_bin writes eval/ppl_pos<start>: one panel per m, a line per method, full
+    attention (no budget) in every panel; a sweep without such cells draws nothing and says nothing."""
+    from adore.report.plots import plot_perplexity_by_position
+
+    cells = lambda base: {f"eval/ppl_pos{b}": base + b / 1024 for b in (0, 1024, 2048)}  # noqa: E731
+    for name, method, m in (
+        ("full", "full", None),
+        ("w64", "window", 64),
+        ("w128", "window", 128),
+        ("s64", "streaming", 64),
+    ):
+        res = run_result("perplexity", method, "wikitext2", m, metrics={"eval/ppl": 20.0} | cells(20 if m else 15))
+        write_json(tmp_path / name / "results.json", new_format(res))
+    fig = plot_perplexity_by_position(report.collect(tmp_path))
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["wikitext2, m = 64", "wikitext2, m = 128"]
+    assert [len(ax.get_lines()) for ax in axes] == [3, 2]  # full + window + streaming; full + window
+    assert list(axes[0].get_lines()[0].get_xdata()) == [0, 1024, 2048]
+    (tmp_path / "none").mkdir()
+    plain = run_result("perplexity", "window", "wikitext2", 64, metrics={"eval/ppl": 20.0})
+    write_json(tmp_path / "none" / "results.json", new_format(plain))
+    assert plot_perplexity_by_position(report.collect(tmp_path / "none")) is None

@@ -196,11 +196,43 @@ def plot_ruler_heatmap(df: pd.DataFrame) -> Figure | None:
     return fig
 
 
+PPL_AT = re.compile(r"eval/ppl_pos(\d+)")  # task=perplexity with position_bin: perplexity of the bin starting there
+
+
+def plot_perplexity_by_position(df: pd.DataFrame) -> Figure | None:
+    """Perplexity by position in the stream (task=perplexity with `task.position_bin`), one line per method, one
+    panel per dataset and cache size m (full attention, with no budget, in every panel): where a method falls
+    behind as the context grows past what it keeps. None for a sweep without such runs."""
+    runs = task_runs(df, "perplexity")
+    cells = {c: int(m.group(1)) for c in runs.columns if (m := PPL_AT.fullmatch(c))}
+    if not len(runs) or not cells:
+        return None
+    runs = runs[runs[list(cells)].notna().any(axis=1)]
+    v = _lines(runs, "m", False)
+    styles = _styles(v, palette(df))
+    bins = sorted(cells.values())
+    panels = [(d, m) for d in datasets(v) for m in sorted(v.loc[v["data"] == d, "m"].dropna().unique())] or [
+        (d, None) for d in datasets(v)
+    ]
+    fig, axes = _new_figure(len(panels))
+    for ax, (data, m) in zip(axes, panels):
+        here = v[(v["data"] == data) & (v["m"].isna() | (v["m"] == m))]
+        for line, g in here.groupby("line", sort=False):
+            r = g.iloc[0]
+            ax.plot(bins, [r.get(f"eval/ppl_pos{b}", math.nan) for b in bins], label=line, **styles[line])
+        ax.set(title=f"{data}, m = {fmt_value(float(m))}" if m is not None else data)
+        ax.set(xlabel="position in the stream (bin start, tokens)", ylabel="perplexity")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    return fig
+
+
 PLOTS = {
     "quality_vs_m": plot_quality_vs_m,
     "throughput_vs_m": plot_throughput_vs_m,
     "R_tradeoff": plot_R_tradeoff,
     "ruler_heatmap": plot_ruler_heatmap,
+    "perplexity_by_position": plot_perplexity_by_position,
 }
 
 

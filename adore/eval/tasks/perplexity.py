@@ -37,7 +37,7 @@ class Perplexity:
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
     diagnose: bool = False  # the release diagnostic (adore.engine.diagnostic) of every scored step, as diagnostic/*
     join_tokens: int | None = None  # documents joined (in order, a blank line between) into streams this long
-    position_bin: int | None = None  # perplexity per bin of this many positions, as eval/ppl_by_position
+    position_bin: int | None = None  # perplexity per bin of this many positions, as eval/ppl_pos<first position>
 
     def __post_init__(self):
         check_counts(
@@ -98,7 +98,8 @@ class Perplexity:
         }
         if self.position_bin:
             metrics["eval/position_bin"] = self.position_bin
-            metrics["eval/ppl_by_position"] = ppl_by_position(by_position, count, self.position_bin)
+            for k, ppl in enumerate(ppl_by_position(by_position, count, self.position_bin)):
+                metrics[f"eval/ppl_pos{k * self.position_bin}"] = ppl  # scored tokens k * bin .. (k + 1) * bin - 1
         from adore.engine.diagnostic import KEYS
 
         for key in KEYS if any(release) else ():  # over the examples with a counted step
