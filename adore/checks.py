@@ -1,6 +1,6 @@
 """The checks every setting goes through: a count is an int that is not a bool (YAML's `true` is an int to
-Python, and must not pass as 1), a share is a real number inside (0, 1). One function each, so that every
-config key fails the same way: one line naming the key, the value and what to pass instead."""
+Python, and must not pass as 1), a share a real number inside (0, 1), a positive number a real above 0. One
+function each, so that every config key fails the same way: one line naming the key, the value and the fix."""
 
 from __future__ import annotations
 
@@ -33,3 +33,9 @@ def check_share(name: str, value, closed: bool = False, *, optional: bool = Fals
         return
     interval = "[0, 1]" if closed else "(0, 1)"
     raise ValueError(f"{name}={value!r} must be a share in {interval}" + (" or null" if optional else "") + fix)
+
+
+def check_positive(name: str, value, *, fix: str = "") -> None:
+    """ValueError `name=value must be a number > 0` unless `value` is a real number above 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name}={value!r} must be a number > 0" + fix)

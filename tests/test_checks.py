@@ -56,3 +56,13 @@ def test_share_messages_name_the_interval():
         check_share("bootstrap.level", 1, fix=": e.g. 0.95")
     with pytest.raises(ValueError, match=r"^task\.depth=1\.5 must be a share in \[0, 1\] or null$"):
         check_share("task.depth", 1.5, closed=True, optional=True)
+
+
+def test_a_positive_number_is_a_real_above_zero():
+    from adore.checks import check_positive
+
+    for good in (1, 0.5, 4.0):
+        check_positive("task.length_factor", good)
+    for bad in (0, -1.5, True, "2", None):
+        with pytest.raises(ValueError, match=r"^sampling.temperature=.* must be a number > 0 \(greedy\)$"):
+            check_positive("sampling.temperature", bad, fix=" (greedy)")

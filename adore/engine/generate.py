@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from adore.checks import check_positive
 from adore.engine.session import Session
 
 
@@ -24,8 +25,7 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature={self.temperature} must be > 0 (use do_sample=false for greedy)")
+        check_positive("sampling.temperature", self.temperature, fix=" (use do_sample=false for greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
 

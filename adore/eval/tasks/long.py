@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from adore.checks import check_positive
 from adore.engine.generate import Sampling
 from adore.engine.text import batches_by_length, encode_prompts
 from adore.eval.metrics import repeated_ngram_fraction
@@ -30,11 +31,7 @@ class Long:
     bootstrap: Bootstrap = field(default_factory=Bootstrap)
 
     def __post_init__(self):
-        factor = self.length_factor
-        if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 0:
-            raise ValueError(
-                f"task.length_factor={factor!r} must be a number > 0: tokens generated = length_factor x m, e.g. 4"
-            )
+        check_positive("task.length_factor", self.length_factor, fix=": tokens generated = length_factor x m, e.g. 4")
         check_counts(
             self, ("reference_m", "ngram", "batch_size"), ("num_examples", "max_prompt_tokens", "prefill_chunk")
         )
