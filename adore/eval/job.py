@@ -46,6 +46,9 @@ NOT_SETTINGS = (
 # (`budget` reaches a run only through method.m, which stays in the settings)
 
 
+SHOWN = 6  # task metrics in a run's one-line summary; per-cell ones (RULER depths, positions) stay in results.json
+
+
 def method_tag(node) -> str:
     """Run-directory name of a method config, e.g. adore_m128_R4 (OmegaConf resolver). A bad value gives a
     placeholder here, so that `validate` reports it in one line instead of Hydra failing to name the folder."""
@@ -292,11 +295,11 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
     with wandb_run(OmegaConf.to_container(cfg.logger), str(run_dir), run_dir.name, result["config"], "eval") as wb:
         if wb is not None:
             wb.log(scalars)
-    shown = {k: v for k, v in scalars.items() if k.startswith(("eval/", "fidelity/kl", "fidelity/top1"))}
-    line = "  ".join(
-        f"{k.split('/')[1]}={v:.3g}"
-        for k, v in (shown | {"perf/decode_tok_per_s": perf["perf/decode_tok_per_s"]}).items()
-    )
+    task_metrics = [(k, v) for k, v in scalars.items() if k.startswith("eval/")]  # a task's headline ones first
+    more = f"  (+{len(task_metrics) - SHOWN} more in results.json)" if len(task_metrics) > SHOWN else ""
+    fidelity = [(k, v) for k, v in scalars.items() if k in ("fidelity/kl", "fidelity/top1")]
+    shown = [*task_metrics[:SHOWN], *fidelity, ("perf/decode_tok_per_s", perf["perf/decode_tok_per_s"])]
+    line = "  ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in shown) + more
     print(f"[{task.name} {data_spec.name} {method.tag}] {line}  -> {run_dir}")
     return result
 
