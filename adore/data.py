@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from adore.io import PROJECT_ROOT
+
 MATH_INSTRUCTION = "Solve the problem step by step. Put the final answer within \\boxed{}."
 GSM8K_INSTRUCTION = "Solve the problem step by step. End with 'The answer is <number>'."
 

@@ -1,4 +1,5 @@
-"""Atomic result files: a crash mid-write never leaves a half-written results.json behind."""
+"""Files: atomic writes (a crash mid-write never leaves a half-written results.json behind), and paths named
+from the project root."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
@@ -67,3 +70,13 @@ def save_torch(path: str | os.PathLike, obj) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def project_file(path: str) -> str:
+    """`path` when it names a file; else the same relative path under the project root when a file is there, so
+    that the shipped `checkpoints/...` resolve from wherever a command runs. Otherwise `path` unchanged (the
+    caller's own check then names it)."""
+    if Path(path).is_file() or Path(path).is_absolute():
+        return str(path)
+    in_project = PROJECT_ROOT / path
+    return str(in_project) if in_project.is_file() else str(path)

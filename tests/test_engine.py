@@ -193,6 +193,31 @@ def test_distances_past_the_trained_ones_use_the_last_trained_bucket(heads):
         ControllerConfig(d_model=16, trained_distance=-1)
 
 
+@pytest.mark.parametrize("heads", [0, 3])
+def test_extending_the_trained_distance_keeps_the_scores_until_training_moves_them(heads):
+    """A controller trained further on longer sequences starts where it was: the buckets past its old trained
+    distance take the capped bucket's values, so its scores at every distance equal the capped ones."""
+    torch.manual_seed(0)
+    config = dict(d_model=16, heads=heads, head_dim=4, num_buckets=8, max_distance=64)
+    before = Controller(ControllerConfig(**config, trained_distance=10)).eval()
+    after = Controller(ControllerConfig(**config, trained_distance=10)).eval()
+    after.load_state_dict(before.state_dict())
+    after.extend_trained_distance(63)
+    assert after.config.trained_distance == 63
+    T = 60
+    x, valid = torch.randn(1, T, 16), torch.ones(1, T, dtype=torch.bool)
+    pos, now = torch.arange(T)[None], torch.tensor([[T - 1]])
+    with torch.no_grad():
+        z = before.encode(x, valid)[0]
+        query = before.queries(x[:, -2], x[:, -1])[:, None] if heads else z[:, -1:]
+        torch.testing.assert_close(after.logits(z, pos, now, query), before.logits(z, pos, now, query))
+    after.extend_trained_distance(20)  # never shrinks
+    assert after.config.trained_distance == 63
+    fresh = Controller(ControllerConfig(**config))
+    fresh.extend_trained_distance(30)  # a fresh controller records the distance, nothing copied
+    assert fresh.config.trained_distance == 30
+
+
 def test_probe_scores_one_query_per_row_as_broadcast_queries():
     """The engine's shape (one query per row: a bmm against block-diagonal queries) scores as training's
     broadcast shape (einsum) does, and asking for a few columns gives exactly their scores among all."""

@@ -117,6 +117,45 @@ def test_finetune_fast_dev_run_writes_a_loadable_adapter(tmp_path, tiny_model_di
         torch.testing.assert_close(tuned(ids).logits, peft_model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_ruler_training_sequences_fit_their_length_and_answer_with_every_reference(tmp_path, tiny_model_dir):
+    """`stage.datamodule.ruler`: seeded RULER examples as sequences, each within its length, the reply holding every
+    reference hidden in its context; another seed than the evaluation's gives other prompts."""
+    from adore.data import DataSpec
+    from adore.lit.data import SequenceDataModule
+
+    def sequences(seed):
+        ruler = {"variants": ["niah_single", "vt"], "lengths": [300, 400], "num_examples": 2, "seed": seed}
+        data = SequenceDataModule(
+            DataSpec(name="noise"), ModelSpec(name_or_path=tiny_model_dir), max_length=400, ruler=ruler
+        )
+        data.setup()
+        return data
+
+    data = sequences(1)
+    assert [e["id"] for e in data.train_set][:2] == ["niah_single-300-0-seed1", "niah_single-300-1-seed1"]
+    assert len(data.train_set) == 8
+    for e in data.train_set:
+        length = int(e["id"].split("-")[1])
+        assert len(e["input_ids"]) <= length and len(e["input_ids"]) > length - 40
+        prompt = data.tokenizer.decode([t for t, y in zip(e["input_ids"], e["labels"]) if y == -100])
+        reply = data.tokenizer.decode([t for t, y in zip(e["input_ids"], e["labels"]) if y != -100])
+        answers = reply.split(" is " if "niah" in e["id"] else ":")[-1].split("<")[0].strip(" .").split(", ")
+        assert answers and all(a and a in prompt for a in answers)  # every reference was hidden in the context
+    assert [e["input_ids"] for e in sequences(1).train_set] == [e["input_ids"] for e in data.train_set]
+    assert all(a["input_ids"] != b["input_ids"] for a, b in zip(sequences(0).train_set, data.train_set))
+    with pytest.raises(ValueError, match=r"ruler.lengths=\[200, 300\] reach past stage.datamodule.max_length=256"):
+        SequenceDataModule(
+            DataSpec(name="noise"),
+            None,
+            max_length=256,
+            ruler={"variants": ["vt"], "lengths": [200, 300], "num_examples": 1, "seed": 1},
+        )
+    with pytest.raises(ValueError, match="ruler.variants=\\['niah'\\]"):
+        SequenceDataModule(
+            DataSpec(name="noise"), None, ruler={"variants": ["niah"], "lengths": [200], "num_examples": 1, "seed": 1}
+        )
+
+
 def test_labels_fast_dev_run_writes_top_k_indices(labels_run):
     blob = load_labels(labels_run / "labels" / "labels.pt")
     assert blob["meta"]["K"] == K and blob["meta"]["num_sequences"] == len(blob["ids"]) == 4
@@ -146,6 +185,71 @@ def test_controller_fast_dev_run_and_checkpoint_round_trip(tmp_path, tiny_model_
         torch.testing.assert_close(loaded.logits(z_a, pos, torch.tensor(8)), trained.logits(z_b, pos, torch.tensor(8)))
 
 
+def test_a_controller_trained_further_starts_from_its_checkpoint(tmp_path, tiny_model_dir, labels_run):
+    """`stage.module.init_from` continues a checkpoint: before training it scores as the checkpoint did, the
+    trained distance only grows, the meta names it; another architecture is refused before training."""
+    labels = f"stage.datamodule.labels={labels_run}"
+    first, _ = train(make_cfg("controller", tmp_path / "first", "debug=fdr", labels, model_dir=tiny_model_dir))
+    saved = tmp_path / "first" / "controller.pt"
+    then, objects = train(
+        make_cfg(
+            "controller",
+            tmp_path / "then",
+            "debug=fdr",
+            labels,
+            f"stage.module.init_from={saved}",
+            model_dir=tiny_model_dir,
+        )
+    )
+    assert then["before/val/recall_controller"] == pytest.approx(first["val/recall_controller"])
+    assert Controller.meta(tmp_path / "then" / "controller.pt")["init_from"] == str(saved)
+    short = Controller.load(saved)
+    short.config.trained_distance = 2  # as if trained on shorter sequences
+    short.save(tmp_path / "short.pt", meta=Controller.meta(saved))
+    train(
+        make_cfg(
+            "controller",
+            tmp_path / "longer",
+            "debug=fdr",
+            labels,
+            f"stage.module.init_from={tmp_path / 'short.pt'}",
+            model_dir=tiny_model_dir,
+        )
+    )
+    longest = max(len(r["ids"]) for r in objects["datamodule"].train_set)
+    assert Controller.load(tmp_path / "longer" / "controller.pt").config.trained_distance == longest - 1
+    other = ("debug=fdr", labels, f"stage.module.init_from={saved}", "stage.module.controller.width=8")
+    with pytest.raises(ValueError, match="init_from=.*width=64, but the recipe asks for 8"):
+        train(make_cfg("controller", tmp_path / "other", *other, model_dir=tiny_model_dir))
+    with pytest.raises(ValueError, match="init_from='missing.pt' does not exist"):
+        train(
+            make_cfg(
+                "controller", tmp_path / "none", labels, "stage.module.init_from=missing.pt", model_dir=tiny_model_dir
+            )
+        )
+
+
+def test_a_mixture_sets_each_labels_files_share_of_the_draws(tmp_path, labels_run):
+    """`stage.datamodule.mixture`: draws follow the files' weights, whatever their sizes; a wrong length is refused."""
+    import shutil
+
+    from adore.lit.controller_data import ControllerDataModule
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for path in (a, b):
+        shutil.copy(labels_run / "labels" / "labels.pt", path)
+    data = ControllerDataModule([str(a), str(b)], num_val=1, batch_size=2, mixture=[9, 1], seed=0)
+    data.setup()
+    torch.manual_seed(0)
+    drawn = [data.train_set[k]["source"] for _ in range(300) for k in data.train_dataloader().sampler]
+    assert drawn.count(str(a)) / len(drawn) == pytest.approx(0.9, abs=0.03)
+    assert len(drawn) == 300 * len(data.train_set)  # an epoch is still one draw per training sequence
+    with pytest.raises(ValueError, match=r"mixture=\[1\] has 1 weights for 2 labels files"):
+        ControllerDataModule([str(a), str(b)], mixture=[1])
+    with pytest.raises(ValueError, match="mixture weight=0 must be a number > 0"):
+        ControllerDataModule([str(a), str(b)], mixture=[1, 0])
+
+
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 
 
@@ -153,8 +257,13 @@ RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 def test_each_controller_recipe_trains_and_round_trips(recipe, tmp_path, tiny_model_dir, labels_run):
     """Every lever (conf/recipe) trains a step; its checkpoint records the recipe and scores as trained."""
     overrides = [f"recipe={recipe}", f"stage.datamodule.labels=[{labels_run},{labels_run}]"]  # two files, pooled
-    if "input_layer" in (CONF / "recipe" / f"{recipe}.yaml").read_text():
+    text = (CONF / "recipe" / f"{recipe}.yaml").read_text()
+    if "input_layer" in text or "init_from" in text:
         overrides.append("stage.module.controller.input_layer=1")  # the tiny model has 2 layers
+    if "init_from" in text:  # a recipe that trains a checkpoint further: its base recipe, trained on the tiny model
+        base = [o.replace(recipe, "probe_l20") for o in overrides]
+        train(make_cfg("controller", tmp_path / "base", "debug=fdr", *base, model_dir=tiny_model_dir))
+        overrides.append(f"stage.module.init_from={tmp_path / 'base' / 'controller.pt'}")
     cfg = make_cfg("controller", tmp_path, "debug=fdr", *overrides, model_dir=tiny_model_dir)
     metrics, objects = train(cfg)
     assert np.isfinite(metrics["val/loss"])

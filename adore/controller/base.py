@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from adore.checks import check_integer
+from adore.io import project_file
 
 
 @dataclass
@@ -128,6 +130,23 @@ class Controller(nn.Module):
             distance = distance.clamp(max=c.trained_distance)
         return bucketize(distance, c.num_buckets, c.max_distance)
 
+    @property
+    def distance_embedding(self) -> nn.Embedding:
+        """The learned table indexed by `buckets` (a bias or an embedding per distance bucket)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def extend_trained_distance(self, distance: int) -> None:
+        """Record that training now reaches `distance`. The buckets past the old trained distance never trained:
+        they start as the capped bucket they stood in for, so a controller trained further scores as before until
+        training moves them. A fresh controller (no trained distance yet) just records it."""
+        c = self.config
+        if c.trained_distance is not None and distance > c.trained_distance:
+            capped = int(bucketize(torch.tensor(c.trained_distance), c.num_buckets, c.max_distance))
+            table = self.distance_embedding.weight
+            table[capped + 1 :] = table[capped]
+        c.trained_distance = distance if c.trained_distance is None else max(c.trained_distance, distance)
+
     def save(self, path, meta: dict | None = None) -> None:
         """`meta`: how it was trained (e.g. the labels' K), read back by `Controller.meta`."""
         torch.save({"config": asdict(self.config), "state_dict": self.state_dict(), "meta": meta or {}}, path)
@@ -154,6 +173,23 @@ class Controller(nn.Module):
                 f"{path}: its weights do not fit its own config ({str(err).splitlines()[0]}); retrain it"
             ) from None
         return controller.eval()
+
+
+def continuable(path: str, fields: dict, key: str) -> str:
+    """`path` (project-relative allowed) when it holds a controller whose config equals `fields` (ControllerConfig
+    fields, `trained_distance` aside): one to train further as the recipe `fields` come from, so that the recipe's
+    name still says what was trained. A ValueError naming the option `key` otherwise."""
+    path = project_file(path)
+    if not Path(path).is_file():
+        raise ValueError(f"{key}={path!r} does not exist: pass a controller.pt (or null: a fresh controller)")
+    saved = asdict(Controller.config_of(path))
+    for name, value in fields.items():
+        if name != "trained_distance" and saved.get(name) != value:
+            raise ValueError(
+                f"{key}={path} holds a controller with {name}={saved.get(name)!r}, but the recipe asks for "
+                f"{value!r}: pass the recipe it was trained with (recipe={Controller.meta(path).get('recipe')})"
+            )
+    return path
 
 
 def _read(path, map_location="cpu") -> dict:

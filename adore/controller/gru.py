@@ -36,6 +36,10 @@ class GRUScorer(Controller):
             self.k_proj = nn.Linear(config.width, config.width)
 
     @property
+    def distance_embedding(self) -> nn.Embedding:
+        return self.position
+
+    @property
     def state_width(self) -> int:
         return self.config.width
 

@@ -33,6 +33,10 @@ class AttentionProbe(Controller):
         self.head_mix = nn.Parameter(torch.zeros(config.heads))  # log w_h, before normalisation
 
     @property
+    def distance_embedding(self) -> nn.Embedding:
+        return self.head_bias
+
+    @property
     def state_width(self) -> int:
         return self.config.heads * self.config.head_dim
 

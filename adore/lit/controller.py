@@ -11,11 +11,15 @@ The data (`ControllerDataModule`: labels files pooled, pairs sampled) is in `con
 reading a hidden layer (`controller.input_layer` > 0) gets the backbone's residual stream, computed once per
 sequence at setup and cached beside each labels file (`residual_cache`), so that the next controller reading the
 same layer of the same backbone skips the backbone.
+
+`init_from` continues a trained controller (e.g. the shipped one on longer labels) instead of a fresh one: the
+checkpoint must be of the architecture the recipe names, and its `trained_distance` only grows.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -25,7 +29,8 @@ from torch import nn
 from torchmetrics import Metric
 
 from adore.checks import check_integer
-from adore.controller import Controller, ControllerConfig
+from adore.controller import Controller, ControllerConfig, continuable
+from adore.engine.text import batches_by_length
 from adore.lit.controller_data import ControllerDataModule, ResidualCache, residual_key
 from adore.lit.finetune import warmup_cosine
 from adore.lit.label_builder import dense_labels, h2o_scores, recency_scores, selection_counts
@@ -87,6 +92,7 @@ class ControllerModule(L.LightningModule):
         horizon: int = 1,
         warmup_steps: int | None = None,
         residual_cache: bool = True,
+        init_from: str | None = None,
     ):
         super().__init__()
         if loss not in LOSSES:
@@ -102,7 +108,11 @@ class ControllerModule(L.LightningModule):
         backbone = load_model(model)
         embeddings = backbone.get_input_embeddings().weight.detach().float().clone()  # (vocab, d_model)
         self.register_buffer("embeddings", embeddings, persistent=False)  # frozen x_i; never in checkpoints
-        self.controller = Controller(ControllerConfig(d_model=embeddings.shape[1], **(controller or {})))
+        config = ControllerConfig(d_model=embeddings.shape[1], **(controller or {}))
+        self.init_from = init_from and continuable(init_from, asdict(config), "stage.module.init_from")
+        self.controller = Controller.load(self.init_from).train() if init_from else Controller(config)
+        # the longest distance trained: from these labels, unless given; a continued controller's only grows
+        self.extend_trained_distance = bool(init_from) or config.trained_distance is None
         # the backbone is needed once, for the residual stream of every sequence (setup); never a submodule
         object.__setattr__(self, "backbone", backbone if self.controller.config.input_layer else None)
         self.lr, self.weight_decay = lr, weight_decay
@@ -120,6 +130,7 @@ class ControllerModule(L.LightningModule):
                 "loss": loss,
                 "horizon": horizon,
                 "warmup_steps": warmup_steps,
+                "init_from": init_from,
             }
         )
 
@@ -138,9 +149,9 @@ class ControllerModule(L.LightningModule):
                 f"lower the budget or rerun `python train.py stage=labels stage.module.h2o_k={self.budget}`"
             )
 
-        if self.controller.config.trained_distance is None:  # buckets past it stay untrained: capped at use
+        if self.extend_trained_distance:  # buckets past it stay untrained: capped at use
             longest = max(len(r["ids"]) for r in self.trainer.datamodule.train_set)
-            self.controller.config.trained_distance = longest - 1
+            self.controller.extend_trained_distance(longest - 1)
         if self.backbone is not None:
             self._residual_stream(self.trainer.datamodule)
 
@@ -160,8 +171,11 @@ class ControllerModule(L.LightningModule):
                 if (x := caches[r["source"]].get(r["ids"])) is not None:
                     r["x"] = x
             rows = [r for r in rows if "x" not in r]
-        for s in tqdm(range(0, len(rows), batch_size), desc=f"residual stream after layer {layer}"):
-            chunk = rows[s : s + batch_size]
+        # similar lengths share a forward: a pooled order would pad every batch to the longest sequence
+        for batch in tqdm(
+            batches_by_length([len(r["ids"]) for r in rows], batch_size), desc=f"residual stream after layer {layer}"
+        ):
+            chunk = [rows[k] for k in batch]
             T = max(len(r["ids"]) for r in chunk)
             ids = torch.zeros(len(chunk), T, dtype=torch.long)
             mask = torch.zeros(len(chunk), T, dtype=torch.long)
@@ -265,6 +279,7 @@ class ControllerModule(L.LightningModule):
                 "backbone": meta["model"],
                 "labels": [str(p) for p in self.trainer.datamodule.paths],
                 "sources": meta.get("sources"),
+                "init_from": self.init_from,
             },
         )
         return {"controller": str(path)}

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from adore.checks import check_positive
 from adore.io import save_torch
 from adore.lit.label_builder import load_labels, sample_pairs
 from adore.models import ModelSpec
 
 
 class ControllerDataModule(L.LightningDataModule):
-    """Sequences of a labels file; `num_val` of them (seeded) are held out. Pairs are re-sampled every epoch."""
+    """Sequences of a labels file; `num_val` of them (seeded) are held out. Pairs are re-sampled every epoch.
+
+    `mixture` (one weight per labels file): the share of training draws from each file, drawn with replacement,
+    instead of every sequence once per epoch; so that a few long sequences are not drowned by many short ones.
+    """
 
     def __init__(
         self,
@@ -31,11 +36,22 @@ class ControllerDataModule(L.LightningDataModule):
         pos_fraction: float = 0.5,
         num_workers: int = 0,
         seed: int = 0,
+        mixture: list[float] | None = None,
     ):
         super().__init__()
         self.paths = [labels] if isinstance(labels, str) else list(labels)
         if not self.paths:
             raise ValueError("stage.datamodule.labels is empty: give labels.pt files or labels run folders")
+        if mixture is not None:
+            mixture = list(mixture)
+            if len(mixture) != len(self.paths):
+                raise ValueError(
+                    f"stage.datamodule.mixture={mixture} has {len(mixture)} weights for {len(self.paths)} labels "
+                    "files: give one per file of stage.datamodule.labels, in its order (or null)"
+                )
+            for weight in mixture:
+                check_positive("stage.datamodule.mixture weight", weight, fix=" (a file's share of the draws)")
+        self.mixture = mixture
         self.num_val, self.batch_size, self.num_workers, self.seed = num_val, batch_size, num_workers, seed
         self.pairs_per_sequence, self.pos_fraction = pairs_per_sequence, pos_fraction
         self.blob: dict | None = None
@@ -98,10 +114,18 @@ class ControllerDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self):
+        sampler = None
+        if self.mixture is not None:
+            files = [str(path) for path in self.paths]
+            counts = {source: sum(r["source"] == source for r in self.train_set) for source in files}
+            share = {source: weight / max(counts[source], 1) for source, weight in zip(files, self.mixture)}
+            weights = torch.tensor([share[r["source"]] for r in self.train_set], dtype=torch.double)
+            sampler = WeightedRandomSampler(weights, num_samples=len(self.train_set), replacement=True)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=_TrainCollate(self),
         )

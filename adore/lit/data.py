@@ -14,8 +14,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from adore.checks import check_integer
 from adore.data import DataSpec, load_records
 from adore.models import ModelSpec, load_tokenizer
+from adore.ruler import VARIANTS, haystack_sentences, make_example
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens without loss (the prompt, padding)
@@ -40,6 +42,45 @@ def encode_example(tokenizer, record: dict, max_length: int) -> dict | None:
     if all(label == IGNORE for label in labels):
         return None
     return {"id": record["id"], "input_ids": ids, "labels": labels}
+
+
+def ruler_sequences(tokenizer, haystack: list[str], variants, lengths, num_examples: int, seed: int) -> list[dict]:
+    """RULER examples (`adore.ruler`) as training sequences: the user turn holding context and question, then the
+    answer prefix and every reference as the reply, each fitted to its length in tokens. The draws are seeded by
+    `seed`: one other than the evaluation's (`task.seed`, 0) gives other keys, values and haystack windows."""
+
+    def encode(ex) -> dict:  # never cut: the example is fitted to its length instead
+        reply = f"{ex.answer_prefix} {', '.join(ex.references)}."
+        record = {"id": f"{ex.id}-seed{seed}", "messages": [{"role": "user", "content": ex.text()}], "reference": reply}
+        return encode_example(tokenizer, record, max_length=2**62)
+
+    out = []
+    for variant in variants:
+        for length in lengths:
+            hint = None
+            for index in range(num_examples):
+                ex = make_example(
+                    variant, length, index, haystack, lambda e: len(encode(e)["input_ids"]), seed, hint=hint
+                )
+                hint = ex.units
+                out.append(encode(ex))
+    return out
+
+
+def check_ruler(ruler: dict) -> None:
+    """`stage.datamodule.ruler`: variants of adore.ruler, positive lengths and counts, an integer seed."""
+    unknown = [v for v in ruler.get("variants", []) if v not in VARIANTS]
+    if unknown or not ruler.get("variants"):
+        raise ValueError(
+            f"stage.datamodule.ruler.variants={ruler.get('variants')}: use a non-empty list of {list(VARIANTS)}"
+        )
+    lengths = ruler.get("lengths") or []
+    for length in lengths:
+        check_integer("stage.datamodule.ruler.lengths item", length, 2)
+    if not lengths:
+        raise ValueError("stage.datamodule.ruler.lengths is empty: give token counts, e.g. [2048,4096]")
+    check_integer("stage.datamodule.ruler.num_examples", ruler.get("num_examples"), fix=" (per variant and length)")
+    check_integer("stage.datamodule.ruler.seed", ruler.get("seed"), 0, fix=" (the evaluation uses 0: pick another)")
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -72,6 +113,9 @@ class _Collate:
 class SequenceDataModule(L.LightningDataModule):
     """Train: the task's `train` partition; val: the first `num_val` records of its `eval` partition;
     predict (labels stage): the train sequences, longest first (padding waste is lowest, memory peaks early).
+
+    `ruler` ({variants, lengths, num_examples, seed}): RULER examples instead of the data's records, the data's
+    documents (wikitext2, noise) their haystack: long sequences whose answers read a needle far back.
     """
 
     def __init__(
@@ -83,8 +127,18 @@ class SequenceDataModule(L.LightningDataModule):
         max_length: int = 384,
         batch_size: int = 4,
         num_workers: int = 0,
+        ruler: dict | None = None,
     ):
         super().__init__()
+        if ruler is not None:
+            ruler = dict(ruler)
+            check_ruler(ruler)
+        if ruler is not None and max(ruler["lengths"]) > max_length:
+            raise ValueError(
+                f"stage.datamodule.ruler.lengths={ruler['lengths']} reach past stage.datamodule.max_length="
+                f"{max_length}: raise it to {max(ruler['lengths'])}"
+            )
+        self.ruler = ruler
         self.data, self.model = data, model
         self.num_train, self.num_val, self.max_length = num_train, num_val, max_length
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -96,6 +150,16 @@ class SequenceDataModule(L.LightningDataModule):
         (WikiText: no messages) their consecutive windows of max_length tokens."""
         spec = dataclasses.replace(self.data, split=split)
         records = load_records(spec)
+        if self.ruler is not None:
+            if any(r["messages"] for r in records):
+                raise ValueError(
+                    f"stage.datamodule.ruler reads its haystack from documents, and data={self.data.name} holds "
+                    "conversations: use data=wikitext2 or data=noise"
+                )
+            haystack = haystack_sentences([r["reference"] for r in records])
+            r = self.ruler
+            kept = ruler_sequences(self.tokenizer, haystack, r["variants"], r["lengths"], r["num_examples"], r["seed"])
+            return kept[:num]
         if records and not records[0]["messages"]:
             kept = [w for r in records for w in encode_document(self.tokenizer, r, self.max_length)][:num]
         else:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from adore.checks import check_integer
 from adore.config import build
+from adore.controller import continuable
 
 STAGES = ("finetune", "labels", "controller")
 
@@ -95,6 +96,8 @@ def check_config(cfg: DictConfig) -> None:
         check_integer(
             "stage.module.budget", module.budget, optional=True, fix=": the evaluated budget (null = the labels' K)"
         )
+        if module.get("init_from"):  # before the backbone loads
+            continuable(module.init_from, OmegaConf.to_container(module.controller), "stage.module.init_from")
     if not cfg.train.resume and any(checkpoint_dir(cfg).glob("*.ckpt")):
         _fail(
             f"{checkpoint_dir(cfg)} holds checkpoints of an earlier run: pass train.resume=true to continue it, or "

@@ -17,11 +17,11 @@ import torch
 from adore.checks import check_integer, check_share
 from adore.controller import AttentionProbe, Controller, ControllerConfig, newest_valid
 from adore.engine.pages import PageSummary
+from adore.io import project_file
 from adore.methods.base import State, file_identity
 from adore.methods.guarantees import protect, recent_tokens
 from adore.methods.rebuilds import Rebuilds
 
-PROJECT = Path(__file__).resolve().parents[2]
 REFINE = 4  # page_summary: candidate pages rescored exactly per page picked
 inf = float("inf")
 
@@ -228,9 +228,7 @@ class Adore(Rebuilds):
     def __post_init__(self):
         super().__post_init__()
         if self.controller is not None:
-            in_project = PROJECT / self.controller
-            if not Path(self.controller).is_file() and in_project.is_file():
-                self.controller = str(in_project)
+            self.controller = project_file(self.controller)
             if not Path(self.controller).is_file():
                 raise ValueError(
                     f"method.controller={self.controller!r} does not exist: pass controller.pt from a "
