@@ -364,6 +364,20 @@ def test_committed_deep_probes_read_the_documented_layer(recipe, layer):
     assert torch.isfinite(scores).all() and torch.allclose(scores.exp().sum(), torch.tensor(1.0), atol=1e-4)
 
 
+def test_committed_long_controller_continues_the_shipped_one_to_4k_distances():
+    """checkpoints/controller_smollm2_probe_l20_long_k64.pt is probe_l20 trained further, every distance to 4,095."""
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "controller_smollm2_probe_l20_long_k64.pt"
+    net, meta = Controller.load(path), Controller.meta(path)
+    assert (meta["recipe"], meta["K"], meta["init_from"]) == (
+        "probe_l20_long",
+        64,
+        "checkpoints/controller_smollm2_probe_l20_k64.pt",
+    )
+    assert (net.config.input_layer, net.config.heads, net.config.trained_distance) == (20, 8, 4095)
+    shipped = Controller.load(path.with_name("controller_smollm2_probe_l20_k64.pt"))
+    assert not torch.equal(net.head_bias.weight, shipped.head_bias.weight)  # trained further, not a copy
+
+
 def test_overfit_a_few_batches_lowers_the_loss(tmp_path, tiny_model_dir):
     overrides = (
         "debug=overfit",
