@@ -35,9 +35,25 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from adore.checks import is_integer
+
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 VARIANTS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # cycled over the examples of a (variant, length)
+
+
+def check_variants_and_lengths(prefix: str, variants, lengths) -> None:
+    """ValueError naming `<prefix>.variants` / `<prefix>.lengths` unless the variants are a non-empty list of
+    VARIANTS and the lengths a non-empty list of positive token counts: one check for every config that asks for
+    RULER examples (`task=ruler`, the labels stage's `stage.datamodule.ruler`)."""
+    variants, lengths = list(variants or []), list(lengths or [])
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise ValueError(f"{prefix}.variants={variants}: use a non-empty list of {list(VARIANTS)}")
+    if not lengths or not all(is_integer(n) for n in lengths):
+        raise ValueError(
+            f"{prefix}.lengths={lengths} must be a non-empty list of positive token counts, e.g. [1024,2048]"
+        )
+
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
 NIAH_ONE = (

@@ -161,6 +161,20 @@ def test_bench_rebuild_policies_and_batches(tmp_path, tiny_model_dir):
     assert all(r["rebuilt_per_step"] == 0 for r in adore if "_R0" in r["method"])
 
 
+def test_page_sizes_pair_with_the_R_values_they_divide():
+    """`--R 4,64 --page-size 0,16`: R = 4 as tokens only, R = 64 as tokens and in pages; a page size that divides
+    no R, or a policy value a method refuses, is one line before any model loads."""
+    from adore.bench.cli import parser, row_specs
+    from adore.bench.specs import methods_for
+
+    specs = methods_for(["adore"], 32, [4, 64], None, ["recall"], pages=[0, 16])
+    assert [(o["R"], o.get("page_size")) for _, o in specs] == [(4, None), (64, None), (64, 16)]
+    with pytest.raises(SystemExit, match="--page-size=16 divides no --R value in \\[4, 8\\]"):
+        methods_for(["adore"], 32, [4, 8], None, ["recall"], pages=[16])
+    with pytest.raises(SystemExit, match="^method=adore R=4 rebuild=recall store_dtype=int4: .*store_dtype"):
+        row_specs(parser().parse_args("--methods adore --R 4 --rebuild recall --store-dtype int4".split()))
+
+
 def test_bench_kv_budget_runs_each_method_at_its_largest_batch(tmp_path, tiny_model_dir):
     """Under a KV budget a bounded method (m + R + 1 slots per row) runs far more rows than full attention
     (the whole context per row), from an assumed prefill."""

@@ -139,6 +139,50 @@ def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny):
     assert 0 < Reads.gathered <= 2 * (m + R + 1 + REFINE * R)
 
 
+def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny):
+    """The rebuild pick (before the forward) and the release (after it) ask the probe with one query: the history's
+    keys are read by one op a step, and the scores kept for that query, with the fed token's joined, equal the
+    scores computed afresh from every key."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, _ = tiny
+    method = make_method("adore", 8, model, R=4, rebuild="recall", rebuild_every=1, **PROBE)
+    session = Session(model, method, 2, 256)
+    ids, _ = prompts(batch=2, length=40)
+    logits = session.feed(ids)
+    z = session.state.tokens["z"]
+
+    aten = torch.ops.aten
+    no_read = {
+        aten.slice.Tensor,
+        aten.view.default,
+        aten.alias.default,
+        aten.new_empty.default,
+        aten.index_put_.default,
+    }
+
+    class Reads(TorchDispatchMode):
+        floats = 0  # read from the history's keys, by any op on z or a view of it
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and func not in no_read:
+                if first.untyped_storage().data_ptr() == z.untyped_storage().data_ptr():
+                    Reads.floats += first.numel()
+            return func(*args, **(kwargs or {}))
+
+    for _ in range(3):
+        Reads.floats = 0
+        with Reads():
+            logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+        assert z.numel() <= Reads.floats < 2 * z.numel()
+        state, cols = session.state, torch.arange(session.length).expand(2, -1)
+        kept = method.scoring.score(state, session._tokens(cols))
+        afresh = method.net.logits(z, state.tokens["pos"], session.query_pos, state.query[:, None],
+                                   key_valid=state.tokens["filled"], columns=cols)  # fmt: skip
+        torch.testing.assert_close(kept, afresh, rtol=1e-6, atol=1e-6)
+
+
 def test_device_kv_stays_within_m_plus_R_plus_1_while_the_store_grows(tiny):
     model, _ = tiny
     m, R = 8, 4

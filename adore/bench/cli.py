@@ -165,7 +165,11 @@ def row_specs(args) -> list[tuple[str, dict]]:
     specs = methods_for(names, args.m, R, args.controller, rebuild, every, forward, pages, stores, extra)
     specs.sort(key=lambda spec: spec[0] != "full")
     for name, overrides in specs:
-        build_method(name, args.m, **overrides)
+        try:
+            build_method(name, args.m, **overrides)
+        except ValueError as err:
+            settings = "".join(f" {k}={v}" for k, v in overrides.items())
+            raise SystemExit(f"method={name}{settings}: {err}") from None
     return specs
 
 

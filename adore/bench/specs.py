@@ -23,10 +23,14 @@ def methods_for(
     """(config name, overrides) per row: one per value of `R` for configs with an `R` field, times one per
     rebuild policy and period for configs that rebuild (R > 0; None: the config's), for `keep` one per cap on
     the picks forwarded, for `recall` one per page size (0: token picks) and store dtype. `extra`: overrides of
-    every config that has those fields (e.g. an untrained controller's shape)."""
+    every config that has those fields (e.g. an untrained controller's shape). A page size pairs only with the
+    R values it divides (`--R 4,64 --page-size 0,16`: R = 4 as tokens, R = 64 as tokens and in pages of 16)."""
     unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")
+    for g in pages or []:
+        if g and not any(r > 0 and r % g == 0 for r in R):
+            raise SystemExit(f"--page-size={g} divides no --R value in {R}: give an R of whole pages, e.g. --R {4 * g}")
     rows = []
     for name in names:
         fields = method_config(name, m)
@@ -44,6 +48,7 @@ def methods_for(
                     for k in every or [None]
                     for f in (forward or [None] if p == "keep" else [None])
                     for g in (pages or [None] if p == "recall" else [None])
+                    if not g or r % g == 0  # a page size goes with the R values that are whole pages of it
                     for d in (stores or [None] if p == "recall" else [None])
                 ]
                 policies = [{key: v for key, v in policy.items() if v is not None} for policy in policies]

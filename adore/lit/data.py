@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from adore.checks import check_integer
 from adore.data import DataSpec, load_records
 from adore.models import ModelSpec, load_tokenizer
-from adore.ruler import VARIANTS, haystack_sentences, make_example
+from adore.ruler import check_variants_and_lengths, haystack_sentences, make_example
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # label of tokens without loss (the prompt, padding)
@@ -68,17 +68,8 @@ def ruler_sequences(tokenizer, haystack: list[str], variants, lengths, num_examp
 
 
 def check_ruler(ruler: dict) -> None:
-    """`stage.datamodule.ruler`: variants of adore.ruler, positive lengths and counts, an integer seed."""
-    unknown = [v for v in ruler.get("variants", []) if v not in VARIANTS]
-    if unknown or not ruler.get("variants"):
-        raise ValueError(
-            f"stage.datamodule.ruler.variants={ruler.get('variants')}: use a non-empty list of {list(VARIANTS)}"
-        )
-    lengths = ruler.get("lengths") or []
-    for length in lengths:
-        check_integer("stage.datamodule.ruler.lengths item", length, 2)
-    if not lengths:
-        raise ValueError("stage.datamodule.ruler.lengths is empty: give token counts, e.g. [2048,4096]")
+    """`stage.datamodule.ruler`: variants and lengths as `task=ruler` takes them, a count, an integer seed."""
+    check_variants_and_lengths("stage.datamodule.ruler", ruler.get("variants"), ruler.get("lengths"))
     check_integer("stage.datamodule.ruler.num_examples", ruler.get("num_examples"), fix=" (per variant and length)")
     check_integer("stage.datamodule.ruler.seed", ruler.get("seed"), 0, fix=" (the evaluation uses 0: pick another)")
 

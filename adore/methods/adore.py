@@ -70,7 +70,9 @@ class GRUScoring(Scoring):
 class ProbeScoring(Scoring):
     """The attention probe: keys with their positions and flags per history column, and the query of the token
     being fed, made before its forward (from x_{t-1} and its input embedding), so the rebuild pick is for it.
-    Scores are normalised over every history token."""
+    Scores are normalised over every history token. A decode step asks twice with one query (the rebuild pick
+    before the forward, the release after it), so the per-head scores over the history are kept for the query
+    (`state.head_scores`) and the token fed joins them: the history's keys are read once a step, not twice."""
 
     def start(self, state, model):
         B, T = state.tokens["z"].shape[:2]
@@ -79,6 +81,7 @@ class ProbeScoring(Scoring):
         state.tokens["filled"] = torch.zeros(B, T, dtype=torch.bool, device=device)
         state.embed = model.get_input_embeddings()
         state.query = None  # (B, heads * head_dim): the query of the newest token
+        state.head_scores = None  # (B, T, heads): the query's per-head scores of every history column, or None
 
     def arrive(self, state, arriving):
         """The query of the newest arriving token t: x_{t-1} (known) and token t's input embedding."""
@@ -86,28 +89,43 @@ class ProbeScoring(Scoring):
         state.embedded = state.embed(arriving.ids.gather(1, newest[:, None]))[:, 0].float()  # (B, d_model)
         previous = torch.zeros_like(state.embedded) if state.h is None else state.h
         self._set_query(state, has, previous)
+        state.head_scores = None
 
     def update(self, state, entered, x):
         z = super().update(state, entered, x)
-        state.tokens["pos"][:, entered.cols[0]] = entered.positions
-        state.tokens["filled"][:, entered.cols[0]] = entered.valid
+        cols = entered.cols[0]
+        state.tokens["pos"][:, cols] = entered.positions
+        state.tokens["filled"][:, cols] = entered.valid
+        if entered.valid.shape[1] == 1:  # a decode step: the query stays; the fed token's own scores join its row
+            if state.head_scores is not None:
+                state.head_scores[:, cols] = self.net.head_scores(z, entered.positions, entered.query_pos, state.query)
+            return z
         # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
         before = entered.valid.clone()
         before.scatter_(1, newest_valid(entered.valid)[1][:, None], False)
         two, second = newest_valid(before)
         self._set_query(state, two, x.gather(1, second[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0])
+        state.head_scores = None
         return z
+
+    def assume(self, state, cols, positions, length):
+        state.head_scores = None
 
     def _set_query(self, state, rows: torch.Tensor, previous: torch.Tensor) -> None:
         query = self.net.queries(previous, state.embedded)
         state.query = query if state.query is None else torch.where(rows[:, None], query, state.query)
 
     def score(self, state, tokens):
-        return self.net.logits(
-            state.tokens["z"],
+        if state.query is None:
+            raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
+        if state.head_scores is None:  # the history's keys, read once per query
+            state.head_scores = self.net.head_scores(
+                state.tokens["z"], state.tokens["pos"], tokens.query_pos, state.query
+            )
+        return self.net.normalised_shares(
+            state.head_scores.clone(),
             state.tokens["pos"],
             tokens.query_pos,
-            state.query[:, None],
             key_valid=state.tokens["filled"],
             columns=tokens.cols,
         )  # (B, k)
@@ -133,6 +151,7 @@ class PagedProbeScoring(ProbeScoring):
 
     def assume(self, state, cols, positions, length):
         """The assumed keys enter their pages' summaries."""
+        super().assume(state, cols, positions, length)
         z = state.tokens["z"][:, cols]
         state.pages.add(cols, z, positions, torch.ones_like(positions, dtype=torch.bool), length)
 

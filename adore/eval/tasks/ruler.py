@@ -21,14 +21,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from adore.checks import check_integer, is_integer, is_share
+from adore.checks import check_integer, is_share
 from adore.engine.generate import Sampling, decode, decode_steps, left_pad, timed_prefill
 from adore.engine.session import Session
 from adore.engine.text import batches_by_length, eos_ids
 from adore.eval.stats import Bootstrap
 from adore.eval.tasks import Context, TaskOutput, check_counts, sum_stats
 from adore.eval.tasks.stream import segments
-from adore.ruler import DEPTHS, VARIANTS, Example, haystack_sentences, make_example, string_match_all
+from adore.ruler import (
+    DEPTHS,
+    VARIANTS,
+    Example,
+    check_variants_and_lengths,
+    haystack_sentences,
+    make_example,
+    string_match_all,
+)
 
 
 # ------------------------------------------------------------------------------------------------- arrivals
@@ -134,13 +142,7 @@ class Ruler:
     def __post_init__(self):
         self.variants, self.lengths, self.depths = list(self.variants), list(self.lengths), list(self.depths)
         check_counts(self, ("num_examples", "batch_size", "max_new_tokens"))
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown or not self.variants:
-            raise ValueError(f"task.variants={self.variants}: use a non-empty list of {list(VARIANTS)}")
-        if not self.lengths or not all(is_integer(n) for n in self.lengths):
-            raise ValueError(
-                f"task.lengths={self.lengths} must be a non-empty list of positive token counts, e.g. [1024,2048]"
-            )
+        check_variants_and_lengths("task", self.variants, self.lengths)
         if not self.depths or not all(is_share(d, closed=True) for d in self.depths):
             raise ValueError(
                 f"task.depths={self.depths} must be a non-empty list of fractions in [0, 1], e.g. [0.1,0.5,0.9]"
