@@ -183,6 +183,33 @@ def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny)
         torch.testing.assert_close(kept, afresh, rtol=1e-6, atol=1e-6)
 
 
+def test_pick_counts_the_exact_per_token_pick_that_the_pages_hold():
+    from adore.engine.diagnostic import pick_counts
+
+    scores = torch.tensor([[9.0, 1.0, 8.0, 7.0, 0.0, 6.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+    released = torch.tensor([[True, True, True, False, True, True], [False] * 5 + [True]])
+    cols = torch.tensor([[0, 1, 4, 5], [4, 5, 5, 5]])  # row 0: pages {0, 1} and {4, 5}; row 1: {4, 5}
+    ok = torch.tensor([[True, True, True, True], [False, True, False, False]])
+    hits, wanted = pick_counts(scores, released, cols, ok, R=3)
+    assert hits.tolist() == [2, 1]  # row 0 wants 0, 2, 5 (3 is not released) and has 0 and 5; row 1 wants only 5
+    assert wanted.tolist() == [3, 1]
+
+
+@pytest.mark.parametrize("page_size, exact", [(1, True), (4, False)])
+def test_diagnose_reports_the_page_picks_recall(tiny, page_size, exact):
+    """eval.diagnose: the share of the exact per-token top-R that the page pick brings back; pages of one token
+    are the per-token pick itself (1.0)."""
+    model, _ = tiny
+    method = make_method("adore", 8, model, R=8, rebuild="recall", rebuild_every=1, page_size=page_size, **PROBE)
+    session = Session(model, method, 2, 64, diagnose=True)
+    ids, _ = prompts(batch=2, length=30)
+    logits = session.feed(ids)
+    for _ in range(4):
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+    recall = [row["pick_recall"] for row in session.diagnostic.rows()]
+    assert all(r == 1.0 for r in recall) if exact else all(0 < r <= 1 for r in recall)
+
+
 def test_device_kv_stays_within_m_plus_R_plus_1_while_the_store_grows(tiny):
     model, _ = tiny
     m, R = 8, 4

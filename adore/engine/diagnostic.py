@@ -9,7 +9,9 @@ summed over heads and layers, normalised to 1 over the tokens i <= t):
   bucket (`mass_<bucket>`) and the share of a that is kept there (`kept_<bucket>`), so that the lost mass of
   a bucket is the difference and the kept shares sum to `mass`.
 
-Only steps where the history holds more than m tokens count (before that nothing is released). Pure PyTorch.
+Only steps where the history holds more than m tokens count (before that nothing is released). With a page
+pick (`rebuild=recall` with `page_size`) also `pick_recall`: of the R released tokens the exact per-token pick
+would bring back (the method's own rebuild scores), the share the picked pages hold. Pure PyTorch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,18 @@ SINKS = 4  # positions shown apart as attention sinks (StreamingLLM's default)
 AGE_EDGES = (16, 64, 256)  # age buckets [0, 16), [16, 64), [64, 256), [256, inf)
 BUCKETS = ("sink", "age0_15", "age16_63", "age64_255", "age256_")
 KEYS = ("recall", "mass", *(f"mass_{b}" for b in BUCKETS), *(f"kept_{b}" for b in BUCKETS))
+REPORTED = (*KEYS, "pick_recall")  # a row's statistics; pick_recall only where pages were picked
+
+
+def pick_counts(
+    scores: torch.Tensor, released: torch.Tensor, cols: torch.Tensor, ok: torch.Tensor, R: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hits, wanted), each (B,): of the R released columns with the best `scores` (B, seen) (the exact per-token
+    pick), how many the picked columns `cols` (B, r) (valid where `ok`) hold, and how many there were."""
+    top = scores.masked_fill(~released, float("-inf")).topk(min(R, scores.shape[1]), dim=1)
+    wanted = torch.isfinite(top.values)
+    picked = torch.zeros(released.shape, dtype=torch.int32, device=released.device).scatter_add_(1, cols, ok.int()) > 0
+    return (picked.gather(1, top.indices) & wanted).sum(1), wanted.sum(1)
 
 
 def release_stats(
@@ -59,6 +73,8 @@ class ReleaseDiagnostic:
         self.m = m
         self.sums = {key: torch.zeros(batch_size, device=device) for key in KEYS}
         self.steps = torch.zeros(batch_size, device=device)
+        self.pick_hits = torch.zeros(batch_size, device=device)
+        self.pick_wanted = torch.zeros(batch_size, device=device)
 
     def observe(self, attention, kept, valid, positions, query_pos, live) -> None:
         """One step; `live` (B,) bool marks rows whose newest token is real (not padding)."""
@@ -68,11 +84,20 @@ class ReleaseDiagnostic:
             self.sums[key] += value * counted
         self.steps += counted
 
+    def observe_pick(self, hits: torch.Tensor, wanted: torch.Tensor) -> None:
+        """One page pick's `pick_counts`."""
+        self.pick_hits += hits
+        self.pick_wanted += wanted
+
     def rows(self) -> list[dict[str, float]]:
-        """Per row: the mean of every statistic over its counted steps (NaN-free: rows with none are empty)."""
+        """Per row: the mean of every statistic over its counted steps (NaN-free: rows with none are empty), and
+        `pick_recall` over every page pick (hits / wanted) where there was one."""
         means = {key: (s / self.steps.clamp(min=1)).tolist() for key, s in self.sums.items()}
         steps = self.steps.tolist()
+        hits, wanted = self.pick_hits.tolist(), self.pick_wanted.tolist()
         return [
-            ({key: means[key][row] for key in KEYS} | {"steps": steps[row]}) if steps[row] else {"steps": 0.0}
+            ({key: means[key][row] for key in KEYS} if steps[row] else {})
+            | {"steps": steps[row]}
+            | ({"pick_recall": hits[row] / wanted[row]} if wanted[row] else {})
             for row in range(len(steps))
         ]

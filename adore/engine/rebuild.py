@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adore.engine.diagnostic import pick_counts
 from adore.engine.kvstore import KVStore, store_bytes_per_token
 
 
@@ -261,6 +262,8 @@ class Recall(Rebuild):
         ok = (page_cols < seen) & torch.isfinite(top.values).repeat_interleave(P, 1)
         page_cols = page_cols.clamp(max=seen - 1)
         ok &= released.gather(1, page_cols)
+        if session.diagnostic is not None:  # eval.diagnose: the page pick against the exact per-token one
+            session.diagnostic.observe_pick(*pick_counts(session.rebuild_scores(cols), released, page_cols, ok, self.R))
         return Picks(page_cols, ok, top.values.repeat_interleave(P, 1), scores)
 
     def admit(self, session, picks):

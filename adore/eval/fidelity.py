@@ -172,10 +172,10 @@ def divergence(
     counts = [max(len(f), 1) for f in ref.forced]
     scores = {k: [s / c for s, c in zip(v, counts)] for k, v in sums.items()}
     if diagnostic:
-        from adore.engine.diagnostic import KEYS
+        from adore.engine.diagnostic import REPORTED
 
         # an example whose history never exceeded m has no counted step: None, left out of the means
-        for key in KEYS:
+        for key in REPORTED:
             scores[f"release_{key}"] = [diagnostic[i].get(key) for i in range(len(prompts))]
     return scores
 

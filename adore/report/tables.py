@@ -48,7 +48,11 @@ FIDELITY = {
 # The release diagnostic (adore/engine/diagnostic.py, eval.diagnose=true): what the kept cache holds of full attention,
 # overall and per age bucket (diagnostic.BUCKETS -> its label here).
 AGES = {"sink": "sink", "age0_15": "age<16", "age16_63": "16-63", "age64_255": "64-255", "age256_": "256+"}
-RELEASE = {"fidelity/release_recall": ("recall@m", 3), "fidelity/release_mass": ("kept mass", 3)} | {
+RELEASE = {
+    "fidelity/release_recall": ("recall@m", 3),
+    "fidelity/release_mass": ("kept mass", 3),
+    "fidelity/release_pick_recall": ("page pick recall", 3),
+} | {
     f"fidelity/release_{kind}_{bucket}": (f"{label} {kind}", 3)
     for bucket, label in AGES.items()
     for kind in ("kept", "mass")

@@ -100,9 +100,9 @@ class Perplexity:
             metrics["eval/position_bin"] = self.position_bin
             for k, ppl in enumerate(ppl_by_position(by_position, count, self.position_bin)):
                 metrics[f"eval/ppl_pos{k * self.position_bin}"] = ppl  # scored tokens k * bin .. (k + 1) * bin - 1
-        from adore.engine.diagnostic import KEYS
+        from adore.engine.diagnostic import REPORTED
 
-        for key in KEYS if any(release) else ():  # over the examples with a counted step
+        for key in REPORTED if any(release) else ():  # over the examples with a counted step
             values = [r[key] for r in release if key in r]
             if values:
                 metrics[f"fidelity/release_{key}"] = float(np.mean(values))
