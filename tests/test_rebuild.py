@@ -106,6 +106,26 @@ def test_page_bound_is_above_every_member_and_exact_for_constant_pages():
     assert torch.equal(tight.upper_bound(q, H, T // P).sum(-1).topk(3).indices, top_pages)
 
 
+def test_page_scores_max_and_mass():
+    """`max`: a page's best member, cached or released (a page around a wanted token comes back whole); `mass`: the
+    log of its released members' summed shares (what recalling it brings back). A page with nothing released is
+    -inf under both."""
+    from adore.engine.rebuild import PAGE_SCORES
+    from adore.methods.base import Method
+
+    shares = torch.tensor([[0.5, 0.01, 0.01, 0.01, 0.1, 0.1, 0.1, 0.05, 0.02, 0.0]])
+    released = torch.tensor([[False, True, True, True, True, True, True, False, False, False]])
+
+    class Fixed:
+        def rebuild_score(self, state, tokens):
+            return shares.log()
+
+    best = Method.page_scores(Fixed(), None, None, 4, released, PAGE_SCORES["max"])  # pages {0-3}, {4-7}, {8, 9}
+    mass = Method.page_scores(Fixed(), None, None, 4, released, PAGE_SCORES["mass"])
+    torch.testing.assert_close(best, torch.tensor([[0.5, 0.1, 0.0]]).log())
+    torch.testing.assert_close(mass, torch.tensor([[0.03, 0.3, 0.0]]).log())
+
+
 def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny):
     """With page summaries a step reads the page summaries, the cached tokens' keys and REFINE x R candidate keys:
     no op takes the whole history of keys, so the cost per step does not grow with every history token."""

@@ -222,13 +222,16 @@ class Keep(Rebuild):
 class Recall(Rebuild):
     """Released tokens come back by copy from a store of the KV they entered with (module docstring): no forward,
     so R can be large. `page_size` = P picks R // P whole pages of P consecutive history columns by the method's
-    page scores (only their released tokens are copied); None picks R single tokens."""
+    page scores (only their released tokens are copied; `page_score`, a PAGE_SCORES name, says how a page's released
+    members' scores make its score); None picks R single tokens."""
 
     name = "recall"
 
-    def __init__(self, R: int = 0, every: int = 1, page_size: int | None = None, store_dtype: str = "model"):
+    def __init__(
+        self, R: int = 0, every: int = 1, page_size: int | None = None, store_dtype: str = "model", page_score="max"
+    ):
         super().__init__(R, every)
-        self.page_size, self.store_dtype = page_size, store_dtype
+        self.page_size, self.store_dtype, self.page_score = page_size, store_dtype, PAGE_SCORES[page_score]
         self.store: KVStore | None = None
 
     @property
@@ -255,8 +258,7 @@ class Recall(Rebuild):
         pages = -(-seen // P)
         cols = torch.arange(seen, device=session.device).expand(session.batch_size, -1)
         released = session.released_columns(seen)
-        padded = torch.nn.functional.pad(released, (0, pages * P - seen))  # (B, pages * P)
-        scores = session.page_scores(cols, P, padded.view(-1, pages, P).any(2))  # (B, pages): -inf if none released
+        scores = session.page_scores(cols, P, released, self.page_score)  # (B, pages): -inf if none released
         top = scores.topk(min(max(self.R // P, 1), pages), dim=1)
         page_cols = (top.indices[..., None] * P + torch.arange(P, device=session.device)).flatten(1)  # (B, r)
         ok = (page_cols < seen) & torch.isfinite(top.values).repeat_interleave(P, 1)
@@ -282,3 +284,12 @@ class Recall(Rebuild):
 
 
 POLICIES = {cls.name: cls for cls in (Recompute, Survivors, Keep, Recall)}
+
+# How a page's members' scores (B, pages, P) and which of them are released (B, pages, P) make the page's score:
+# `max`, its best member, cached or released (Quest's and ArkVale's bound): a page around a token the query wants
+# comes back whole, so a number half kept is completed; `mass`, the log of its released members' summed exp-scores
+# (for log-share scorers the attention mass the page brings back): many wanted tokens win (docs/recall.md).
+PAGE_SCORES = {
+    "max": lambda members, released: members.amax(2),
+    "mass": lambda members, released: members.masked_fill(~released, float("-inf")).logsumexp(2),
+}

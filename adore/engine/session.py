@@ -183,10 +183,10 @@ class Session(Prefilled):
         """The method's (B, k) rebuild-pick scores of history columns `cols` for the token being fed."""
         return self._score(cols, rebuild=True)
 
-    def page_scores(self, cols: torch.Tensor, page_size: int, open_pages: torch.Tensor) -> torch.Tensor:
+    def page_scores(self, cols: torch.Tensor, page_size: int, released: torch.Tensor, reduce) -> torch.Tensor:
         """The method's (B, pages) scores of the pages of `page_size` columns among `cols` (all columns seen) for a
-        pick among `open_pages` (B, pages)."""
-        return self.method.page_scores(self.state, self._tokens(cols), page_size, open_pages)
+        pick of the `released` (B, seen) ones, each page's members reduced by `reduce` (-inf for a page with none)."""
+        return self.method.page_scores(self.state, self._tokens(cols), page_size, released, reduce)
 
     @property
     def query_pos(self) -> torch.Tensor:

@@ -52,9 +52,9 @@ class Scoring:
     def score(self, state: State, tokens) -> torch.Tensor:
         raise NotImplementedError
 
-    def page_scores(self, state, tokens, page_size: int, open_pages: torch.Tensor, best_member):
-        """(B, pages) page scores for a page pick; `best_member` is the method's default (each page's best token)."""
-        return best_member(state, tokens, page_size, open_pages)
+    def page_scores(self, state, tokens, page_size: int, released: torch.Tensor, reduce, exact):
+        """(B, pages) page scores for a page pick; `exact` is the method's default (Method.page_scores)."""
+        return exact(state, tokens, page_size, released, reduce)
 
 
 class GRUScoring(Scoring):
@@ -160,11 +160,13 @@ class PagedProbeScoring(ProbeScoring):
         z = z.gather(1, tokens.cols[..., None].expand(-1, -1, z.shape[2]))
         return self.net.paged_logits(z, tokens.positions, tokens.query_pos, state.query, self._log_norm(state, tokens))
 
-    def page_scores(self, state, tokens, page_size, open_pages, best_member):
+    def page_scores(self, state, tokens, page_size, released, reduce, exact):
         """Each open page's bound from its summary (adore.engine.pages), then the REFINE x (R / page_size) best
-        bounds rescored exactly from their members' keys (the bound alone ranks loosely): O(pages + REFINE x R)
-        keys read a step, whatever the history."""
-        seen, pages = tokens.cols.shape[1], open_pages.shape[1]
+        bounds rescored exactly from their members' keys (the bound alone ranks loosely) and reduced as
+        Method.page_scores reduces them: O(pages + REFINE x R) keys read a step, whatever the history."""
+        seen = tokens.cols.shape[1]
+        pages = -(-seen // page_size)
+        open_pages = torch.nn.functional.pad(released, (0, pages * page_size - seen)).view(-1, pages, page_size).any(2)
         log_norm = self._log_norm(state, tokens)
         bound = self.net.page_logits(state.pages, pages, tokens.query_pos, state.query, log_norm)
         bound = bound.masked_fill(~open_pages, -inf)
@@ -174,10 +176,11 @@ class PagedProbeScoring(ProbeScoring):
         cols = cols.clamp(max=seen - 1)
         z = state.tokens["z"].gather(1, cols[..., None].expand(-1, -1, state.tokens["z"].shape[2]))  # (B, c * P, width)
         positions = state.tokens["pos"].gather(1, cols)
-        exact = self.net.paged_logits(z, positions, tokens.query_pos, state.query, log_norm)
-        exact = exact.masked_fill(~(inside & state.tokens["filled"].gather(1, cols)), -inf)
-        best = exact.view(exact.shape[0], -1, page_size).amax(2)  # (B, c)
-        return torch.full_like(bound, -inf).scatter(1, candidates, best).masked_fill(~open_pages, -inf)
+        exact_scores = self.net.paged_logits(z, positions, tokens.query_pos, state.query, log_norm)
+        exact_scores = exact_scores.masked_fill(~(inside & state.tokens["filled"].gather(1, cols)), -inf)
+        shape = (exact_scores.shape[0], -1, page_size)
+        rescored = reduce(exact_scores.view(shape), (inside & released.gather(1, cols)).view(shape))  # (B, c)
+        return torch.full_like(bound, -inf).scatter(1, candidates, rescored).masked_fill(~open_pages, -inf)
 
     def _log_norm(self, state, tokens):
         """The per-head log normaliser for this query: exact over the cache, estimated over the released."""
@@ -360,8 +363,8 @@ class Adore(Rebuilds):
         """The controller's scores (it alone knows released tokens: they have no attention in the cache)."""
         return self._protect(self.scoring.score(state, tokens), tokens)
 
-    def page_scores(self, state, tokens, page_size, open_pages):
-        return self.scoring.page_scores(state, tokens, page_size, open_pages, super().page_scores)
+    def page_scores(self, state, tokens, page_size, released, reduce):
+        return self.scoring.page_scores(state, tokens, page_size, released, reduce, super().page_scores)
 
     def _protect(self, scores, tokens):
         return protect(scores, tokens, sinks=self.sinks or 0, recent=self.recent)

@@ -9,7 +9,7 @@ A method is a dataclass of its knobs (the config) with these functions:
   the method declared in `needs` (attention mass, keys, embeddings);
 * `score(state, tokens)` -> (B, k): how much to keep each history token of a `Tokens` view; higher = keep;
 * `rebuild_score(state, tokens)`: optional, the rebuild pick's scores of released tokens (default: `score`);
-* `page_scores(state, tokens, page_size, open_pages)`: optional, scores of pages of consecutive tokens for a page pick
+* `page_scores(state, tokens, page_size, released, reduce)`: optional, scores of pages of consecutive tokens for a page pick
   (default: each page's best `rebuild_score`);
 * `rebuild_policy()`: how released tokens come back (adore.engine.rebuild; default: never).
 
@@ -154,14 +154,18 @@ class Method:
         The same as `score` unless a method picks rebuilds and releases by different rules."""
         return self.score(state, tokens)
 
-    def page_scores(self, state: State, tokens: Tokens, page_size: int, open_pages: torch.Tensor) -> torch.Tensor:
+    def page_scores(self, state: State, tokens: Tokens, page_size: int, released: torch.Tensor, reduce) -> torch.Tensor:
         """(B, pages) scores of the pages of `page_size` consecutive columns of `tokens` (all columns seen, in
-        order; the last page may be short) for a page pick among `open_pages` (B, pages) (-inf elsewhere): each
-        page's best token. A method with a per-page summary overrides it so that a pick costs O(pages)."""
+        order; the last page may be short) for a pick of the `released` (B, seen) columns: `reduce`
+        (adore.engine.rebuild.PAGE_SCORES) makes each page's score of its members' rebuild scores, -inf for a page
+        with nothing released. A method with a per-page summary overrides it so that a pick costs O(pages)."""
         scores = self.rebuild_score(state, tokens)  # (B, seen)
-        pages = open_pages.shape[1]
-        padded = torch.nn.functional.pad(scores, (0, pages * page_size - scores.shape[1]), value=float("-inf"))
-        return padded.view(scores.shape[0], pages, page_size).amax(2).masked_fill(~open_pages, float("-inf"))
+        B, seen = scores.shape
+        pages = -(-seen // page_size)
+        members = torch.nn.functional.pad(scores, (0, pages * page_size - seen), value=float("-inf"))
+        members = members.view(B, pages, page_size)
+        released = torch.nn.functional.pad(released, (0, pages * page_size - seen)).view(B, pages, page_size)
+        return reduce(members, released).masked_fill(~released.any(2), float("-inf"))
 
     def rebuild_policy(self):
         """A fresh adore.engine.rebuild policy for one session (methods without rebuild: none)."""

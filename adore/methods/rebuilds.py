@@ -7,20 +7,21 @@ from typing import ClassVar
 
 from adore.checks import check_integer
 from adore.engine.kvstore import STORE_DTYPES
-from adore.engine.rebuild import POLICIES, Keep, Recall
+from adore.engine.rebuild import PAGE_SCORES, POLICIES, Keep, Recall
 from adore.methods.base import Method
 
 ALIASES = {"top": "recompute"}  # the paper's rule kept its first name in older configs and commands
 # the paper's rule: what runs written before the policies existed used, so it leaves their identity as it was
 PAPER_REBUILD = {"rebuild": "recompute", "rebuild_every": 1, "rebuild_forward": None, "page_size": None}
-RECALL_DEFAULTS = {"store_dtype": "model"}
+RECALL_DEFAULTS = {"store_dtype": "model", "page_score": "max"}
 
 
 @dataclass
 class Rebuilds(Method):
     """R released tokens come back per step, by `rebuild` (adore.engine.rebuild): recompute (the paper), survivors,
     keep or recall. `rebuild_every` = k rebuilds on every k-th feed only; `rebuild_forward` caps `keep`'s forward;
-    `page_size` makes `recall` pick whole pages; `store_dtype` is `recall`'s store (adore.engine.kvstore)."""
+    `page_size` makes `recall` pick whole pages, scored by `page_score` (adore.engine.rebuild.PAGE_SCORES);
+    `store_dtype` is `recall`'s store (adore.engine.kvstore)."""
 
     m: int = 128
     R: int = 4
@@ -29,8 +30,9 @@ class Rebuilds(Method):
     rebuild_forward: int | None = None
     page_size: int | None = None
     store_dtype: str = "model"
+    page_score: str = "max"
     training_free: ClassVar[bool] = False
-    short: ClassVar[dict] = {"page_size": "page", "store_dtype": "store"}
+    short: ClassVar[dict] = {"page_size": "page", "store_dtype": "store", "page_score": "pagescore"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,6 +66,12 @@ class Rebuilds(Method):
                 f"method.R={R} is not a whole number of pages of method.page_size={self.page_size}: use R = "
                 f"{max(self.page_size, R - R % self.page_size)}"
             )
+        if self.page_score not in PAGE_SCORES:
+            raise ValueError(f"method.page_score={self.page_score!r}: choose one of {list(PAGE_SCORES)}")
+        if self.page_score != "max" and self.page_size is None:
+            raise ValueError(
+                f"method.page_score={self.page_score} scores pages: set method.page_size (and method.rebuild=recall)"
+            )
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"method.store_dtype={self.store_dtype!r}: choose one of {list(STORE_DTYPES)}")
 
@@ -81,5 +89,5 @@ class Rebuilds(Method):
         if self.rebuild == "keep":
             return Keep(self.R, self.rebuild_every, self.rebuild_forward)
         if self.rebuild == "recall":
-            return Recall(self.R, self.rebuild_every, self.page_size, self.store_dtype)
+            return Recall(self.R, self.rebuild_every, self.page_size, self.store_dtype, self.page_score)
         return POLICIES[self.rebuild](self.R, self.rebuild_every)
