@@ -12,6 +12,13 @@ from __future__ import annotations
 import torch
 
 
+def by_page(values: torch.Tensor, page_size: int, fill) -> torch.Tensor:
+    """(B, seen) per-column values as (B, pages, page_size), the last page padded with `fill`."""
+    B, seen = values.shape
+    pages = -(-seen // page_size)
+    return torch.nn.functional.pad(values, (0, pages * page_size - seen), value=fill).view(B, pages, page_size)
+
+
 class PageSummary:
     def __init__(self, batch_size: int, width: int, page_size: int, device):
         self.page_size, self.width = page_size, width

@@ -16,7 +16,7 @@ import torch
 
 from adore.checks import check_integer, check_share
 from adore.controller import AttentionProbe, Controller, ControllerConfig, newest_valid
-from adore.engine.pages import PageSummary
+from adore.engine.pages import PageSummary, by_page
 from adore.io import project_file
 from adore.methods.base import State, file_identity
 from adore.methods.guarantees import protect, recent_tokens
@@ -165,8 +165,8 @@ class PagedProbeScoring(ProbeScoring):
         bounds rescored exactly from their members' keys (the bound alone ranks loosely) and reduced as
         Method.page_scores reduces them: O(pages + REFINE x R) keys read a step, whatever the history."""
         seen = tokens.cols.shape[1]
-        pages = -(-seen // page_size)
-        open_pages = torch.nn.functional.pad(released, (0, pages * page_size - seen)).view(-1, pages, page_size).any(2)
+        open_pages = by_page(released, page_size, False).any(2)  # (B, pages)
+        pages = open_pages.shape[1]
         log_norm = self._log_norm(state, tokens)
         bound = self.net.page_logits(state.pages, pages, tokens.query_pos, state.query, log_norm)
         bound = bound.masked_fill(~open_pages, -inf)

@@ -159,12 +159,10 @@ class Method:
         order; the last page may be short) for a pick of the `released` (B, seen) columns: `reduce`
         (adore.engine.rebuild.PAGE_SCORES) makes each page's score of its members' rebuild scores, -inf for a page
         with nothing released. A method with a per-page summary overrides it so that a pick costs O(pages)."""
-        scores = self.rebuild_score(state, tokens)  # (B, seen)
-        B, seen = scores.shape
-        pages = -(-seen // page_size)
-        members = torch.nn.functional.pad(scores, (0, pages * page_size - seen), value=float("-inf"))
-        members = members.view(B, pages, page_size)
-        released = torch.nn.functional.pad(released, (0, pages * page_size - seen)).view(B, pages, page_size)
+        from adore.engine.pages import by_page
+
+        members = by_page(self.rebuild_score(state, tokens), page_size, float("-inf"))  # (B, pages, page_size)
+        released = by_page(released, page_size, False)
         return reduce(members, released).masked_fill(~released.any(2), float("-inf"))
 
     def rebuild_policy(self):
