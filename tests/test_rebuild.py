@@ -304,9 +304,20 @@ def test_the_report_knows_every_setting_only_rebuild_records():
     written = set()
     for options in (
         {"rebuild": "keep", "rebuild_forward": 2, "rebuild_every": 2},
-        {"rebuild": "recall", "page_size": 4, "store_dtype": "int8"},
+        {"rebuild": "recall", "page_size": 4, "store_dtype": "int8", "page_score": "mass"},
         {"rebuild": "survivors"},
     ):
         written |= set(Oracle(m=16, R=4, **options).rebuild_identity())
     assert written and written <= set(REBUILD_SETTINGS)
     assert not Oracle(m=16, R=0).rebuild_identity()
+
+
+def test_a_label_names_the_rebuild_policy_where_it_is_not_the_papers():
+    """A table of recall runs alone names no setting its rows share: the label itself must say recall, or recall
+    R = 4 would read as the paper's rule."""
+    from adore.methods.oracle import Oracle
+
+    assert Oracle(m=16, R=4).label == "Oracle"
+    assert Oracle(m=16, R=4, rebuild="recall", page_size=4).label == "Oracle + recall"
+    assert Oracle(m=16, R=4, rebuild="keep").label == "Oracle + keep"
+    assert Oracle(m=16, R=0, rebuild="recall").label == "Oracle"  # nothing rebuilt: no policy

@@ -76,18 +76,32 @@ class AttentionProbe(Controller):
 
     def normalised_shares(self, s, token_pos, query_pos, key_valid=None, columns=None) -> torch.Tensor:
         """`logits` from the per-head scores s (..., k, heads) (`head_scores`), which it overwrites: the heads'
-        log softmax over all k tokens, mixed by the learnt head weights. Apart so that a session can score one
-        query's keys once and ask twice (the rebuild pick before the forward, the release after it)."""
-        allowed = token_pos <= query_pos
-        if key_valid is not None:
-            allowed = allowed & key_valid
+        log softmax over all k tokens, mixed by the learnt head weights."""
+        allowed = self.allowed(token_pos, query_pos, key_valid)
         s.masked_fill_(~allowed[..., None], -1e9)  # finite: no NaN in the gradients of masked keys
         shares = s.log_softmax(-2)  # (..., k, heads): log softmax_h over all k
         if columns is not None:
             shares = shares.gather(1, columns[..., None].expand(-1, -1, self.config.heads))
             allowed = allowed.gather(1, columns)
-        shares = shares + self.head_mix.log_softmax(0)  # log w_h softmax_h
-        return torch.logsumexp(shares, -1).masked_fill(~allowed, float("-inf"))
+        return self.mixed(shares, allowed)
+
+    @staticmethod
+    def allowed(token_pos, query_pos, key_valid=None) -> torch.Tensor:
+        """The keys a query may read: at or before it, and valid where `key_valid` is given."""
+        allowed = token_pos <= query_pos
+        return allowed if key_valid is None else allowed & key_valid
+
+    def mixed(self, shares, allowed) -> torch.Tensor:
+        """log sum_h w_h share_h from per-head log shares (..., k, heads), -inf where not `allowed` (..., k)."""
+        return torch.logsumexp(shares + self.head_mix.log_softmax(0), -1).masked_fill(~allowed, float("-inf"))
+
+    def mixed_normalised(self, shares) -> torch.Tensor:
+        """`mixed` without the mask, for log shares normalised over a set that holds each token (all <= 0): the heads
+        mixed in exp space, one matrix-vector product (4x faster than a logsumexp over the heads on a CPU, 16 rows
+        of 4k tokens). exp cannot overflow there, and a mixture below the float's range reads as the log of its
+        smallest normal number: finite, still above an empty slot's -inf."""
+        w = self.head_mix.softmax(0).to(shares.dtype)
+        return torch.matmul(shares.exp(), w).clamp_(min=torch.finfo(shares.dtype).tiny).log_()
 
     def page_logits(self, summary, pages: int, query_pos: torch.Tensor, query: torch.Tensor, log_norm) -> torch.Tensor:
         """(B, pages) log attention share of each page's best member, bounded from the page summaries
@@ -96,8 +110,7 @@ class AttentionProbe(Controller):
         c = self.config
         bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))  # (B, pages, heads)
         upper = summary.upper_bound(query, c.heads, pages) / math.sqrt(c.head_dim) + bias
-        shares = upper - log_norm + self.head_mix.log_softmax(0)
-        return torch.logsumexp(shares, -1).masked_fill(~summary.filled(pages), float("-inf"))
+        return self.mixed(upper - log_norm, summary.filled(pages))
 
     def log_normaliser(self, summary, query_pos, query, cached_z, cached_pos, cached_cols) -> torch.Tensor:
         """(B, 1, heads) log of each head's softmax normaliser over the history: exact over the cached tokens
@@ -118,8 +131,7 @@ class AttentionProbe(Controller):
     def paged_logits(self, z, token_pos, query_pos, query, log_norm) -> torch.Tensor:
         """`logits` for the k tokens of z (B, k, width) only, normalised by `log_norm` (B, 1, heads)
         (`log_normaliser`) in place of the exact sum over every history token: O(k) per query. (B, k)."""
-        shares = self.head_scores(z, token_pos, query_pos, query) - log_norm + self.head_mix.log_softmax(0)
-        return torch.logsumexp(shares, -1).masked_fill(token_pos > query_pos, float("-inf"))
+        return self.mixed(self.head_scores(z, token_pos, query_pos, query) - log_norm, token_pos <= query_pos)
 
     def head_scores(self, z, token_pos, query_pos, query) -> torch.Tensor:
         """(B, k, heads) <q_h, k_h> / sqrt(head_dim) + b_h(t - j) for the keys z (B, k, width), one query per row."""

@@ -71,8 +71,9 @@ class ProbeScoring(Scoring):
     """The attention probe: keys with their positions and flags per history column, and the query of the token
     being fed, made before its forward (from x_{t-1} and its input embedding), so the rebuild pick is for it.
     Scores are normalised over every history token. A decode step asks twice with one query (the rebuild pick
-    before the forward, the release after it), so the per-head scores over the history are kept for the query
-    (`state.head_scores`) and the token fed joins them: the history's keys are read once a step, not twice."""
+    before the forward, the release after it), so the query's per-head scores over the history are kept
+    (`state.head_scores`, masked where it may not read, with their log normaliser `state.log_norm`) and the token
+    fed joins both: the history's keys are read, and normalised over, once a step, not twice."""
 
     def start(self, state, model):
         B, T = state.tokens["z"].shape[:2]
@@ -97,8 +98,12 @@ class ProbeScoring(Scoring):
         state.tokens["pos"][:, cols] = entered.positions
         state.tokens["filled"][:, cols] = entered.valid
         if entered.valid.shape[1] == 1:  # a decode step: the query stays; the fed token's own scores join its row
-            if state.head_scores is not None:
-                state.head_scores[:, cols] = self.net.head_scores(z, entered.positions, entered.query_pos, state.query)
+            if state.head_scores is not None:  # its column held a masked score, which added nothing to log_norm
+                own = self.net.head_scores(z, entered.positions, entered.query_pos, state.query)  # (B, 1, heads)
+                allowed = self.net.allowed(entered.positions, entered.query_pos, entered.valid)
+                own.masked_fill_(~allowed[..., None], -1e9)
+                state.head_scores[:, cols], state.allowed[:, cols] = own, allowed
+                state.log_norm = torch.logaddexp(state.log_norm, own)
             return z
         # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
         before = entered.valid.clone()
@@ -118,17 +123,18 @@ class ProbeScoring(Scoring):
     def score(self, state, tokens):
         if state.query is None:
             raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
-        if state.head_scores is None:  # the history's keys, read once per query
-            state.head_scores = self.net.head_scores(
-                state.tokens["z"], state.tokens["pos"], tokens.query_pos, state.query
-            )
-        return self.net.normalised_shares(
-            state.head_scores.clone(),
-            state.tokens["pos"],
-            tokens.query_pos,
-            key_valid=state.tokens["filled"],
-            columns=tokens.cols,
-        )  # (B, k)
+        if state.head_scores is None:  # the history's keys, read and normalised once per query
+            s = self.net.head_scores(state.tokens["z"], state.tokens["pos"], tokens.query_pos, state.query)
+            state.allowed = self.net.allowed(state.tokens["pos"], tokens.query_pos, state.tokens["filled"])
+            s.masked_fill_(~state.allowed[..., None], -1e9)
+            state.head_scores, state.log_norm = s, s.logsumexp(1, keepdim=True)  # (B, T, heads), (B, 1, heads)
+        cols = tokens.cols
+        if 2 * cols.shape[1] > state.head_scores.shape[1]:  # most of the history (the rebuild pick): all, then pick
+            mixed = self.net.mixed_normalised(state.head_scores - state.log_norm).gather(1, cols)
+        else:  # a few columns (the release asks the cache's)
+            heads = cols[..., None].expand(-1, -1, state.head_scores.shape[2])
+            mixed = self.net.mixed_normalised(state.head_scores.gather(1, heads) - state.log_norm)
+        return mixed.masked_fill(~state.allowed.gather(1, cols), float("-inf"))  # (B, k)
 
 
 class PagedProbeScoring(ProbeScoring):
@@ -285,7 +291,7 @@ class Adore(Rebuilds):
             )
 
     @property
-    def label(self) -> str:
+    def name_label(self) -> str:
         if self.controller is None:
             return "ADORE (untrained)"
         return f"ADORE [{self.recipe}]" if self.recipe else "ADORE"

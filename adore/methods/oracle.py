@@ -16,7 +16,7 @@ class Oracle(Rebuilds):
     """
 
     name: ClassVar[str] = "oracle"
-    label: ClassVar[str] = "Oracle"
+    name_label: ClassVar[str] = "Oracle"
     training_free: ClassVar[bool] = False  # it reads full attention: an upper bound, not a baseline
     needs: ClassVar[frozenset[str]] = frozenset({"full_attention"})
 

@@ -32,6 +32,7 @@ class Rebuilds(Method):
     store_dtype: str = "model"
     page_score: str = "max"
     training_free: ClassVar[bool] = False
+    name_label: ClassVar[str] = "Method"  # the name tables show, before the rebuild policy (`label`)
     short: ClassVar[dict] = {"page_size": "page", "store_dtype": "store", "page_score": "pagescore"}
 
     def __post_init__(self):
@@ -74,6 +75,13 @@ class Rebuilds(Method):
             )
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"method.store_dtype={self.store_dtype!r}: choose one of {list(STORE_DTYPES)}")
+
+    @property
+    def label(self) -> str:
+        """The method's name, and its rebuild policy where it departs from the paper's rule ("ADORE [probe_l20] +
+        recall"): a table of recall runs alone must not read like the paper's rule, which every table names plain."""
+        policy = self.rebuild if self.R and self.rebuild != PAPER_REBUILD["rebuild"] else None
+        return f"{self.name_label} + {policy}" if policy else self.name_label
 
     def rebuild_identity(self) -> dict:
         """The rebuild settings where they differ from the paper's rule (recompute every step), none when R = 0:
