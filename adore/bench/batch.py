@@ -21,14 +21,22 @@ def run_batch(
     synthetic: bool = False,
     cuda_graphs: bool = False,
     with_kl: bool = False,
+    clock: bool = False,
 ) -> list[dict]:
     """The rows of `methods` on the (B, L) prompts `ids`, a floor first for each cache size they hold (m, or L
     plus half the new tokens for full attention), one row per prefill chunk size in `chunks` for bounded methods,
     all decoding in turns. `x_floor` is each row against its own floor; `with_kl` adds `kl_full`, KL(full ||
-    method) on full attention's greedy tokens (full attention must come first in `methods`)."""
+    method) on full attention's greedy tokens (full attention must come first in `methods`). `clock` adds the
+    yardstick of a KV budget's runs, where each method decodes in a batch of its own: one row over m cached tokens
+    decoding in turns with them, the same in every batch, so that rows of batches timed minutes apart compare
+    through it (`compare_to_full`); each row records its `clock_tok_per_s`."""
     prompt_len = ids.shape[1]
     shared = SharedPrefill(model, ids, new_tokens) if not synthetic else None
     floors, decoders = {}, []  # (decoder, method, prefill chunk); floors: method None
+    if clock:
+        yardstick = start_floor(model, 1, m, new_tokens)
+        yardstick.row["method"] = "clock"
+        decoders.append((yardstick, None, None))
     for method in methods:
         cached = m if method.m is not None else prompt_len + new_tokens // 2
         if cached not in floors:
@@ -55,6 +63,9 @@ def run_batch(
                 full_logp = forced_logp(model, method, ids, full_tokens)
             row["kl_full"] = kl(full_logp, forced_logp(model, method, ids, full_tokens, chunk))
         rows.append(row)
+    if clock:
+        for row in rows:
+            row["clock_tok_per_s"] = rows[0]["decode_tok_per_s"]
     return rows
 
 

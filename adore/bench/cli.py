@@ -196,6 +196,7 @@ def main(argv=None) -> list[dict]:
         if args.hf_generate:
             rows.append(run_hf_generate(model, ids, args.new_tokens))
         kwargs = dict(synthetic=opts.synthetic, cuda_graphs=args.cuda_graphs, with_kl=args.kl)
+        kwargs["clock"] = args.kv_budget_gib is not None
         rows += run_batch(model, batch_methods, ids, args.new_tokens, args.m, opts.chunks, **kwargs)
     compare_to_full(rows, budget=bool(args.kv_budget_gib))
     device = device_name(model)
