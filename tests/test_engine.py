@@ -236,6 +236,9 @@ def test_probe_scores_one_query_per_row_as_broadcast_queries():
     assert torch.equal(asked, engine.gather(1, columns))  # normalised over all 9 tokens, exactly as before
     with pytest.raises(ValueError, match="columns=.... is for the attention probe"):
         Controller(ControllerConfig(d_model=12, width=8)).logits(z[..., :8], pos, t, columns=columns)
+    for score in (lambda: net.logits(z, pos, t), lambda: net.head_scores(z, pos, t, None)):
+        with pytest.raises(ValueError, match="needs the query from Controller.queries"):
+            score()
 
 
 def test_controller_checkpoint_round_trip(tmp_path, tiny):

@@ -65,10 +65,8 @@ class AttentionProbe(Controller):
         With `columns` (B, c), indices into the k tokens: only their scores, (B, c), normalised over all k as ever
         (the release asks for the m cached tokens of a history of thousands)."""
         c = self.config
-        if query is None:
-            raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
         keys = z.unflatten(-1, (c.heads, c.head_dim))  # (..., k, heads, head_dim)
-        query = query.unflatten(-1, (c.heads, c.head_dim))  # (..., 1, heads, head_dim)
+        query = needed(query).unflatten(-1, (c.heads, c.head_dim))  # (..., 1, heads, head_dim)
         bias = self.head_bias(self.buckets(query_pos - token_pos))  # (..., k, heads)
         # (..., k, heads); q = 1. In place: at long histories x many rows each copy is large, every step
         s = self._head_dots(z, keys, query).div_(math.sqrt(c.head_dim)).add_(bias)
@@ -137,7 +135,7 @@ class AttentionProbe(Controller):
         """(B, k, heads) <q_h, k_h> / sqrt(head_dim) + b_h(t - j) for the keys z (B, k, width), one query per row."""
         c = self.config
         keys = z.unflatten(-1, (c.heads, c.head_dim))
-        q = query.unflatten(-1, (c.heads, c.head_dim))[:, None]  # (B, 1, heads, head_dim)
+        q = needed(query).unflatten(-1, (c.heads, c.head_dim))[:, None]  # (B, 1, heads, head_dim)
         bias = self.head_bias(self.buckets(query_pos - token_pos))
         return self._head_dots(z, keys, q).div_(math.sqrt(c.head_dim)).add_(bias)
 
@@ -160,3 +158,10 @@ class AttentionProbe(Controller):
                 torch.sum(keys[:, start : start + step] * query, -1, out=out[:, start : start + step])
             return out
         return torch.einsum("...khd,...qhd->...kh", keys, query)
+
+
+def needed(query):
+    """The probe scores for a query: without one (a session that never called `queries`) it cannot score."""
+    if query is None:
+        raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
+    return query

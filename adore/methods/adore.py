@@ -121,8 +121,6 @@ class ProbeScoring(Scoring):
         state.query = query if state.query is None else torch.where(rows[:, None], query, state.query)
 
     def score(self, state, tokens):
-        if state.query is None:
-            raise ValueError("an attention-probe controller (heads > 0) needs the query from Controller.queries")
         if state.head_scores is None:  # the history's keys, read and normalised once per query
             s = self.net.head_scores(state.tokens["z"], state.tokens["pos"], tokens.query_pos, state.query)
             state.allowed = self.net.allowed(state.tokens["pos"], tokens.query_pos, state.tokens["filled"])
