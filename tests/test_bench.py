@@ -192,9 +192,7 @@ def test_bench_kv_budget_runs_each_method_at_its_largest_batch(tmp_path, tiny_mo
     # each batch ran beside its own clock (one row over m tokens); x full goes through them, drift divided out
     clocks = [r for r in rows if r["method"] == "clock"]
     assert [c["batch"] for c in clocks] == [1, 1] and full["x_full"] == 1.0
-    assert window["x_full"] == pytest.approx(
-        window["x_full_raw"] * full["clock_tok_per_s"] / window["clock_tok_per_s"]
-    )
+    assert window["x_full"] == pytest.approx(window["x_full_raw"] * full["clock_tok_per_s"] / window["clock_tok_per_s"])
 
 
 def test_bench_kl_and_chunked_prefill(tmp_path, tiny_model_dir):

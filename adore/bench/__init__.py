@@ -26,9 +26,9 @@ release kept, `reused/step` the picks `rebuild=keep` found held in the cache (at
 budget (bounded methods hold min(m, context) + R + 1 slots per row, full attention the whole context): how a
 bounded cache becomes throughput. Those batches run minutes apart, so each also decodes a `clock` (one row over m
 cached tokens, the same in every batch) in turns, and `x full` is the ratio of the two rows' speeds over their
-clocks' (`x_full_raw` in the JSON: the plain ratio, which carries the machine's drift). This mode (and `--synthetic-prompt`) decodes from an assumed prefill, random
-keys and values in the state a prefill leaves (decode cost depends on shapes, not values); prefill is then not
-timed. `history MiB` is what a session holds besides the KV slots, per fed token (ids, positions, the method's
+clocks' (`x_full_raw` in the JSON: the plain ratio, which carries the machine's drift). This mode (and
+`--synthetic-prompt`) decodes from an assumed prefill, random keys and values in the state a prefill leaves
+(decode cost depends on shapes, not values); prefill is then not timed. `history MiB` is what a session holds besides the KV slots, per fed token (ids, positions, the method's
 per-token state). docs/throughput.md says more and gives the measurements behind these choices.
 """
 
