@@ -83,6 +83,7 @@ class ProbeScoring(Scoring):
         state.embed = model.get_input_embeddings()
         state.query = None  # (B, heads * head_dim): the query of the newest token
         state.head_scores = None  # (B, T, heads): the query's per-head scores of every history column, or None
+        state.allowed = state.log_norm = None  # with head_scores: the columns it may read, its (B, 1, heads) normaliser
 
     def arrive(self, state, arriving):
         """The query of the newest arriving token t: x_{t-1} (known) and token t's input embedding."""
