@@ -7,7 +7,7 @@ import torch
 from conftest import make_method
 
 from adore.engine.cache import SlotCache
-from adore.engine.generate import generate
+from adore.engine.generate import generate, prefill
 from adore.engine.kvstore import KVStore
 from adore.engine.pages import PageSummary
 from adore.engine.rebuild import Keep
@@ -284,8 +284,8 @@ def test_bad_recall_settings_fail_with_the_fix(bad, match):
 
 
 def test_recall_in_a_chunked_prefill_brings_back_before_the_answer(tiny):
-    """A chunk of a chunked prefill is fed like any step: its pick is made with its own newest token's query, so
-    the chunk holding the question recalls before the first answer token is decoded."""
+    """A chunk of a chunked prefill is fed like any step: it picks before its forward, so the chunk holding the
+    question recalls before the first answer token is decoded."""
     model, _ = tiny
     method = make_method("adore", 8, model, R=4, rebuild="recall", rebuild_every=1)
     session = Session(model, method, 1, 64)
@@ -293,6 +293,27 @@ def test_recall_in_a_chunked_prefill_brings_back_before_the_answer(tiny):
     for s in range(0, 32, 8):
         session.feed(ids[:, s : s + 8])
     assert session.recalled > 0 and (session.last_rebuilt_cols >= 0).any()
+
+
+@pytest.mark.parametrize(
+    "name,options,chunk,widths",
+    [
+        ("adore", {"R": 4, "rebuild": "recall"}, 16, [16, 16, 7, 1, 9, 1]),  # chunks, then a later turn
+        ("adore", {"R": 4}, None, [40, 9, 1]),  # fed whole into an empty cache: nothing released before it
+        ("window", {}, 16, [16, 16, 8, 10]),  # nothing rebuilt: no pick to make
+    ],
+)
+def test_tokens_over_released_history_end_with_their_last_token_fed_alone(tiny, name, options, chunk, widths):
+    """The last prompt token's logits give the answer's first token. In a chunk, the pick before the forward is
+    made by a query built from the state before the chunk; fed alone, the token picks by its own."""
+    model, _ = tiny
+    session = Session(model, make_method(name, 8, model, **options), 1, 64)
+    fed, feed = [], session.feed
+    session.feed = lambda ids, valid=None, all_logits=False: fed.append(ids.shape[1]) or feed(ids, valid, all_logits)
+    ids, _ = prompts(batch=1, length=50)
+    prefill(session, ids[:, :40], torch.ones(1, 40, dtype=torch.bool), chunk)
+    prefill(session, ids[:, 40:], torch.ones(1, 10, dtype=torch.bool))
+    assert fed == widths
 
 
 def test_the_report_knows_every_setting_only_rebuild_records():
