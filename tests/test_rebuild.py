@@ -300,12 +300,16 @@ def test_recall_in_a_chunked_prefill_brings_back_before_the_answer(tiny):
     [
         ("adore", {"R": 4, "rebuild": "recall"}, 16, [16, 16, 7, 1, 9, 1]),  # chunks, then a later turn
         ("adore", {"R": 4}, None, [40, 9, 1]),  # fed whole into an empty cache: nothing released before it
+        ("adore", {"R": 4, "tail_alone": 3}, 16, [16, 16, 5, 1, 1, 1, 7, 1, 1, 1]),  # the question's tokens each
+        ("adore", {"R": 4, "tail_alone": 0}, 16, [16, 16, 8, 10]),  # the whole chunk picks by the state before it
+        ("oracle", {"R": 4, "tail_alone": 20}, 16, [16, 4] + [1] * 30),  # at most all but the first
         ("window", {}, 16, [16, 16, 8, 10]),  # nothing rebuilt: no pick to make
     ],
 )
-def test_tokens_over_released_history_end_with_their_last_token_fed_alone(tiny, name, options, chunk, widths):
+def test_tokens_over_released_history_end_with_their_last_tokens_fed_alone(tiny, name, options, chunk, widths):
     """The last prompt token's logits give the answer's first token. In a chunk, the pick before the forward is
-    made by a query built from the state before the chunk; fed alone, the token picks by its own."""
+    made by a query built from the state before the chunk; fed alone, the token picks by its own (`tail_alone` of
+    them: the question's tokens each pick what they ask for)."""
     model, _ = tiny
     session = Session(model, make_method(name, 8, model, **options), 1, 64)
     fed, feed = [], session.feed
@@ -326,7 +330,7 @@ def test_the_report_knows_every_setting_only_rebuild_records():
     for options in (
         {"rebuild": "keep", "rebuild_forward": 2, "rebuild_every": 2},
         {"rebuild": "recall", "page_size": 4, "store_dtype": "int8", "page_score": "mass"},
-        {"rebuild": "survivors"},
+        {"rebuild": "survivors", "tail_alone": 48},
     ):
         written |= set(Oracle(m=16, R=4, **options).rebuild_identity())
     assert written and written <= set(REBUILD_SETTINGS)

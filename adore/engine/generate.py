@@ -122,19 +122,17 @@ def prefill_chunk_for(m: int | None, length: int, chunk: int | None = None) -> i
 def prefill(session: Session, input_ids: torch.Tensor, valid: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Feed (B, L) tokens in chunks (`prefill_chunk_for`), releasing to m between chunks; last logits.
 
-    Tokens that arrive over history already released (a later chunk, a later turn) end with their last token fed
-    on its own when the method rebuilds: a feed's rebuild pick is made before its forward by the query of its
-    newest token, built from the state before the feed, so in a chunk the token whose logits give the answer's
-    first word would pick by a state hundreds of tokens old; alone, it picks by its own (docs/recall.md)."""
+    Tokens that arrive over history already released (a later chunk, a later turn) end with their last few
+    (`Rebuild.fed_alone`, `method.tail_alone`) fed one at a time when the method rebuilds, so that the question's
+    tokens and the answer's first word pick their rebuilds by their own queries."""
     L = input_ids.shape[1]
     chunk = prefill_chunk_for(session.method.m, L, chunk)
-    last_alone = session.rebuild.R > 0 and L > 1 and (session.length > 0 or chunk < L)
-    stop = L - 1 if last_alone else L
+    stop = L - session.rebuild.fed_alone(L, over_released=session.length > 0 or chunk < L)
     logits = None
     for s in range(0, stop, chunk):
         logits = session.feed(input_ids[:, s : min(s + chunk, stop)], valid[:, s : min(s + chunk, stop)])
-    if last_alone:
-        logits = session.feed(input_ids[:, stop:], valid[:, stop:])
+    for s in range(stop, L):
+        logits = session.feed(input_ids[:, s : s + 1], valid[:, s : s + 1])
     return logits
 
 

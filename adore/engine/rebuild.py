@@ -46,14 +46,21 @@ class Rebuild:
 
     name = "none"
 
-    def __init__(self, R: int = 0, every: int = 1):
-        self.R, self.every = R, every
+    def __init__(self, R: int = 0, every: int = 1, tail: int = 1):
+        self.R, self.every, self.tail = R, every, tail
         self.forwarded = self.reused = self.recalled = None  # device counters (all rows), set by `start`
         self.last: torch.Tensor | None = None  # (B, r) columns the last feed brought back (-1: none)
 
     def slots(self, m: int) -> int:
         """Cache slots of a bounded session: m kept + R brought back + the new token in flight."""
         return m + self.R + 1
+
+    def fed_alone(self, arriving: int, over_released: bool) -> int:
+        """How many of the last of `arriving` tokens a prefill feeds one at a time: `tail` (at most all but the
+        first) when they arrive over released history and something is rebuilt, else none. A feed's pick is made
+        by the query of its newest token from the state before the feed, so inside a chunk the question's tokens
+        would pick by a state hundreds of tokens old; fed alone, each picks what it asks for (docs/recall.md)."""
+        return min(self.tail, arriving - 1) if self.R and over_released and arriving > 1 else 0
 
     @property
     def held_slots(self) -> int:
@@ -164,8 +171,8 @@ class Keep(Rebuild):
 
     name = "keep"
 
-    def __init__(self, R: int = 0, every: int = 1, forward: int | None = None):
-        super().__init__(R, every)
+    def __init__(self, R: int = 0, every: int = 1, forward: int | None = None, tail: int = 1):
+        super().__init__(R, every, tail)
         self.forward = forward
         self.held: torch.Tensor | None = None  # (B, C) released, KV kept
 
@@ -228,9 +235,15 @@ class Recall(Rebuild):
     name = "recall"
 
     def __init__(
-        self, R: int = 0, every: int = 1, page_size: int | None = None, store_dtype: str = "model", page_score="max"
+        self,
+        R: int = 0,
+        every: int = 1,
+        page_size: int | None = None,
+        store_dtype: str = "model",
+        page_score="max",
+        tail: int = 1,
     ):
-        super().__init__(R, every)
+        super().__init__(R, every, tail)
         self.page_size, self.store_dtype, self.page_score = page_size, store_dtype, PAGE_SCORES[page_score]
         self.store: KVStore | None = None
 

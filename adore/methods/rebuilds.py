@@ -12,7 +12,13 @@ from adore.methods.base import Method
 
 ALIASES = {"top": "recompute"}  # the paper's rule kept its first name in older configs and commands
 # the paper's rule: what runs written before the policies existed used, so it leaves their identity as it was
-PAPER_REBUILD = {"rebuild": "recompute", "rebuild_every": 1, "rebuild_forward": None, "page_size": None}
+PAPER_REBUILD = {
+    "rebuild": "recompute",
+    "rebuild_every": 1,
+    "rebuild_forward": None,
+    "page_size": None,
+    "tail_alone": 1,
+}
 RECALL_DEFAULTS = {"store_dtype": "model", "page_score": "max"}
 
 
@@ -21,7 +27,8 @@ class Rebuilds(Method):
     """R released tokens come back per step, by `rebuild` (adore.engine.rebuild): recompute (the paper), survivors,
     keep or recall. `rebuild_every` = k rebuilds on every k-th feed only; `rebuild_forward` caps `keep`'s forward;
     `page_size` makes `recall` pick whole pages, scored by `page_score` (adore.engine.rebuild.PAGE_SCORES);
-    `store_dtype` is `recall`'s store (adore.engine.kvstore)."""
+    `store_dtype` is `recall`'s store (adore.engine.kvstore); `tail_alone` = n feeds the last n tokens of a prompt
+    arriving over released history one at a time, each picking by its own query (`Rebuild.fed_alone`)."""
 
     m: int = 128
     R: int = 4
@@ -31,9 +38,15 @@ class Rebuilds(Method):
     page_size: int | None = None
     store_dtype: str = "model"
     page_score: str = "max"
+    tail_alone: int = 1
     training_free: ClassVar[bool] = False
     name_label: ClassVar[str] = "Method"  # the name tables show, before the rebuild policy (`label`)
-    short: ClassVar[dict] = {"page_size": "page", "store_dtype": "store", "page_score": "pagescore"}
+    short: ClassVar[dict] = {
+        "page_size": "page",
+        "store_dtype": "store",
+        "page_score": "pagescore",
+        "tail_alone": "tail",
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -67,6 +80,9 @@ class Rebuilds(Method):
                 f"method.R={R} is not a whole number of pages of method.page_size={self.page_size}: use R = "
                 f"{max(self.page_size, R - R % self.page_size)}"
             )
+        check_integer(
+            "method.tail_alone", self.tail_alone, 0, fix=": a prompt's last tokens fed one at a time, e.g. 1 or 48"
+        )
         if self.page_score not in PAGE_SCORES:
             raise ValueError(f"method.page_score={self.page_score!r}: choose one of {list(PAGE_SCORES)}")
         if self.page_score != "max" and self.page_size is None:
@@ -95,7 +111,9 @@ class Rebuilds(Method):
 
     def rebuild_policy(self):
         if self.rebuild == "keep":
-            return Keep(self.R, self.rebuild_every, self.rebuild_forward)
+            return Keep(self.R, self.rebuild_every, self.rebuild_forward, tail=self.tail_alone)
         if self.rebuild == "recall":
-            return Recall(self.R, self.rebuild_every, self.page_size, self.store_dtype, self.page_score)
-        return POLICIES[self.rebuild](self.R, self.rebuild_every)
+            return Recall(
+                self.R, self.rebuild_every, self.page_size, self.store_dtype, self.page_score, tail=self.tail_alone
+            )
+        return POLICIES[self.rebuild](self.R, self.rebuild_every, tail=self.tail_alone)

@@ -32,7 +32,15 @@ TESTS = {
 PAIRED = ("data", "task", "model", "adapter", "max_new_tokens", "arrival")
 # identity keys a method records only when it rebuilds (adore.methods.rebuilds.Rebuilds.rebuild_identity): its R = 0
 # run has none of them, and is still the same run without rebuild
-REBUILD_SETTINGS = ("rebuild", "rebuild_every", "rebuild_forward", "page_size", "store_dtype", "page_score")
+REBUILD_SETTINGS = (
+    "rebuild",
+    "rebuild_every",
+    "rebuild_forward",
+    "page_size",
+    "store_dtype",
+    "page_score",
+    "tail_alone",
+)
 TASKS = ("generate", "stream", "ruler")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
 CAPTION = (
