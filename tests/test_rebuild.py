@@ -300,7 +300,7 @@ def test_recall_in_a_chunked_prefill_brings_back_before_the_answer(tiny):
     [
         ("adore", {"R": 4, "rebuild": "recall"}, 16, [16, 16, 7, 1, 9, 1]),  # chunks, then a later turn
         ("adore", {"R": 4}, None, [40, 9, 1]),  # fed whole into an empty cache: nothing released before it
-        ("adore", {"R": 4, "tail_alone": 3}, 16, [16, 16, 5, 1, 1, 1, 7, 1, 1, 1]),  # the question's tokens each
+        ("adore", {"R": 4, "tail_alone": 3}, 16, [16, 16, 5, 1, 1, 1, 7, 1, 1, 1]),  # the question's tokens, each alone
         ("adore", {"R": 4, "tail_alone": 0}, 16, [16, 16, 8, 10]),  # the whole chunk picks by the state before it
         ("oracle", {"R": 4, "tail_alone": 20}, 16, [16, 4] + [1] * 30),  # at most all but the first
         ("window", {}, 16, [16, 16, 8, 10]),  # nothing rebuilt: no pick to make
