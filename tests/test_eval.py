@@ -100,8 +100,9 @@ def test_run_directory_names_carry_the_hyper_parameters():
     )
     assert evaluate.method_tag(eval_cfg("method=random", "budget=32", "method.seed=3").method) == "random_m32_seed3"
     trained = evaluate.method_tag(eval_cfg("method=adore_trained", "budget=32").method)
-    assert trained.startswith("adore_m32_R4_controller_smollm2_probe_l20_k64-")  # rebuilds every step: no policy suffix
-    assert len(trained.rsplit("-", 1)[1]) == 8  # the checkpoint's hash prefix
+    assert trained.startswith("adore_m32_R4_controller_smollm2_probe_l20_k64-")  # every step: no `every` suffix
+    assert trained.endswith("_rebuildrecall")  # the shipped recipe recalls; runs of the paper's rule keep their names
+    assert len(trained.removesuffix("_rebuildrecall").rsplit("-", 1)[1]) == 8  # the checkpoint's hash prefix
 
 
 def test_every_method_setting_names_its_run_directory():
