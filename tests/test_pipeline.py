@@ -50,9 +50,10 @@ def test_pipeline_runs_every_stage_and_resumes(tmp_path, tiny_model_dir):
         assert "labels_samsum" in meta_cfg and "labels_math" in meta_cfg  # both labels runs pooled
     results = [json.loads(p.read_text()) for p in (out / "eval").rglob("results.json")]
     tags = sorted(r["run"]["tag"] for r in results)
-    assert len(results) == 4, tags  # full, window, and one ADORE per recipe
+    assert len(results) == 6, tags  # full, window, and per recipe one ADORE per rebuild policy
     assert all(r["run"]["adapter"] == str(out / "finetune" / "adapter") for r in results)  # baselines too
-    assert {r["run"]["label"] for r in results if r["run"]["method"] == "adore"} == {"ADORE [paper]", "ADORE [query]"}
+    labels = {r["run"]["label"] for r in results if r["run"]["method"] == "adore"}
+    assert labels == {"ADORE [paper]", "ADORE [query]", "ADORE [paper] + recall", "ADORE [query] + recall"}, labels
 
     # a run killed during the query controller: its output is gone, its checkpoint is there
     (out / "controller_query" / "controller.pt").unlink()
@@ -69,6 +70,13 @@ def test_overrides_of_a_dataset_not_labelled_fail_before_anything_runs(tmp_path)
                            "labels.per_data={chat:['stage.datamodule.max_length=1024']}"],
                           cwd=PROJECT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode != 0 and "labels.per_data names ['chat']" in done.stderr
+    assert not any(p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_unknown_rebuild_policy_fails_before_anything_runs(tmp_path):
+    done = subprocess.run([sys.executable, "pipeline.py", f"out={tmp_path}", "evaluation.rebuild=[recall,copy]"],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "evaluation.rebuild has 'copy'" in done.stderr
     assert not any(p.is_dir() for p in tmp_path.iterdir())
 
 

@@ -21,6 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adore.engine.rebuild import POLICIES
+from adore.methods.rebuilds import ALIASES
+
 SETTINGS = ("base", "finetuned")
 STAGES = ("finetune", "labels", "controller", "evaluation")
 
@@ -64,6 +67,12 @@ class Pipeline:
                 raise ValueError(
                     f"controller.recipes has {recipe!r}: choose from conf/recipe ({sorted(p.stem for p in recipes.glob('*.yaml'))})"
                 )
+        policies = self.evaluation.get("rebuild", ["recall", "recompute"])
+        if isinstance(policies, str) or not policies:
+            raise ValueError(f"evaluation.rebuild={policies!r}: give a non-empty list, e.g. [recall,recompute]")
+        for policy in policies:
+            if ALIASES.get(policy, policy) not in POLICIES:
+                raise ValueError(f"evaluation.rebuild has {policy!r}: choose from {list(POLICIES)}")
         if not self.labels.get("data"):
             raise ValueError("labels.data is empty: name at least one dataset to label (e.g. [samsum])")
         unknown = sorted(set(self.labels.get("per_data") or {}) - set(self.labels["data"]))
@@ -139,6 +148,7 @@ class Pipeline:
             controllers = ",".join(str(p) for p in self.controllers())
             R = ",".join(map(str, ev.get("R", [4])))
             every = ",".join(map(str, ev.get("rebuild_every", [1])))
+            rebuild = ",".join(ev.get("rebuild", ["recall", "recompute"]))
             for extra in ["", *ev.get("adore", [])]:
                 command = [
                     self.python,
@@ -148,6 +158,7 @@ class Pipeline:
                     f"method.controller={controllers}",
                     f"method.R={R}",
                     f"method.rebuild_every={every}",
+                    f"method.rebuild={rebuild}",
                     *shlex.split(extra),
                     *common,
                 ]
