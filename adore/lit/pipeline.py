@@ -26,6 +26,7 @@ from adore.methods.rebuilds import ALIASES
 
 SETTINGS = ("base", "finetuned")
 STAGES = ("finetune", "labels", "controller", "evaluation")
+REBUILDS = ["recall", "recompute"]  # every controller's rows: the shipped recipe's rule and the paper's
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Pipeline:
                 raise ValueError(
                     f"controller.recipes has {recipe!r}: choose from conf/recipe ({sorted(p.stem for p in recipes.glob('*.yaml'))})"
                 )
-        policies = self.evaluation.get("rebuild", ["recall", "recompute"])
+        policies = self.evaluation.get("rebuild", REBUILDS)
         if isinstance(policies, str) or not policies:
             raise ValueError(f"evaluation.rebuild={policies!r}: give a non-empty list, e.g. [recall,recompute]")
         for policy in policies:
@@ -148,7 +149,7 @@ class Pipeline:
             controllers = ",".join(str(p) for p in self.controllers())
             R = ",".join(map(str, ev.get("R", [4])))
             every = ",".join(map(str, ev.get("rebuild_every", [1])))
-            rebuild = ",".join(ev.get("rebuild", ["recall", "recompute"]))
+            rebuild = ",".join(ev.get("rebuild", REBUILDS))
             for extra in ["", *ev.get("adore", [])]:
                 command = [
                     self.python,
