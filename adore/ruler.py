@@ -35,6 +35,8 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from adore.checks import is_integer
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -146,6 +148,26 @@ def string_match_all(output: str, references: list[str]) -> float:
         raise ValueError("an example without references cannot be scored")
     out = re.sub(r"[\x00-\x1f]", "\n", output).strip().lower()
     return sum(r.lower() in out for r in references) / len(references)
+
+
+def accuracy_metrics(rows: list[dict], mean_ci: Callable[[list[float]], list[float]]) -> dict:
+    """Scored examples (`variant`, `length`, `depth`, `score`) -> eval/ruler_accuracy overall, per variant, per
+    length and per (variant, length), each with its interval `_ci` from `mean_ci`; eval/ruler_depth<percent>_<length>:
+    the needle tasks' accuracy at one depth (the heatmap's cells). One function for a run and for the report, which
+    scores runs of one setting together over all their examples."""
+    groups: dict[str, list[float]] = {"accuracy": []}
+    depth_cells: dict[str, list[float]] = {}
+    for r in rows:
+        for key in ("accuracy", r["variant"], str(r["length"]), f"{r['variant']}_{r['length']}"):
+            groups.setdefault(key, []).append(r["score"])
+        if r["depth"] is not None:
+            depth_cells.setdefault(f"depth{round(100 * r['depth'])}_{r['length']}", []).append(r["score"])
+    metrics = {}
+    for key, scores in groups.items():
+        metrics[f"eval/ruler_{key}"] = float(np.mean(scores))
+        metrics[f"eval/ruler_{key}_ci"] = mean_ci(scores)
+    metrics |= {f"eval/ruler_{key}": float(np.mean(s)) for key, s in depth_cells.items()}
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------ generation

@@ -688,3 +688,69 @@ def test_perplexity_by_position_is_plotted_per_m_with_full_attention_in_each_pan
     plain = run_result("perplexity", "window", "wikitext2", 64, metrics={"eval/ppl": 20.0})
     write_json(tmp_path / "none" / "results.json", new_format(plain))
     assert plot_perplexity_by_position(report.collect(tmp_path / "none")) is None
+
+
+def ruler_rows(length: int, scores: dict[str, list[float]]) -> list[dict]:
+    """Scored task=ruler examples at one length: needle tasks at depths 0 % and 100 %, fwe without a depth."""
+    return [
+        {"id": f"{v}-{length}-{i}", "variant": v, "length": length, "index": i,
+         "depth": None if v == "fwe" else float(i % 2), "prompt_tokens": length - 8, "references": ["1"],
+         "output": "", "score": s}
+        for v, values in scores.items() for i, s in enumerate(values)
+    ]  # fmt: skip
+
+
+def write_ruler_run(root: Path, method: str, m, rows: list[dict], finished_at: str) -> None:
+    """A task=ruler run as eval.py writes it: results.json (metrics by the task's own scorer) and predictions."""
+    from adore.eval.stats import Bootstrap
+    from adore.io import write_jsonl
+    from adore.ruler import accuracy_metrics
+
+    run = {"task": "ruler", "method": method, "label": LABELS[method], "tag": method,
+           "training_free": method in TRAINING_FREE, "data": "noise", "chat": False, "has_answer": False,
+           "model": "packaged:smollm2", "adapter": None, "m": m, "R": None, "K": None, "num_examples": len(rows),
+           "arrival": "oneshot", "haystack": "noise", "examples_per_setting": 2, "max_new_tokens": 8,
+           "batch_size": 2, "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / len(rows)}  # fmt: skip
+    metrics = accuracy_metrics(rows, Bootstrap().mean_ci)
+    write_json(root / "results.json", {"run": run, "method": {"name": method, "m": m}, "metrics": metrics,
+                                       "perf": {"perf/decode_tok_per_s": 10.0}, "finished_at": finished_at})  # fmt: skip
+    write_jsonl(root / "predictions.jsonl", rows)
+
+
+def test_a_ruler_sweep_run_in_parts_is_one_row_scored_over_every_example(tmp_path):
+    """Window at 1k over three tasks, then at 2k over two (another folder), then one 2k example rescored: one row,
+    its accuracies and intervals those of a single run over every example (the rescored one counted once, as the
+    later run has it), one heatmap panel with both lengths, and paired tests over every example."""
+    from adore.eval.stats import Bootstrap
+    from adore.report.plots import plot_ruler_heatmap
+    from adore.ruler import VARIANTS, accuracy_metrics
+
+    short = ruler_rows(1024, {"niah_single": [1.0, 0.0], "niah_multivalue": [0.5, 0.25], "fwe": [1.0, 1.0]})
+    long = ruler_rows(2048, {"niah_single": [0.0, 0.0], "niah_multivalue": [0.75, 0.5]})
+    fixed = [dict(long[0], score=1.0)]
+    write_ruler_run(tmp_path / "a/window_1k", "window", 64, short, "2026-12-01T10:00:00")
+    write_ruler_run(tmp_path / "b/window_2k", "window", 64, long, "2026-12-02T10:00:00")
+    write_ruler_run(tmp_path / "b/window_2k_again", "window", 64, fixed, "2026-12-03T10:00:00")
+    everything = short + long
+    full = [dict(r, score=1.0) for r in everything]
+    write_ruler_run(tmp_path / "a/full", "full", None, full, "2026-12-01T09:00:00")
+    df = report.collect(tmp_path / "a", tmp_path / "b")
+    window = df[df["method"] == "window"]
+    assert len(window) == 1 and window.iloc[0]["num_examples"] == 2  # prompts per task and length
+    assert len(window.iloc[0]["runs"]) == 3
+    one_run = sorted(short + fixed + long[1:], key=lambda r: (VARIANTS.index(r["variant"]), r["length"], r["index"]))
+    expected = accuracy_metrics(one_run, Bootstrap().mean_ci)  # one run over both lengths: the same bootstrap draws
+    for key, value in expected.items():
+        if key.endswith("_ci"):
+            assert [window.iloc[0][f"{key}_low"], window.iloc[0][f"{key}_high"]] == pytest.approx(value)
+        else:
+            assert window.iloc[0][key] == pytest.approx(value), key
+    assert window.iloc[0]["eval/ruler_accuracy"] == pytest.approx(6.0 / 10)
+    assert len(df[df["method"] == "full"]) == 1 and pd.isna(df.loc[df["method"] == "full", "runs"]).all()
+    fig = plot_ruler_heatmap(df)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert len(panels) == 2 and all(len(ax.get_xticks()) == 2 for ax in panels)  # full attention, window: 1k and 2k
+    tests = report.paired_tests(df)
+    assert set(tests["n"]) == {10} and tests.iloc[0]["diff"] == pytest.approx(6.0 / 10 - 1)
+    assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out/tables.md").read_text().count("| Window") == 3  # paired tests, by length, by task

@@ -1,10 +1,11 @@
 """Tables and plots shaped like the paper's, from a sweep's results.json files (see ../shared/ADORE.md, "What the paper reports").
 
-    python -m adore.report <sweep_dir> [--out DIR] [--paper] [--against TEXT] [--wandb offline|online|disabled]
+    python -m adore.report <sweep_dir> [<sweep_dir> ...] [--out DIR] [--paper] [--against TEXT] [--wandb ...]
 
-The report reads only results.json files, so it can be rebuilt at any time without rerunning anything.
-Writes `<out>/tables.md`, `<out>/tables.tex`, `<out>/summary.csv`, `<out>/significance.csv` and PNG plots (default
-out: `<sweep_dir>/report`), and prints a compact table per dataset.
+The report reads only results.json files (and task=ruler's predictions, to score a sweep run in parts together),
+so it can be rebuilt at any time without rerunning anything. Writes `<out>/tables.md`, `<out>/tables.tex`,
+`<out>/summary.csv`, `<out>/significance.csv` and PNG plots (default out: the first `<sweep_dir>/report`), and prints
+a compact table per dataset.
 """
 
 from __future__ import annotations
@@ -72,8 +73,10 @@ def log_wandb(files: list[Path], mode: str, out: Path, sweep: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adore.report", description=__doc__.split("\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a run or sweep directory; every results.json below it is read")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <sweep_dir>/report)")
+    parser.add_argument(
+        "sweep_dir", type=Path, nargs="+", help="run or sweep directories; every results.json below them is read"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first sweep_dir>/report)")
     parser.add_argument("--paper", action="store_true", help=f"show the paper's numbers ({PAPER_BACKBONE}) beside ours")
     parser.add_argument(
         "--against",
@@ -84,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="disabled")
     args = parser.parse_args(argv)
-    df = collect(args.sweep_dir)
+    sweeps = args.sweep_dir
+    df = collect(*sweeps)
+    named = ", ".join(map(str, sweeps))
     if df.empty:
-        print(f"no readable results.json under {args.sweep_dir}", file=sys.stderr)
+        print(f"no readable results.json under {named}", file=sys.stderr)
         return 1
-    out = args.out or args.sweep_dir / "report"
+    out = args.out or sweeps[0] / "report"
     try:
-        markdown, files = write_report(df, out, args.paper, title=f"Report: {args.sweep_dir}", against=args.against)
+        markdown, files = write_report(df, out, args.paper, title=f"Report: {named}", against=args.against)
     except ValueError as err:
         if args.against is None or "--against" not in str(err):
             raise
@@ -103,5 +108,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Wrote {len(files)} files to {out}{os.sep}")
     print(textwrap.fill(", ".join(f.name for f in files), WIDTH, initial_indent="  ", subsequent_indent="  "))
     if args.wandb != "disabled":
-        log_wandb(files, args.wandb, out, args.sweep_dir)
+        log_wandb(files, args.wandb, out, sweeps[0])
     return 0

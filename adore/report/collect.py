@@ -2,7 +2,8 @@
 
 A run's identity is its run settings (task, data, model, adapter, num_examples, max_new_tokens, task=ruler's arrival
 regime, and batch size for throughput) and every field of its method (the results.json `method` section). Runs that
-differ in any of them are never averaged into one row. Display names, row order and which runs are baselines come
+differ in any of them are never averaged into one row. task=ruler runs of one identity that cover other tasks or
+lengths are one row, scored over all their examples (`pool_ruler`). Display names, row order and which runs are baselines come
 from the files too (`run.label`, `run.training_free`), never from a list of known methods.
 """
 
@@ -41,23 +42,23 @@ METRIC_PREFIXES = ("eval/", "fidelity/", "perf/")
 SHORT = {"num_examples": "n", "max_new_tokens": "new", "batch_size": "bs"}
 
 
-def collect(root: str | os.PathLike) -> pd.DataFrame:
-    """One flat row per results.json below root: run fields, `method/<field>` for each method setting that is not a
-    run field, every numeric eval/, fidelity/, perf/ value, `reference` (full attention: training-free without a
-    budget) and `path`.
+def collect(*roots: str | os.PathLike) -> pd.DataFrame:
+    """One flat row per results.json below the roots (several: a sweep run in parts, e.g. a length at a time): run
+    fields, `method/<field>` for each method setting that is not a run field, every numeric eval/, fidelity/, perf/
+    value, `reference` (full attention: training-free without a budget) and `path`.
 
     A `<name>_ci` [low, high] pair becomes the columns `<name>_ci_low` and `<name>_ci_high`. Unreadable or
     partial files are skipped with a warning.
     """
-    root = Path(root)
-    if not root.is_dir():
-        warnings.warn(f"{root} is not a directory: no results", stacklevel=2)
     rows = []
-    for path in sorted(root.rglob("results.json")):
-        try:
-            rows.append(_flatten(read_json(path), path.parent))
-        except (OSError, ValueError, TypeError, AttributeError) as err:  # json.JSONDecodeError is a ValueError
-            warnings.warn(f"skipping {path}: {err}", stacklevel=2)
+    for root in map(Path, roots):
+        if not root.is_dir():
+            warnings.warn(f"{root} is not a directory: no results", stacklevel=2)
+        for path in sorted(root.rglob("results.json")):
+            try:
+                rows.append(_flatten(read_json(path), path.parent))
+            except (OSError, ValueError, TypeError, AttributeError) as err:  # json.JSONDecodeError is a ValueError
+                warnings.warn(f"skipping {path}: {err}", stacklevel=2)
     df = pd.DataFrame(rows)
     for col in RUN_FIELDS:
         if col not in df:
@@ -68,6 +69,7 @@ def collect(root: str | os.PathLike) -> pd.DataFrame:
         df[col] = df[col].astype(bool)
     df["label"] = df["label"].fillna("?").astype(str)
     df["reference"] = df["training_free"] & df["m"].isna()
+    df = pool_ruler(df)
     front = [*RUN_FIELDS, *method_columns(df), "reference"]
     metrics = sorted(c for c in df.columns if c.startswith(METRIC_PREFIXES))
     rest = [c for c in df.columns if c not in front and c not in metrics and c != "path"]
@@ -107,9 +109,74 @@ def _flatten(result: dict, run_dir: Path) -> dict:
                 row[f"{key}_low"], row[f"{key}_high"] = float(v[0]), float(v[1])
     for k, v in (result.get("versions") or {}).items():
         row[f"versions/{k}"] = str(v)
+    if row.get("task") == "ruler" and row.get("examples_per_setting") is not None:
+        # prompts per task and length, not in all: a run over other tasks or lengths is the same setting (pool_ruler)
+        row["num_examples"] = row["examples_per_setting"]
     row["finished_at"] = result.get("finished_at")
     row["path"] = str(run_dir)
     return row
+
+
+# ------------------------------------------------------------------------------------------- task=ruler in parts
+RULER_METRIC = "eval/ruler_"
+
+
+def pool_ruler(df: pd.DataFrame) -> pd.DataFrame:
+    """task=ruler runs of one identity and haystack -> one row scored over the union of their examples.
+
+    A long-context sweep is run in parts (a length at a time, a task added later): pooled, each method is one row
+    of the tables, one heatmap panel over every length, and one side of paired tests over every example. Accuracies
+    and intervals are recomputed from the parts' predictions (`adore.ruler.accuracy_metrics`; an example in two
+    parts counts once, from the later), never averaged over parts; other metrics are the parts' mean. `runs` holds
+    the parts' folders (`run_dirs`). A group with a part whose predictions.jsonl cannot be read stays as it is."""
+    if "task" not in df or not (df["task"] == "ruler").any():
+        return df
+    ruler = df[df["task"] == "ruler"]
+    keys = ["task", "data", "label", "method", "reference", "training_free", *identity(ruler)]
+    pooled, merged = [], set()
+    for _, g in ruler.groupby(keys, dropna=False, sort=False):
+        if len(g) < 2:
+            continue
+        row = _pooled(g.sort_values("finished_at", na_position="first", key=lambda s: s.astype(str)))
+        if row is not None:
+            pooled.append(row)
+            merged |= set(g.index)
+    if not pooled:
+        return df
+    return pd.concat([df.drop(index=sorted(merged)), pd.DataFrame(pooled)], ignore_index=True).copy()
+
+
+def _pooled(parts: pd.DataFrame) -> dict | None:
+    """One row for `parts` (oldest first), or None (with a warning) when a part's predictions cannot be read."""
+    from adore.eval.stats import Bootstrap
+    from adore.io import read_jsonl
+    from adore.ruler import VARIANTS, accuracy_metrics
+
+    examples = {}
+    for path in parts["path"]:
+        try:
+            examples |= {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl")}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warnings.warn(f"task=ruler runs of one setting left apart: {path}/predictions.jsonl: {err}", stacklevel=3)
+            return None
+    order = {v: i for i, v in enumerate(VARIANTS)}  # a run's own order: variant, length, index
+    rows = sorted(examples.values(), key=lambda r: (order.get(r["variant"], len(order)), r["length"], r["index"]))
+    row = {k: v for k, v in parts.iloc[-1].items() if not k.startswith(RULER_METRIC)}
+    row |= {c: parts[c].mean() for c in row if c.startswith(METRIC_PREFIXES)}
+    for key, value in accuracy_metrics(rows, Bootstrap().mean_ci).items():
+        if key.endswith("_ci"):
+            row[f"{key}_low"], row[f"{key}_high"] = value
+        else:
+            row[key] = value
+    row["prompt_tokens_mean"] = sum(r["prompt_tokens"] for r in rows) / len(rows)
+    row["runs"] = tuple(parts["path"])
+    return row
+
+
+def run_dirs(row) -> tuple[str, ...]:
+    """The folders of a row's runs: the parts of a pooled task=ruler row, else its one run."""
+    runs = row.get("runs")
+    return runs if isinstance(runs, tuple) else (row["path"],)
 
 
 # --- legacy results.json (written before runs carried `method`, run.label, training_free, chat, has_answer) ---------

@@ -158,8 +158,9 @@ HEATMAP_COLUMNS = 4  # panels per row of the heatmap figure
 def plot_ruler_heatmap(df: pd.DataFrame) -> Figure | None:
     """RULER (task=ruler): accuracy of the needle tasks by depth of the needle (rows, 0 % = start of the context)
     x target length (columns), one panel per method and arrival regime (and haystack), the long-context papers'
-    figure. Cells hold the accuracy; empty where no example was at that depth and length. None (no plot, no note)
-    for a sweep without task=ruler runs."""
+    figure; a sweep run in parts (a length at a time) fills one panel per method (`collect.pool_ruler`). Cells
+    hold the accuracy; empty where no example was at that depth and length. None (no plot, no note) for a sweep
+    without task=ruler runs."""
     runs = task_runs(df, "ruler")
     if not len(runs):
         return None
@@ -167,6 +168,7 @@ def plot_ruler_heatmap(df: pd.DataFrame) -> Figure | None:
     if not cells:
         raise NoAxis("no task=ruler run has needle depths")
     v = variants(runs, identity(runs))
+    v = v[v[list(cells)].notna().any(axis=1)]  # runs of non-needle tasks only (fwe, cwe) have no cell to draw
     depths = sorted({d for d, _ in cells.values()})
     lengths = sorted({n for _, n in cells.values()})
     panels = [(r["data"], r["row"], r) for _, r in v.iterrows()]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from adore.report.collect import identity, in_row_order, row_labels
+from adore.report.collect import identity, in_row_order, row_labels, run_dirs
 
 # Per-example scores tested in pairs: key -> (label, tested against full attention).
 TESTS = {
@@ -55,18 +55,23 @@ CAPTION = (
 )
 
 
-def _scores(path: str, cache: dict) -> dict[str, dict]:
-    """id -> predictions.jsonl row of a run ({} when the file is missing or unreadable)."""
-    if path not in cache:
+def _scores(row, cache: dict) -> dict[str, dict]:
+    """id -> predictions.jsonl row of a report row's runs (a pooled task=ruler row's parts together; the later part
+    wins an id in two); {} when a file is missing or unreadable."""
+    dirs = run_dirs(row)
+    if dirs not in cache:
         from adore.io import read_jsonl
 
-        try:
-            cache[path] = {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl") if "id" in r}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            if not isinstance(err, FileNotFoundError):
-                warnings.warn(f"skipping {path}/predictions.jsonl: {err}", stacklevel=3)
-            cache[path] = {}
-    return cache[path]
+        cache[dirs] = {}
+        for path in dirs:
+            try:
+                cache[dirs] |= {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl") if "id" in r}
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                if not isinstance(err, FileNotFoundError):
+                    warnings.warn(f"skipping {path}/predictions.jsonl: {err}", stacklevel=3)
+                cache[dirs] = {}
+                break
+    return cache[dirs]
 
 
 def _per_example(rows: dict[str, dict], key: str) -> dict[str, float]:
@@ -152,13 +157,13 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
 
     def mean_of(row, key) -> float:
         """The run's mean of `key`, signed so that higher is better (-inf when it has none)."""
-        values = [v for v in _per_example(_scores(row["path"], cache), key).values() if v == v]
+        values = [v for v in _per_example(_scores(row, cache), key).values() if v == v]
         lower_is_better = key == "fidelity_kl"
         return (-1 if lower_is_better else 1) * sum(values) / len(values) if values else -math.inf
 
     out = []
     for _, r in runs[~runs["reference"]].iterrows():
-        mine = _scores(r["path"], cache)
+        mine = _scores(r, cache)
         if not mine:
             continue
         others = []
@@ -187,7 +192,7 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
             for _, anchor in anchors.iterrows():  # one test per anchor row: R = 0 and R = 4 of one controller both
                 others.append((anchor["row"], anchor, list(TESTS)))
         for vs, other, tested in others:
-            theirs = _scores(other["path"], cache)
+            theirs = _scores(other, cache)
             common = _comparable(mine, theirs, f"{r['path']} vs {other['path']}")
             for key in tested:
                 ids, a, b = _aligned(_per_example(mine, key), _per_example(theirs, key), common)

@@ -32,6 +32,7 @@ from adore.ruler import (
     DEPTHS,
     VARIANTS,
     Example,
+    accuracy_metrics,
     check_variants_and_lengths,
     haystack_sentences,
     make_example,
@@ -234,21 +235,9 @@ class Ruler:
         return TaskOutput(metrics=self.metrics(rows), perf=sum_stats(stats), rows=rows, run=run)
 
     def metrics(self, rows: list[dict]) -> dict:
-        """eval/ruler_accuracy overall, per variant, per length and per (variant, length), each with its bootstrap
-        interval (`_ci`); eval/ruler_depth<percent>_<length>: the needle tasks' accuracy at one depth (the heatmap)."""
-        groups: dict[str, list[float]] = {"accuracy": []}
-        depth_cells: dict[str, list[float]] = {}
-        for r in rows:
-            for key in ("accuracy", r["variant"], str(r["length"]), f"{r['variant']}_{r['length']}"):
-                groups.setdefault(key, []).append(r["score"])
-            if r["depth"] is not None:
-                depth_cells.setdefault(f"depth{round(100 * r['depth'])}_{r['length']}", []).append(r["score"])
-        metrics = {}
-        for key, scores in groups.items():
-            metrics[f"eval/ruler_{key}"] = float(np.mean(scores))
-            metrics[f"eval/ruler_{key}_ci"] = self.bootstrap.mean_ci(scores)
-        metrics |= {f"eval/ruler_{key}": float(np.mean(s)) for key, s in depth_cells.items()}
-        return metrics
+        """eval/ruler_accuracy overall, per variant, length and (variant, length), with intervals, and the heatmap's
+        depth cells (`adore.ruler.accuracy_metrics`)."""
+        return accuracy_metrics(rows, self.bootstrap.mean_ci)
 
     @torch.no_grad()
     def _answer(self, ctx: Context, method, segs: list[list[tuple[list[int], list[int]]]], eos: list[int]):
