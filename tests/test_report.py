@@ -750,7 +750,27 @@ def test_a_ruler_sweep_run_in_parts_is_one_row_scored_over_every_example(tmp_pat
     fig = plot_ruler_heatmap(df)
     panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
     assert len(panels) == 2 and all(len(ax.get_xticks()) == 2 for ax in panels)  # full attention, window: 1k and 2k
-    tests = report.paired_tests(df)
-    assert set(tests["n"]) == {10} and tests.iloc[0]["diff"] == pytest.approx(6.0 / 10 - 1)
+    tests = report.paired_tests(df).set_index("metric")
+    assert tests.loc["RULER", "n"] == 10 and tests.loc["RULER", "diff"] == pytest.approx(6.0 / 10 - 1)
+    # and task by task: niah_single 1, 0 at 1k and 1 (rescored), 0 at 2k; fwe only at 1k, both right
+    assert tests.loc["RULER niah_single", "n"] == 4 and tests.loc["RULER niah_single", "diff"] == pytest.approx(-0.5)
+    assert tests.loc["RULER fwe", "n"] == 2 and tests.loc["RULER fwe", "diff"] == 0
+    assert list(tests.index) == ["RULER", "RULER niah_single", "RULER niah_multivalue", "RULER fwe"]
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out/tables.md").read_text().count("| Window") == 3  # paired tests, by length, by task
+
+
+def test_ruler_tasks_are_tested_against_the_baseline_best_on_each(tmp_path):
+    runs = {
+        "adore": {"niah_single": [1.0, 1.0], "fwe": [0.0, 1.0]},
+        "streaming": {"niah_single": [1.0, 0.0], "fwe": [0.0, 0.0]},
+        "h2o": {"niah_single": [0.0, 0.0], "fwe": [1.0, 1.0]},
+    }
+    for method, scores in runs.items():
+        write_ruler_run(tmp_path / method, method, 64, ruler_rows(1024, scores), "2026-12-01T10:00:00")
+    tests = report.paired_tests(report.collect(tmp_path))
+    best = tests[tests["vs"].str.startswith("best baseline")].set_index("metric")
+    assert best.loc["RULER niah_single", "vs"] == "best baseline: StreamingLLM"
+    assert best.loc["RULER niah_single", "diff"] == pytest.approx(0.5)
+    assert best.loc["RULER fwe", "vs"] == "best baseline: H2O" and best.loc["RULER fwe", "diff"] == -0.5
+    assert best.loc["RULER", "vs"] == "best baseline: H2O" and best.loc["RULER", "diff"] == 0.25

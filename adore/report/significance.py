@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from adore.report.collect import identity, in_row_order, row_labels, run_dirs
+from adore.ruler import VARIANTS
 
 # Per-example scores tested in pairs: key -> (label, tested against full attention).
 TESTS = {
@@ -41,7 +42,9 @@ REBUILD_SETTINGS = (
     "page_score",
     "tail_alone",
 )
+RULER_TASK = "@"  # "score@niah_single": the score of one task=ruler task's examples, tested on its own
 TASKS = ("generate", "stream", "ruler")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
+TESTS_NAMES = {name for name, _ in TESTS.values()}
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
 CAPTION = (
     "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
@@ -50,8 +53,9 @@ CAPTION = (
     "same data, model and generation length (quality only: full attention is the fidelity reference). vs best "
     "baseline: for each metric, the training-free run (window, StreamingLLM, H2O, ...) best on that metric at the "
     "same cache size m (one row per such run, with the metrics it is best on). vs R = 0: the same method and "
-    "settings without rebuild (does rebuild pay?). vs a row label: the run named by `--against` at the same m. KL: "
-    "lower is better. — : not tested."
+    "settings without rebuild (does rebuild pay?). vs a row label: the run named by `--against` at the same m. "
+    "RULER: every example of a task=ruler run; RULER <task>: that task's examples alone, each task against the "
+    "baseline best on it. KL: lower is better. — : not tested."
 )
 
 
@@ -74,11 +78,19 @@ def _scores(row, cache: dict) -> dict[str, dict]:
     return cache[dirs]
 
 
+def _tests(rows: dict[str, dict]) -> dict[str, tuple[str, bool]]:
+    """TESTS, and for task=ruler predictions one more per task they hold ("RULER niah_single"): long-context methods
+    are judged task by task, each against the baseline best on that task."""
+    held = {r["variant"] for r in rows.values() if "score" in r and r.get("variant") in VARIANTS}
+    return TESTS | {f"score{RULER_TASK}{v}": (f"RULER {v}", True) for v in VARIANTS if v in held}
+
+
 def _per_example(rows: dict[str, dict], key: str) -> dict[str, float]:
+    key, _, variant = key.partition(RULER_TASK)
     return {
         i: float(r[key])
         for i, r in rows.items()
-        if isinstance(r.get(key), int | float) and not isinstance(r[key], bool)
+        if isinstance(r.get(key), int | float) and not isinstance(r[key], bool) and variant in ("", r.get("variant"))
     }
 
 
@@ -166,14 +178,15 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
         mine = _scores(r, cache)
         if not mine:
             continue
+        tests = _tests(mine)
         others = []
         full = runs[same(r, PAIRED) & runs["reference"]]
         if len(full):
-            others.append(("full", full.iloc[0], [k for k, (_, vs_full) in TESTS.items() if vs_full]))
+            others.append(("full", full.iloc[0], [k for k, (_, vs_full) in tests.items() if vs_full]))
         baselines = runs[same(r, (*PAIRED, "m")) & runs["training_free"] & ~runs["reference"]]
         if not r["training_free"] and len(baselines):  # per metric, the baseline best on that metric
             bests: dict = {}
-            for key, _ in TESTS.items():
+            for key in tests:
                 best = max((b for _, b in baselines.iterrows()), key=lambda b, key=key: mean_of(b, key))
                 if mean_of(best, key) > -math.inf:
                     bests.setdefault(best["row"], (best, []))[1].append(key)
@@ -184,13 +197,13 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
             candidates = same(r, ("method", *PAIRED, *settings)) & (runs["R"] == 0)
             no_rebuild = runs[candidates]
             if len(no_rebuild):
-                others.append(("R = 0", no_rebuild.iloc[0], list(TESTS)))
+                others.append(("R = 0", no_rebuild.iloc[0], list(tests)))
         if against is not None and against not in r["row"]:  # the anchor row's run at this dataset and m
             anchors = runs[
                 same(r, (*PAIRED, "m")) & ~runs["reference"] & runs["row"].str.contains(against, regex=False)
             ]
             for _, anchor in anchors.iterrows():  # one test per anchor row: R = 0 and R = 4 of one controller both
-                others.append((anchor["row"], anchor, list(TESTS)))
+                others.append((anchor["row"], anchor, list(tests)))
         for vs, other, tested in others:
             theirs = _scores(other, cache)
             common = _comparable(mine, theirs, f"{r['path']} vs {other['path']}")
@@ -204,7 +217,7 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
                             r["row"],
                             r["label"],
                             vs,
-                            TESTS[key][0],
+                            tests[key][0],
                             t["diff"],
                             *t["ci"],
                             t["significant"],
@@ -218,7 +231,8 @@ def significance_table(tests: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, comparison); cells "diff [low, high] ✓|✗" per metric ("—": not tested)."""
     if tests.empty:
         return pd.DataFrame()
-    metrics = [name for name, _ in TESTS.values() if name in set(tests["metric"])]
+    found = list(dict.fromkeys(tests["metric"]))  # TESTS' order, then RULER's tasks in theirs
+    metrics = [name for name, _ in TESTS.values() if name in found] + [m for m in found if m not in TESTS_NAMES]
     rows = {}
     for _, t in tests.iterrows():
         d = 3 if t["metric"] == "KL" else 2
