@@ -774,3 +774,5 @@ def test_ruler_tasks_are_tested_against_the_baseline_best_on_each(tmp_path):
     assert best.loc["RULER niah_single", "diff"] == pytest.approx(0.5)
     assert best.loc["RULER fwe", "vs"] == "best baseline: H2O" and best.loc["RULER fwe", "diff"] == -0.5
     assert best.loc["RULER", "vs"] == "best baseline: H2O" and best.loc["RULER", "diff"] == 0.25
+    columns = report.significance_table(tests).columns.tolist()
+    assert columns == ["data", "vs", "RULER", "RULER niah_single", "RULER fwe"]  # the tasks in RULER's order

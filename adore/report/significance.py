@@ -44,7 +44,6 @@ REBUILD_SETTINGS = (
 )
 RULER_TASK = "@"  # "score@niah_single": the score of one task=ruler task's examples, tested on its own
 TASKS = ("generate", "stream", "ruler")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
-TESTS_NAMES = {name for name, _ in TESTS.values()}
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
 CAPTION = (
     "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
@@ -78,10 +77,10 @@ def _scores(row, cache: dict) -> dict[str, dict]:
     return cache[dirs]
 
 
-def _tests(rows: dict[str, dict]) -> dict[str, tuple[str, bool]]:
-    """TESTS, and for task=ruler predictions one more per task they hold ("RULER niah_single"): long-context methods
-    are judged task by task, each against the baseline best on that task."""
-    held = {r["variant"] for r in rows.values() if "score" in r and r.get("variant") in VARIANTS}
+def _tests(rows: dict[str, dict] | None) -> dict[str, tuple[str, bool]]:
+    """TESTS, and for task=ruler predictions one more per task they hold ("RULER niah_single"; rows=None: every
+    task, in their order): long-context methods are judged task by task, each against the baseline best on it."""
+    held = VARIANTS if rows is None else {r.get("variant") for r in rows.values() if "score" in r}
     return TESTS | {f"score{RULER_TASK}{v}": (f"RULER {v}", True) for v in VARIANTS if v in held}
 
 
@@ -231,8 +230,8 @@ def significance_table(tests: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, comparison); cells "diff [low, high] ✓|✗" per metric ("—": not tested)."""
     if tests.empty:
         return pd.DataFrame()
-    found = list(dict.fromkeys(tests["metric"]))  # TESTS' order, then RULER's tasks in theirs
-    metrics = [name for name, _ in TESTS.values() if name in found] + [m for m in found if m not in TESTS_NAMES]
+    found = set(tests["metric"])
+    metrics = [name for name, _ in _tests(None).values() if name in found]
     rows = {}
     for _, t in tests.iterrows():
         d = 3 if t["metric"] == "KL" else 2
