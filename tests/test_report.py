@@ -700,7 +700,7 @@ def ruler_rows(length: int, scores: dict[str, list[float]]) -> list[dict]:
     ]  # fmt: skip
 
 
-def write_ruler_run(root: Path, method: str, m, rows: list[dict], finished_at: str) -> None:
+def write_ruler_run(root: Path, method: str, m, rows: list[dict], finished_at: str, arrival="oneshot") -> None:
     """A task=ruler run as eval.py writes it: results.json (metrics by the task's own scorer) and predictions."""
     from adore.eval.stats import Bootstrap
     from adore.io import write_jsonl
@@ -709,7 +709,7 @@ def write_ruler_run(root: Path, method: str, m, rows: list[dict], finished_at: s
     run = {"task": "ruler", "method": method, "label": LABELS[method], "tag": method,
            "training_free": method in TRAINING_FREE, "data": "noise", "chat": False, "has_answer": False,
            "model": "packaged:smollm2", "adapter": None, "m": m, "R": None, "K": None, "num_examples": len(rows),
-           "arrival": "oneshot", "haystack": "noise", "examples_per_setting": 2, "max_new_tokens": 8,
+           "arrival": arrival, "haystack": "noise", "examples_per_setting": 2, "max_new_tokens": 8,
            "batch_size": 2, "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / len(rows)}  # fmt: skip
     metrics = accuracy_metrics(rows, Bootstrap().mean_ci)
     write_json(root / "results.json", {"run": run, "method": {"name": method, "m": m}, "metrics": metrics,
@@ -776,3 +776,14 @@ def test_ruler_tasks_are_tested_against_the_baseline_best_on_each(tmp_path):
     assert best.loc["RULER", "vs"] == "best baseline: H2O" and best.loc["RULER", "diff"] == 0.25
     columns = report.significance_table(tests).columns.tolist()
     assert columns == ["data", "vs", "RULER", "RULER niah_single", "RULER fwe"]  # the tasks in RULER's order
+
+
+def test_a_chunked_ruler_run_is_tested_against_one_shot_full_attention(tmp_path):
+    """Full attention releases nothing: chunks leave it one forward's cache. Turns change the prompt: no stand-in."""
+    rows = ruler_rows(1024, {"niah_single": [1.0, 0.0]})
+    write_ruler_run(tmp_path / "full", "full", None, [dict(r, score=1.0) for r in rows], "2026-12-01T10:00:00")
+    for arrival in ("chunked", "turns"):
+        write_ruler_run(tmp_path / arrival, "window", 64, rows, "2026-12-01T10:00:00", arrival=arrival)
+    tests = report.paired_tests(report.collect(tmp_path))
+    assert set(tests["vs"]) == {"full (arrival=oneshot)"} and set(tests["method"]) == {"Window (arrival=chunked)"}
+    assert tests.set_index("metric").loc["RULER", "diff"] == -0.5

@@ -31,6 +31,9 @@ TESTS = {
 }
 # Two runs are compared only when they share these (and a baseline the cache size m).
 PAIRED = ("data", "task", "model", "adapter", "max_new_tokens", "arrival")
+# task=ruler: full attention releases nothing, so a prompt fed in chunks leaves it the cache one forward gives; a
+# chunked run without a chunked full-attention run is tested against the one-shot one
+FULL_STANDS_IN = {"chunked": "oneshot"}
 # identity keys a method records only when it rebuilds (adore.methods.rebuilds.Rebuilds.rebuild_identity): its R = 0
 # run has none of them, and is still the same run without rebuild
 REBUILD_SETTINGS = (
@@ -49,7 +52,8 @@ CAPTION = (
     "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
     "examples both runs scored (aligned by id; rows of one prompt resampled together, n counts prompts), and ✓ "
     "when the interval excludes 0. vs full: full attention on the "
-    "same data, model and generation length (quality only: full attention is the fidelity reference). vs best "
+    "same data, model and generation length (quality only: full attention is the fidelity reference; a chunked "
+    "RULER run without a chunked full-attention run: the one-shot one, which is the same cache). vs best "
     "baseline: for each metric, the training-free run (window, StreamingLLM, H2O, ...) best on that metric at the "
     "same cache size m (one row per such run, with the metrics it is best on). vs R = 0: the same method and "
     "settings without rebuild (does rebuild pay?). vs a row label: the run named by `--against` at the same m. "
@@ -179,9 +183,12 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
             continue
         tests = _tests(mine)
         others = []
-        full = runs[same(r, PAIRED) & runs["reference"]]
+        full, vs = runs[same(r, PAIRED) & runs["reference"]], "full"
+        if not len(full) and r["arrival"] in FULL_STANDS_IN:
+            unpaired, vs = [k for k in PAIRED if k != "arrival"], f"full (arrival={FULL_STANDS_IN[r['arrival']]})"
+            full = runs[same(r, unpaired) & runs["reference"] & (runs["arrival"] == FULL_STANDS_IN[r["arrival"]])]
         if len(full):
-            others.append(("full", full.iloc[0], [k for k, (_, vs_full) in tests.items() if vs_full]))
+            others.append((vs, full.iloc[0], [k for k, (_, vs_full) in tests.items() if vs_full]))
         baselines = runs[same(r, (*PAIRED, "m")) & runs["training_free"] & ~runs["reference"]]
         if not r["training_free"] and len(baselines):  # per metric, the baseline best on that metric
             bests: dict = {}
