@@ -175,7 +175,8 @@ def plot_ruler_heatmap(df: pd.DataFrame) -> Figure | None:
     cols = min(HEATMAP_COLUMNS, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(
-        figsize=(2.2 + 1.0 * len(lengths) * cols, 0.6 + (0.35 * len(depths) + 0.9) * rows), layout="constrained"
+        figsize=(2.2 + 1.0 * max(2, len(lengths)) * cols, 0.6 + (0.35 * len(depths) + 0.9) * rows),
+        layout="constrained",
     )
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     image = None
@@ -189,7 +190,7 @@ def plot_ruler_heatmap(df: pd.DataFrame) -> Figure | None:
         ax.set_xticks(range(len(lengths)), [fmt_value(float(n)) for n in lengths], fontsize="small")
         ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize="small")
         # wrapped to the panel's width: one line of a long row label ran into the next panel's title
-        width = max(14, 9 * len(lengths))
+        width = 9 * max(2, len(lengths))  # a panel is at least two lengths wide: a label fits in three lines
         ax.set_title(textwrap.fill(shorten(f"{row} · {data}", 4 * width), width), fontsize="x-small")
         ax.set(xlabel="length (tokens)", ylabel="needle depth")
     for ax in axes[len(panels) :]:
