@@ -3,8 +3,8 @@
 A run's identity is its run settings (task, data, model, adapter, num_examples, max_new_tokens, task=ruler's arrival
 regime, and batch size for throughput) and every field of its method (the results.json `method` section). Runs that
 differ in any of them are never averaged into one row. task=ruler runs of one identity that cover other tasks or
-lengths are one row, scored over all their examples (`pool_ruler`). Display names, row order and which runs are baselines come
-from the files too (`run.label`, `run.training_free`), never from a list of known methods.
+lengths are one row, scored over all their examples (`pool_ruler`). Display names, row order and which runs are
+baselines come from the files too (`run.label`, `run.training_free`), never from a list of known methods.
 """
 
 from __future__ import annotations
