@@ -149,16 +149,13 @@ def pool_ruler(df: pd.DataFrame) -> pd.DataFrame:
 def _pooled(parts: pd.DataFrame) -> dict | None:
     """One row for `parts` (oldest first), or None (with a warning) when a part's predictions cannot be read."""
     from adore.eval.stats import Bootstrap
-    from adore.io import read_jsonl
     from adore.ruler import VARIANTS, accuracy_metrics
 
-    examples = {}
-    for path in parts["path"]:
-        try:
-            examples |= {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl")}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            warnings.warn(f"task=ruler runs of one setting left apart: {path}/predictions.jsonl: {err}", stacklevel=3)
-            return None
+    try:
+        examples = predictions(tuple(parts["path"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"task=ruler runs of one setting left apart: {err}", stacklevel=3)
+        return None
     order = {v: i for i, v in enumerate(VARIANTS)}  # a run's own order: variant, length, index
     rows = sorted(examples.values(), key=lambda r: (order.get(r["variant"], len(order)), r["length"], r["index"]))
     row = {k: v for k, v in parts.iloc[-1].items() if not k.startswith(RULER_METRIC)}
@@ -171,6 +168,20 @@ def _pooled(parts: pd.DataFrame) -> dict | None:
     row["prompt_tokens_mean"] = sum(r["prompt_tokens"] for r in rows) / len(rows)
     row["runs"] = tuple(parts["path"])
     return row
+
+
+def predictions(dirs: tuple[str, ...]) -> dict[str, dict]:
+    """id -> predictions.jsonl row over the runs in `dirs` (the later run wins an id in two); a file that cannot be
+    read raises, its path in the message."""
+    from adore.io import read_jsonl
+
+    examples = {}
+    for path in dirs:
+        try:
+            examples |= {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl") if "id" in r}
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}/predictions.jsonl: {err}") from err
+    return examples
 
 
 def run_dirs(row) -> tuple[str, ...]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from pathlib import Path
 
 import pandas as pd
 
-from adore.report.collect import identity, in_row_order, row_labels, run_dirs
+from adore.report.collect import identity, in_row_order, predictions, row_labels, run_dirs
 from adore.ruler import VARIANTS
 
 # Per-example scores tested in pairs: key -> (label, tested against full attention).
@@ -67,17 +66,12 @@ def _scores(row, cache: dict) -> dict[str, dict]:
     wins an id in two); {} when a file is missing or unreadable."""
     dirs = run_dirs(row)
     if dirs not in cache:
-        from adore.io import read_jsonl
-
-        cache[dirs] = {}
-        for path in dirs:
-            try:
-                cache[dirs] |= {str(r["id"]): r for r in read_jsonl(Path(path) / "predictions.jsonl") if "id" in r}
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                if not isinstance(err, FileNotFoundError):
-                    warnings.warn(f"skipping {path}/predictions.jsonl: {err}", stacklevel=3)
-                cache[dirs] = {}
-                break
+        try:
+            cache[dirs] = predictions(dirs)
+        except (OSError, ValueError) as err:
+            if not isinstance(err, FileNotFoundError):
+                warnings.warn(f"skipping {err}", stacklevel=3)
+            cache[dirs] = {}
     return cache[dirs]
 
 
