@@ -624,6 +624,19 @@ def test_a_rebuild_policy_that_follows_R_stays_in_the_label(tmp_path):
     ]  # fmt: skip
 
 
+def test_a_recipe_alone_under_its_label_names_the_settings_its_method_varies(tmp_path):
+    """The late-question recipe is the only row of its label: its pages and tail_alone are still named, the
+    controller and rebuild its label spells are not."""
+    shipped = "ADORE [probe_l20] + recall"
+    write_run(tmp_path, "shipped", "adore", 256, 4, label=shipped, controller="c_l20@ab", rebuild="recall")
+    write_run(tmp_path, "late", "adore", 256, 256, label="ADORE [probe_l20_long] + recall", controller="c_long@cd",
+              rebuild="recall", page_size=16, tail_alone=48)  # fmt: skip
+    write_run(tmp_path, "streaming", "streaming", 256)
+    assert report.quality_values(report.collect(tmp_path)).index.tolist() == [
+        "StreamingLLM", f"{shipped} (R=4)", "ADORE [probe_l20_long] + recall (R=256, page_size=16, tail_alone=48)"
+    ]  # fmt: skip
+
+
 def test_a_legacy_results_file_still_makes_a_row(tmp_path):
     """Before runs carried `method`, run.label and the flags: label from the name, identity from m, R, K, sinks."""
     for method, m, R in (("full", 256, None), ("window", 64, None), ("adore", 64, 4)):  # full's m: a shared config's

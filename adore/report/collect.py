@@ -38,6 +38,9 @@ RUN_FIELDS = (
 )
 NUMERIC_FIELDS = (*BUDGET, "num_examples", "max_new_tokens", "batch_size")
 METHOD_PREFIX = "method/"  # every other field of the method section: method/recent_ratio, method/controller, ...
+# method settings a run label spells already: ADORE names its controller's recipe and a rebuild policy other than
+# the paper's ("ADORE [probe_l20] + recall")
+NAMED_BY_LABEL = ("method/controller", "method/rebuild")
 METRIC_PREFIXES = ("eval/", "fidelity/", "perf/")
 SHORT = {"num_examples": "n", "max_new_tokens": "new", "batch_size": "bs"}
 
@@ -295,13 +298,16 @@ def shown_keys(v: pd.DataFrame, keys) -> dict[str, list[str]]:
     """label -> the keys its rows name. A run field (m, R, K, sinks, adapter, model, n, new, bs) is named on every
     row wherever it varies among one dataset's rows, so rows of different methods compare at a glance (a missing m,
     R, K or sinks is "not this method's knob", not a value); a method setting (method/...) where it varies among
-    the rows of that label."""
+    the rows of that label, or among the rows of its method unless the label itself names it (`NAMED_BY_LABEL`):
+    a recipe alone under its label still says which of its method's settings it departs in."""
     common = [k for k in keys if not k.startswith(METHOD_PREFIX) and _varies(v, k, dropna=k in BUDGET)]
     out = {}
     for label, g in v.groupby("label", sort=False):
+        kin = v[v["method"].isin(g["method"])]
         ks = []
         for k in keys:
-            if (k in common or _varies(g, k)) and not _renames(g, k, ks):
+            by_method = k.startswith(METHOD_PREFIX) and k not in NAMED_BY_LABEL and _varies(kin, k)
+            if (k in common or by_method or _varies(g, k)) and not _renames(g, k, ks):
                 ks.append(k)
         out[label] = ks
     return out
