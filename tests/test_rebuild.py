@@ -126,16 +126,22 @@ def test_page_scores_max_and_mass():
     torch.testing.assert_close(mass, torch.tensor([[0.03, 0.3, 0.0]]).log())
 
 
-def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny):
-    """With page summaries a step reads the page summaries, the cached tokens' keys and REFINE x R candidate keys:
-    no op takes the whole history of keys, so the cost per step does not grow with every history token."""
+@pytest.mark.parametrize(
+    "picks,candidates",
+    [({"page_size": 2, "page_summary": True}, 1), ({"page_summary": 2}, 2)],  # pages of 2; tokens from pages of 2
+    ids=["page picks", "token picks"],
+)
+def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny, picks, candidates):
+    """With page summaries a step reads the page summaries, the cached tokens' keys and the candidates' keys
+    (REFINE x R of them for page picks, the members of REFINE x R pages for token picks): no op takes the whole
+    history of keys, so the cost per step does not grow with every history token."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from adore.methods.adore import REFINE
+    from adore.methods.scoring import REFINE
 
     model, _ = tiny
     m, R = 8, 4
-    method = make_method("adore", m, model, R=R, rebuild="recall", page_size=2, page_summary=True, **PROBE)
+    method = make_method("adore", m, model, R=R, rebuild="recall", **picks, **PROBE)
     session = Session(model, method, 2, 256)
     ids, _ = prompts(batch=2, length=120)
     logits = session.feed(ids)
@@ -149,6 +155,8 @@ def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny):
             if isinstance(first, torch.Tensor) and first.shape == z.shape and first.data_ptr() == z.data_ptr():
                 if func is torch.ops.aten.gather.default:
                     Reads.gathered += args[2].numel() // z.shape[2]
+                elif func is torch.ops.aten.index.Tensor:  # z[rows, cols]: one key per (row, column) indexed
+                    Reads.gathered += torch.broadcast_shapes(*(i.shape for i in args[1] if i is not None)).numel()
                 elif func not in (torch.ops.aten.index_put_.default, torch.ops.aten.slice.Tensor):
                     Reads.whole.append(str(func))
             return func(*args, **(kwargs or {}))
@@ -156,7 +164,33 @@ def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny):
     with Reads():
         session.feed(logits[:, -1].argmax(-1, keepdim=True))
     assert not Reads.whole, f"ops reading every history key: {Reads.whole}"
-    assert 0 < Reads.gathered <= 2 * (m + R + 1 + REFINE * R)
+    assert 0 < Reads.gathered <= 2 * (m + R + 1 + REFINE * R * candidates)
+
+
+def test_a_shortlisted_token_pick_scores_its_pages_members_exactly(tiny):
+    """`page_summary=N` with token picks: the pick's scores are the probe's own scores (normalised as the release's)
+    on the members of the REFINE x R best-bounded pages and -inf elsewhere; when those pages are every page the
+    pick scores every released token as the exact one does."""
+    from adore.methods.scoring import REFINE
+
+    model, _ = tiny
+    m, P = 8, 4
+    ids, _ = prompts(batch=2, length=60)
+
+    def scores(R):
+        session = Session(model, make_method("adore", m, model, R=R, rebuild="recall", page_summary=P, **PROBE), 2, 256)
+        session.feed(ids)
+        released = session.released_columns(session.length)
+        every = session.rebuild_scores(torch.arange(session.length).expand(2, -1))
+        hide = lambda x: x.masked_fill(~released, float("-inf"))  # noqa: E731
+        return hide(session.pick_scores(released, R)), hide(every), session.length
+
+    short, every, seen = scores(2)
+    listed = torch.isfinite(short)
+    assert 0 < listed.sum(1).max() <= REFINE * 2 * P < seen  # a shortlist, not the history
+    torch.testing.assert_close(short[listed], every[listed])  # exact where listed
+    short, every, seen = scores(8)  # REFINE x 8 pages of 4 hold every column
+    torch.testing.assert_close(short, every)
 
 
 def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny):
@@ -272,7 +306,11 @@ def test_top_is_the_old_name_of_recompute_and_identities_keep_their_names():
         ({"page_size": 2}, "method.page_size=2 .*rebuild=recall"),
         ({"rebuild": "recall", "page_size": 3}, "method.R=4 is not a whole number of pages.*R = 3"),
         ({"rebuild": "recall", "store_dtype": "fp8"}, "method.store_dtype='fp8'"),
-        ({"rebuild": "recall", "page_size": 2, "page_summary": True}, "page_summary=true .*probe"),
+        ({"rebuild": "recall", "page_size": 2, "page_summary": True}, "page_summary=True .*probe"),
+        ({"rebuild": "recall", "page_summary": True}, "page_size, which is null .*page_summary=16"),
+        ({"rebuild": "recall", "page_size": 2, "page_summary": 2}, "page_size=2 picks pages.*page_summary=true"),
+        ({"rebuild": "recall", "page_summary": 0}, "page_summary=0 must be a positive integer"),
+        ({"page_summary": 16, **PROBE}, "page_summary=16 .*rebuild=recall"),
         ({"rebuild": "recall", "page_size": 0}, "method.page_size=0 must be a positive integer"),
     ],
 )

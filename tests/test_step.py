@@ -84,7 +84,8 @@ def decode_a_few(model, method, static: bool, steps: int = 6, batch: int = 2):
         (
             "adore",
             {"R": 4, "rebuild": "recall", "page_size": 2, "config": {"heads": 2, "head_dim": 4}, "page_summary": True},
-        )
+        ),
+        ("adore", {"R": 3, "rebuild": "recall", "config": {"heads": 2, "head_dim": 4}, "page_summary": 2}),
     ],
 )
 def test_a_decode_step_never_syncs_with_the_host(tiny, name, overrides):

@@ -88,9 +88,8 @@ class Rebuild:
 
     def pick(self, session, seen: int) -> Picks:
         """The R best released tokens among the first `seen` columns by the method's rebuild scores."""
-        cols = torch.arange(seen, device=session.device).expand(session.batch_size, -1)
-        scores = session.rebuild_scores(cols)
         released = session.released_columns(seen)
+        scores = session.pick_scores(released, self.R)
         top = scores.masked_fill(~released, float("-inf")).topk(min(self.R, seen), dim=1)  # sorted: picks first
         return Picks(top.indices, torch.isfinite(top.values), top.values, scores)
 
@@ -265,11 +264,16 @@ class Recall(Rebuild):
         self.store.write(session.cache, start, slots)
 
     def pick(self, session, seen):
+        cols = torch.arange(seen, device=session.device).expand(session.batch_size, -1)
         if self.page_size is None:
-            return super().pick(session, seen)
+            picks = super().pick(session, seen)
+            if session.diagnostic is not None:  # eval.diagnose: a shortlisted pick against the exact per-token one
+                released = session.released_columns(seen)
+                hits = pick_counts(session.rebuild_scores(cols), released, picks.cols, picks.ok, self.R)
+                session.diagnostic.observe_pick(*hits)
+            return picks
         P = self.page_size
         pages = -(-seen // P)
-        cols = torch.arange(seen, device=session.device).expand(session.batch_size, -1)
         released = session.released_columns(seen)
         scores = session.page_scores(cols, P, released, self.page_score)  # (B, pages): -inf if none released
         top = scores.topk(min(max(self.R // P, 1), pages), dim=1)

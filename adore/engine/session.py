@@ -183,6 +183,11 @@ class Session(Prefilled):
         """The method's (B, k) rebuild-pick scores of history columns `cols` for the token being fed."""
         return self._score(cols, rebuild=True)
 
+    def pick_scores(self, released: torch.Tensor, R: int) -> torch.Tensor:
+        """The method's (B, seen) scores for a pick of R of the `released` (B, seen) columns (`Method.pick_scores`)."""
+        cols = torch.arange(released.shape[1], device=self.device).expand(self.batch_size, -1)
+        return self.method.pick_scores(self.state, self._tokens(cols), released, R)
+
     def page_scores(self, cols: torch.Tensor, page_size: int, released: torch.Tensor, reduce) -> torch.Tensor:
         """The method's (B, pages) scores of the pages of `page_size` columns among `cols` (all columns seen) for a
         pick of the `released` (B, seen) ones, each page's members reduced by `reduce` (-inf for a page with none)."""

@@ -154,6 +154,12 @@ class Method:
         The same as `score` unless a method picks rebuilds and releases by different rules."""
         return self.score(state, tokens)
 
+    def pick_scores(self, state: State, tokens: Tokens, released: torch.Tensor, R: int) -> torch.Tensor:
+        """(B, seen) rebuild scores of `tokens` (all columns seen) for a pick of R of the `released` (B, seen) ones:
+        `rebuild_score` of every one. A method with a per-page summary may score a shortlist only (-inf elsewhere)
+        so that a token pick costs O(pages)."""
+        return self.rebuild_score(state, tokens)
+
     def page_scores(self, state: State, tokens: Tokens, page_size: int, released: torch.Tensor, reduce) -> torch.Tensor:
         """(B, pages) scores of the pages of `page_size` consecutive columns of `tokens` (all columns seen, in
         order; the last page may be short) for a pick of the `released` (B, seen) columns: `reduce`
