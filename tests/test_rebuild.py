@@ -167,6 +167,17 @@ def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny, picks, candi
     assert 0 < Reads.gathered <= 2 * (m + R + 1 + REFINE * R * candidates)
 
 
+def test_the_probes_pick_scores_every_column_as_asking_each_does(tiny):
+    """The probe's token pick reads its kept scores in column order (`ProbeScoring.pick_scores`): equal, bit for
+    bit, to its scores asked column by column."""
+    model, _ = tiny
+    session = Session(model, make_method("adore", 8, model, R=4, rebuild="recall", **PROBE), 2, 256)
+    session.feed(prompts(batch=2, length=40)[0])
+    released = session.released_columns(session.length)
+    every = session.rebuild_scores(torch.arange(session.length).expand(2, -1))
+    assert torch.equal(session.pick_scores(released, 4), every)
+
+
 def test_a_shortlisted_token_pick_scores_its_pages_members_exactly(tiny):
     """`page_summary=N` with token picks: the pick's scores are the probe's own scores (normalised as the release's)
     on the members of the REFINE x R best-bounded pages and -inf elsewhere; when those pages are every page the

@@ -113,12 +113,23 @@ class ProbeScoring(Scoring):
         query = self.net.queries(previous, state.embedded)
         state.query = query if state.query is None else torch.where(rows[:, None], query, state.query)
 
-    def score(self, state, tokens):
-        if state.head_scores is None:  # the history's keys, read and normalised once per query
+    def _read_history(self, state, tokens) -> None:
+        """The query's per-head scores of every history column and their log normaliser, once per query."""
+        if state.head_scores is None:
             s = self.net.head_scores(state.tokens["z"], state.tokens["pos"], tokens.query_pos, state.query)
             state.allowed = self.net.allowed(state.tokens["pos"], tokens.query_pos, state.tokens["filled"])
             s.masked_fill_(~state.allowed[..., None], -1e9)
             state.head_scores, state.log_norm = s, s.logsumexp(1, keepdim=True)  # (B, T, heads), (B, 1, heads)
+
+    def pick_scores(self, state, tokens, released, R):
+        """Every seen column's score, in column order: the kept scores sliced, not gathered column by column."""
+        self._read_history(state, tokens)
+        seen = tokens.cols.shape[1]
+        mixed = self.net.mixed_normalised(state.head_scores[:, :seen] - state.log_norm)
+        return mixed.masked_fill(~state.allowed[:, :seen], float("-inf"))
+
+    def score(self, state, tokens):
+        self._read_history(state, tokens)
         cols = tokens.cols
         if 2 * cols.shape[1] > state.head_scores.shape[1]:  # most of the history (the rebuild pick): all, then pick
             mixed = self.net.mixed_normalised(state.head_scores - state.log_norm).gather(1, cols)
