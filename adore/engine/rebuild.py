@@ -264,16 +264,18 @@ class Recall(Rebuild):
         self.store.write(session.cache, start, slots)
 
     def pick(self, session, seen):
-        cols = torch.arange(seen, device=session.device).expand(session.batch_size, -1)
         if self.page_size is None:
             picks = super().pick(session, seen)
             if session.diagnostic is not None:  # eval.diagnose: a shortlisted pick against the exact per-token one
                 released = session.released_columns(seen)
-                hits = pick_counts(session.rebuild_scores(cols), released, picks.cols, picks.ok, self.R)
+                hits = pick_counts(
+                    session.rebuild_scores(every_column(session, seen)), released, picks.cols, picks.ok, self.R
+                )
                 session.diagnostic.observe_pick(*hits)
             return picks
         P = self.page_size
         pages = -(-seen // P)
+        cols = every_column(session, seen)
         released = session.released_columns(seen)
         scores = session.page_scores(cols, P, released, self.page_score)  # (B, pages): -inf if none released
         top = scores.topk(min(max(self.R // P, 1), pages), dim=1)
@@ -298,6 +300,11 @@ class Recall(Rebuild):
         self.recalled += ok.sum()
         self.last = torch.where(ok, cols, -1)
         return cols[:, :0], ok[:, :0]
+
+
+def every_column(session, seen: int) -> torch.Tensor:
+    """(B, seen) the history columns seen, every row."""
+    return torch.arange(seen, device=session.device).expand(session.batch_size, -1)
 
 
 POLICIES = {cls.name: cls for cls in (Recompute, Survivors, Keep, Recall)}
