@@ -153,8 +153,9 @@ def string_match_all(output: str, references: list[str]) -> float:
 def accuracy_metrics(rows: list[dict], mean_ci: Callable[[list[float]], list[float]]) -> dict:
     """Scored examples (`variant`, `length`, `depth`, `score`) -> eval/ruler_accuracy overall, per variant, per
     length and per (variant, length), each with its interval `_ci` from `mean_ci`; eval/ruler_depth<percent>_<length>:
-    the needle tasks' accuracy at one depth (the heatmap's cells). One function for a run and for the report, which
-    scores runs of one setting together over all their examples."""
+    the needle tasks' accuracy at one depth (the heatmap's cells); eval/ruler_needle_kept[_<variant>]: the mean of the
+    rows' `needle_kept` where measured (`needle_tokens`). One function for a run and for the report, which scores runs
+    of one setting together over all their examples."""
     groups: dict[str, list[float]] = {"accuracy": []}
     depth_cells: dict[str, list[float]] = {}
     for r in rows:
@@ -162,12 +163,39 @@ def accuracy_metrics(rows: list[dict], mean_ci: Callable[[list[float]], list[flo
             groups.setdefault(key, []).append(r["score"])
         if r["depth"] is not None:
             depth_cells.setdefault(f"depth{round(100 * r['depth'])}_{r['length']}", []).append(r["score"])
+        if r.get("needle_kept") is not None:
+            for key in ("needle_kept", f"needle_kept_{r['variant']}"):
+                groups.setdefault(key, []).append(r["needle_kept"])
     metrics = {}
     for key, scores in groups.items():
         metrics[f"eval/ruler_{key}"] = float(np.mean(scores))
         metrics[f"eval/ruler_{key}_ci"] = mean_ci(scores)
     metrics |= {f"eval/ruler_{key}": float(np.mean(s)) for key, s in depth_cells.items()}
     return metrics
+
+
+def needle_tokens(tokenizer, ids: list[int], ex: Example) -> list[int] | None:
+    """Indices into `ids` (the tokens of a prompt holding `ex.context`) of the reference strings where they stand in
+    the example's needles: the tokens an answer has to copy (niah: the asked-for values; vt: the variables' names).
+    None where there is nothing to find (cwe, fwe) or the tokens cannot be told apart from their text: the prompt's
+    text, decoded and encoded again, must give `ids` back, so that each token's characters are known."""
+    if not ex.needles:
+        return None
+    text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != list(ids):
+        return None
+    spans = []
+    for needle in ex.needles:  # each needle is in the context once (needles differ in key or value)
+        at = text.find(needle)
+        if at < 0:
+            return None
+        for ref in ex.references:
+            spans += [(at + i.start(), at + i.end()) for i in re.finditer(re.escape(ref), needle)]
+    found = [
+        i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and any(a < e and b > s for s, e in spans)
+    ]
+    return found or None
 
 
 # ------------------------------------------------------------------------------------------------ generation

@@ -103,6 +103,24 @@ def test_multikey_hides_distractors_and_asks_for_one_key(packaged_tokenizer, noi
     assert asked.endswith(f"{ex.references[0]}.") and asked.split(" for ")[1].split(" is")[0] in ex.question
 
 
+def test_needle_tokens_are_the_tokens_an_answer_copies(packaged_tokenizer, noise):
+    tok = packaged_tokenizer
+    for variant in ("niah_multikey", "niah_multivalue", "vt"):
+        ex = ruler.make_example(variant, 1024, 1, noise, counter(tok))
+        ids = OneShot().segments(tok, ex, EOS)[0][0]
+        found = ruler.needle_tokens(tok, ids, ex)
+        text = tok.decode([ids[i] for i in found])
+        assert all(r in text for r in ex.references), (variant, text)
+        if variant != "vt":  # the values' digits alone (one token each), none of a distractor's
+            assert len(found) == 7 * len(ex.references) and text.isdigit()
+        assert ex.question not in text
+    fwe = ruler.make_example("fwe", 512, 0, noise, counter(tok))
+    assert ruler.needle_tokens(tok, OneShot().segments(tok, fwe, EOS)[0][0], fwe) is None  # no needles
+    ex = ruler.make_example("niah_single", 512, 0, noise, counter(tok))
+    split = tok.convert_tokens_to_ids(["H", "ello"])  # "Hello" in two tokens: its text encodes as one
+    assert ruler.needle_tokens(tok, OneShot().segments(tok, ex, EOS)[0][0] + split, ex) is None
+
+
 def test_scorer_counts_the_references_found():
     assert ruler.string_match_all("The number is 1234567.", ["1234567"]) == 1.0
     assert ruler.string_match_all("I do not know.", ["1234567"]) == 0.0
@@ -184,6 +202,18 @@ def test_ruler_runs_through_eval(tmp_path, tiny_model_dir):
     assert evaluate.task_suffix(cfg.task) == "-ruler-turns"
 
 
+def test_needle_kept_is_what_the_cache_holds(tmp_path, tiny_model_dir):
+    """Full attention holds every needle token; a window of 32 holds none of a needle in the first half of the
+    prompt; fwe has no needle to measure."""
+    for method in ("full", "window"):
+        result = evaluate.run(ruler_cfg(tiny_model_dir, f"method={method}"), str(tmp_path / method))
+        rows = read_jsonl(tmp_path / method / "predictions.jsonl")
+        assert all((r["needle_kept"] is None) == (r["variant"] == "fwe") for r in rows)
+        kept = [r["needle_kept"] for r in rows if r["variant"] == "niah_single"]
+        assert kept == ([1.0] * 4 if method == "full" else [0.0] * 4)  # depths 0 and 0.25 of 256 / 384 tokens
+        assert result["metrics"]["eval/ruler_needle_kept_niah_single"] == (1.0 if method == "full" else 0.0)
+
+
 def test_ruler_refuses_conversations_and_lengths_past_the_window(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(evaluate, "load", lambda *a: pytest.fail("model loaded before validation"))
     with pytest.raises(ValueError, match="data=noise"):
@@ -206,6 +236,7 @@ def test_report_shows_ruler_tables_heatmap_and_paired_tests(tmp_path, tiny_model
     markdown = (out / "tables.md").read_text()
     assert "## Long context (RULER), by length" in markdown and "## Long context (RULER), by task" in markdown
     assert "Window (arrival=turns)" in markdown and "Window (arrival=oneshot)" in markdown  # one row per regime
+    assert "## Long context (RULER), what the release kept" in markdown
     assert (out / "ruler_heatmap.png").exists()
     tests = (out / "significance.csv").read_text()
     assert "RULER" in tests and "noise (ruler)" in tests

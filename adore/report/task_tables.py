@@ -30,6 +30,7 @@ STREAM = {
 }
 LONG = {"eval/repeated_ngram_fraction": ("rep. n-gram", 3), DECODE: ("tok/s", 1)}
 RULER_ALL = "eval/ruler_accuracy"  # task=ruler: share of reference strings found, over every example
+RULER_KEPT = "eval/ruler_needle_kept"  # task=ruler: share of the needles' answer tokens cached when the answer starts
 KNOWN = ("generate", "perplexity", "stream", "long", "ruler")  # the tasks with tables of their own
 
 PPL_NOTE = (
@@ -46,6 +47,14 @@ RULER_NOTE = (
 )
 
 
+RULER_KEPT_NOTE = (
+    "The share of the tokens an answer copies (the asked-for values in their needles; vt: the variables' names) that "
+    "are in the cache when the answer starts, after the prompt's last release (task=ruler, per task, mean ± "
+    "half-width): what a method kept, to tell a needle released from one kept but not read. Recall and rebuild "
+    f"can still bring a released token back while the answer is decoded. {MISSING} where not measured (cwe, fwe)."
+)
+
+
 def stream_table(df: pd.DataFrame) -> pd.DataFrame:
     """Stream generation (task=stream): methods x (dataset, BLEU | ROUGE-L | BERT-F | decode tok/s)."""
     return metric_table(task_runs(df, "stream"), STREAM)
@@ -57,7 +66,10 @@ def long_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ruler_metrics(runs: pd.DataFrame, by: str) -> dict[str, tuple[str, int]]:
-    """task=ruler's accuracy columns per length (`by="length"`, ascending) or per task (`by="variant"`), then "all"."""
+    """task=ruler's accuracy columns per length (`by="length"`, ascending) or per task (`by="variant"`), then "all";
+    `by="kept"`: the share of the needles' answer tokens cached when the answer starts, per task, then "all"."""
+    if by == "kept":
+        return {f"{RULER_KEPT}_{v}": (v, 2) for v in VARIANTS} | {RULER_KEPT: ("all", 2)}
     if by == "length":
         lengths = sorted(int(m.group(1)) for c in runs.columns if (m := re.fullmatch(r"eval/ruler_(\d+)", c)))
         columns = {f"eval/ruler_{n}": (str(n), 2) for n in lengths}
@@ -142,6 +154,7 @@ def task_tables(df: pd.DataFrame) -> list[Table]:
         ), long_table(df)),
         *(Table(f"ruler_{by}", f"Long context (RULER), {title}", RULER_NOTE, ruler_table(df, by))
           for by, title in (("length", "by length"), ("variant", "by task"))),
+        Table("ruler_kept", "Long context (RULER), what the release kept", RULER_KEPT_NOTE, ruler_table(df, "kept")),
     ]  # fmt: skip
     tables = [t for t in found if t.frame.shape[0] and t.frame.shape[1]]
     others = df[df["task"].notna() & ~df["task"].isin(KNOWN)] if "task" in df else df.iloc[:0]

@@ -36,6 +36,7 @@ from adore.ruler import (
     check_variants_and_lengths,
     haystack_sentences,
     make_example,
+    needle_tokens,
     string_match_all,
 )
 
@@ -206,10 +207,11 @@ class Ruler:
         eos = eos_ids(ctx.model, tok)
         examples = self.examples(tok, eos, records)
         segs = [self.arrival.segments(tok, ex, eos) for ex in examples]
+        needles = [needle_tokens(tok, seg[0][0], ex) for seg, ex in zip(segs, examples)]  # the context is turn one's
         batches = batches_by_length([sum(len(s[0]) for s in seg) for seg in segs], self.batch_size)
         answers, stats = {}, []
         for batch in tqdm(batches, desc=f"ruler {self.arrival.tag} {method.tag}", disable=not ctx.progress):
-            out, st = self._answer(ctx, method, [segs[i] for i in batch], eos)
+            out, st = self._answer(ctx, method, [segs[i] for i in batch], [needles[i] for i in batch], eos)
             stats += st
             answers |= dict(zip(batch, out))
         rows = []
@@ -218,7 +220,8 @@ class Ruler:
             rows.append(
                 {"id": ex.id, "variant": ex.variant, "length": ex.length, "index": ex.index, "depth": ex.depth,
                  "needle_depths": ex.needle_depths, "prompt_tokens": a["prompt_tokens"], "references": ex.references,
-                 "output": a["output"], "score": string_match_all(a["output"], ex.references)}
+                 "output": a["output"], "score": string_match_all(a["output"], ex.references),
+                 "needle_kept": a["needle_kept"]}
                 | ({"reply": a["reply"]} if "reply" in a else {})
             )  # fmt: skip
         run = {
@@ -240,19 +243,24 @@ class Ruler:
         return accuracy_metrics(rows, self.bootstrap.mean_ci)
 
     @torch.no_grad()
-    def _answer(self, ctx: Context, method, segs: list[list[tuple[list[int], list[int]]]], eos: list[int]):
-        """Feed B examples' segments through one session, a reply between two; per row: the answer and what was fed."""
+    def _answer(self, ctx: Context, method, segs: list[list[tuple[list[int], list[int]]]], needles, eos: list[int]):
+        """Feed B examples' segments through one session, a reply between two; per row: the answer, what was fed,
+        and the share of its `needles` tokens (indices into its first segment, None: not measured) cached when the
+        answer starts: what the release kept of what the answer copies."""
         tok, B = ctx.tokenizer, len(segs)
         turns = len(segs[0])
         max_len = max(sum(len(s[0]) for s in row) for row in segs) + self.arrival.reply_tokens * turns
         session = Session(ctx.model, method, B, max_len + self.max_new_tokens + 1, cuda_graphs=ctx.cuda_graphs)
         pending, ended_eos = [[] for _ in range(B)], [False] * B  # the reply's last token, which decode does not feed
-        fed, replies, stats = [0] * B, [[] for _ in range(B)], []
+        fed, replies, stats, kept = [0] * B, [[] for _ in range(B)], [], [None] * B
         for k in range(turns):
             feed = [pending[b] + segs[b][k][ended_eos[b]] for b in range(B)]
             ids, mask = left_pad(feed, tok.pad_token_id)
             chunk = self.arrival.chunk_for(method.m, ids.shape[1])
             logits, prefill_s = timed_prefill(session, ids, mask.bool(), chunk)
+            if k == turns - 1:  # positions count each row's tokens from 0, so turn one's index i is position i
+                cached = [set(row) for row in session.cached_positions()]
+                kept = [None if n is None else sum(i in c for i in n) / len(n) for n, c in zip(needles, cached)]
             budget = self.max_new_tokens if k == turns - 1 else self.arrival.reply_tokens
             steps = decode_steps(session, logits, budget, eos, tok.pad_token_id, self.sampling)
             gen = decode(session, steps, budget, tok.pad_token_id)
@@ -268,7 +276,11 @@ class Ruler:
                     pending[b] = out
         rows = []
         for b in range(B):
-            row = {"output": tok.decode(pending[b], skip_special_tokens=True).strip(), "prompt_tokens": fed[b]}
+            row = {
+                "output": tok.decode(pending[b], skip_special_tokens=True).strip(),
+                "prompt_tokens": fed[b],
+                "needle_kept": kept[b],
+            }
             if replies[b]:
                 row["reply"] = " | ".join(tok.decode(r, skip_special_tokens=True).strip() for r in replies[b])
             rows.append(row)
