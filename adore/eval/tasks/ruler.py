@@ -243,7 +243,9 @@ class Ruler:
         return accuracy_metrics(rows, self.bootstrap.mean_ci)
 
     @torch.no_grad()
-    def _answer(self, ctx: Context, method, segs: list[list[tuple[list[int], list[int]]]], needles, eos: list[int]):
+    def _answer(
+        self, ctx: Context, method, segs: list[list[tuple[list[int], list[int]]]], needles: list, eos: list[int]
+    ):
         """Feed B examples' segments through one session, a reply between two; per row: the answer, what was fed,
         and the share of its `needles` tokens (indices into its first segment, None: not measured) cached when the
         answer starts: what the release kept of what the answer copies."""
