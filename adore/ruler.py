@@ -58,6 +58,8 @@ def check_variants_and_lengths(prefix: str, variants, lengths) -> None:
 
 
 NEEDLE = "One of the special magic numbers for {key} is: {value}."
+NEEDLE_KEY = re.compile(re.escape(NEEDLE).replace(r"\{key\}", "(?P<key>.+?)").replace(r"\{value\}", ".+"))
+NEEDLE_PARTS = ("value", "key")  # what `needle_tokens` finds in a needle
 NIAH_ONE = (
     "A special magic number is hidden within the following text. Make sure to memorize it. "
     "I will quiz you about the number afterwards.",
@@ -153,8 +155,8 @@ def string_match_all(output: str, references: list[str]) -> float:
 def accuracy_metrics(rows: list[dict], mean_ci: Callable[[list[float]], list[float]]) -> dict:
     """Scored examples (`variant`, `length`, `depth`, `score`) -> eval/ruler_accuracy overall, per variant, per
     length and per (variant, length), each with its interval `_ci` from `mean_ci`; eval/ruler_depth<percent>_<length>:
-    the needle tasks' accuracy at one depth (the heatmap's cells); eval/ruler_needle_kept[_<variant>]: the mean of the
-    rows' `needle_kept` where measured (`needle_tokens`). One function for a run and for the report, which scores runs
+    the needle tasks' accuracy at one depth (the heatmap's cells); eval/ruler_needle_kept[_<variant>] and
+    eval/ruler_key_kept[...]: the means of the rows' `needle_kept` and `key_kept` where measured (`needle_tokens`). One function for a run and for the report, which scores runs
     of one setting together over all their examples."""
     groups: dict[str, list[float]] = {"accuracy": []}
     depth_cells: dict[str, list[float]] = {}
@@ -163,9 +165,10 @@ def accuracy_metrics(rows: list[dict], mean_ci: Callable[[list[float]], list[flo
             groups.setdefault(key, []).append(r["score"])
         if r["depth"] is not None:
             depth_cells.setdefault(f"depth{round(100 * r['depth'])}_{r['length']}", []).append(r["score"])
-        if r.get("needle_kept") is not None:
-            for key in ("needle_kept", f"needle_kept_{r['variant']}"):
-                groups.setdefault(key, []).append(r["needle_kept"])
+        for kept in ("needle_kept", "key_kept"):
+            if r.get(kept) is not None:
+                for key in (kept, f"{kept}_{r['variant']}"):
+                    groups.setdefault(key, []).append(r[kept])
     metrics = {}
     for key, scores in groups.items():
         metrics[f"eval/ruler_{key}"] = float(np.mean(scores))
@@ -174,11 +177,15 @@ def accuracy_metrics(rows: list[dict], mean_ci: Callable[[list[float]], list[flo
     return metrics
 
 
-def needle_tokens(tokenizer, ids: list[int], ex: Example) -> list[int] | None:
-    """Indices into `ids` (the tokens of a prompt holding `ex.context`) of the reference strings where they stand in
-    the example's needles: the tokens an answer has to copy (niah: the asked-for values; vt: the variables' names).
-    None where there is nothing to find (cwe, fwe) or the tokens cannot be told apart from their text: the prompt's
-    text, decoded and encoded again, must give `ids` back, so that each token's characters are known."""
+def needle_tokens(tokenizer, ids: list[int], ex: Example, part: str = "value") -> list[int] | None:
+    """Indices into `ids` (the tokens of a prompt holding `ex.context`) of a part of the example's needles.
+    `part="value"`: the reference strings where they stand in the needles, the tokens an answer has to copy (niah:
+    the asked-for values; vt: the variables' names). `part="key"`: the keys of the needles asked for (niah: the
+    words after "for"), the tokens that tell the asked needle from a distractor of the same shape.
+    None where there is nothing to find (cwe, fwe; vt's keys) or the tokens cannot be told apart from their text:
+    the prompt's text, decoded and encoded again, must give `ids` back, so that each token's characters are known."""
+    if part not in NEEDLE_PARTS:
+        raise ValueError(f"needle part {part!r}: choose one of {list(NEEDLE_PARTS)}")
     if not ex.needles:
         return None
     text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
@@ -190,8 +197,11 @@ def needle_tokens(tokenizer, ids: list[int], ex: Example) -> list[int] | None:
         at = text.find(needle)
         if at < 0:
             return None
-        for ref in ex.references:
-            spans += [(at + i.start(), at + i.end()) for i in re.finditer(re.escape(ref), needle)]
+        refs = [i.span() for ref in ex.references for i in re.finditer(re.escape(ref), needle)]
+        if part == "key":
+            key = NEEDLE_KEY.fullmatch(needle)
+            refs = [key.span("key")] if key and refs else []  # only the needles asked for
+        spans += [(at + a, at + b) for a, b in refs]
     found = [
         i for i, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and any(a < e and b > s for s, e in spans)
     ]

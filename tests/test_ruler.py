@@ -116,6 +116,27 @@ def test_needle_tokens_are_the_tokens_an_answer_copies(packaged_tokenizer, noise
         assert ex.question not in text
     fwe = ruler.make_example("fwe", 512, 0, noise, counter(tok))
     assert ruler.needle_tokens(tok, OneShot().segments(tok, fwe, EOS)[0][0], fwe) is None  # no needles
+    with pytest.raises(ValueError, match="'digits'"):
+        ruler.needle_tokens(tok, ids, ex, part="digits")
+
+
+def test_needle_keys_are_the_asked_needles_keys(packaged_tokenizer, noise):
+    """The key tokens are the asked needles' keys, none of a distractor's; vt has no keys."""
+    tok = packaged_tokenizer
+    for variant, asked in (("niah_single", 1), ("niah_multikey", 1), ("niah_multivalue", 4), ("niah_multiquery", 4)):
+        ex = ruler.make_example(variant, 1024, 2, noise, counter(tok))
+        ids = OneShot().segments(tok, ex, EOS)[0][0]
+        found = ruler.needle_tokens(tok, ids, ex, part="key")
+        keys = {ruler.NEEDLE_KEY.fullmatch(n).group("key") for n in ex.needles if any(r in n for r in ex.references)}
+        assert len(keys) == (1 if variant == "niah_multivalue" else asked)
+        runs = [[found[0]]]  # the found tokens in runs of consecutive positions: one run per asked needle
+        for i in found[1:]:
+            runs[-1].append(i) if i == runs[-1][-1] + 1 else runs.append([i])
+        assert len(runs) == asked and {tok.decode([ids[i] for i in run]).strip() for run in runs} == keys, variant
+        distractors = [n for n in ex.needles if not any(r in n for r in ex.references)]
+        assert all(ruler.NEEDLE_KEY.fullmatch(n).group("key") not in keys for n in distractors)
+    vt = ruler.make_example("vt", 1024, 0, noise, counter(tok))
+    assert ruler.needle_tokens(tok, OneShot().segments(tok, vt, EOS)[0][0], vt, part="key") is None
     ex = ruler.make_example("niah_single", 512, 0, noise, counter(tok))
     split = tok.convert_tokens_to_ids(["H", "ello"])  # "Hello" in two tokens: its text encodes as one
     assert ruler.needle_tokens(tok, OneShot().segments(tok, ex, EOS)[0][0] + split, ex) is None
@@ -208,10 +229,11 @@ def test_needle_kept_is_what_the_cache_holds(tmp_path, tiny_model_dir):
     for method in ("full", "window"):
         result = evaluate.run(ruler_cfg(tiny_model_dir, f"method={method}"), str(tmp_path / method))
         rows = read_jsonl(tmp_path / method / "predictions.jsonl")
-        assert all((r["needle_kept"] is None) == (r["variant"] == "fwe") for r in rows)
-        kept = [r["needle_kept"] for r in rows if r["variant"] == "niah_single"]
-        assert kept == ([1.0] * 4 if method == "full" else [0.0] * 4)  # depths 0 and 0.25 of 256 / 384 tokens
-        assert result["metrics"]["eval/ruler_needle_kept_niah_single"] == (1.0 if method == "full" else 0.0)
+        for part in ("needle_kept", "key_kept"):
+            assert all((r[part] is None) == (r["variant"] == "fwe") for r in rows)
+            kept = [r[part] for r in rows if r["variant"] == "niah_single"]
+            assert kept == ([1.0] * 4 if method == "full" else [0.0] * 4)  # depths 0 and 0.25 of 256 / 384 tokens
+            assert result["metrics"][f"eval/ruler_{part}_niah_single"] == (1.0 if method == "full" else 0.0)
 
 
 def test_ruler_refuses_conversations_and_lengths_past_the_window(tiny_model_dir, monkeypatch):
@@ -237,6 +259,7 @@ def test_report_shows_ruler_tables_heatmap_and_paired_tests(tmp_path, tiny_model
     assert "## Long context (RULER), by length" in markdown and "## Long context (RULER), by task" in markdown
     assert "Window (arrival=turns)" in markdown and "Window (arrival=oneshot)" in markdown  # one row per regime
     assert "## Long context (RULER), what the release kept" in markdown
+    assert "## Long context (RULER), the asked keys the release kept" in markdown
     assert (out / "ruler_heatmap.png").exists()
     tests = (out / "significance.csv").read_text()
     assert "RULER" in tests and "noise (ruler)" in tests

@@ -31,6 +31,7 @@ STREAM = {
 LONG = {"eval/repeated_ngram_fraction": ("rep. n-gram", 3), DECODE: ("tok/s", 1)}
 RULER_ALL = "eval/ruler_accuracy"  # task=ruler: share of reference strings found, over every example
 RULER_KEPT = "eval/ruler_needle_kept"  # task=ruler: share of the needles' answer tokens cached when the answer starts
+RULER_KEY_KEPT = "eval/ruler_key_kept"  # ... and of the asked needles' keys (what tells them from distractors)
 KNOWN = ("generate", "perplexity", "stream", "long", "ruler")  # the tasks with tables of their own
 
 PPL_NOTE = (
@@ -53,6 +54,11 @@ RULER_KEPT_NOTE = (
     "half-width): what a method kept, to tell a needle released from one kept but not read. Recall and rebuild "
     f"can still bring a released token back while the answer is decoded. {MISSING} where not measured (cwe, fwe)."
 )
+RULER_KEY_KEPT_NOTE = (
+    'The same share for the keys of the needles asked for (niah: the words after "for", which tell the asked '
+    "needle from its distractors): a value kept without its key cannot be told from a distractor's. "
+    f"{MISSING} where not measured (vt, cwe, fwe)."
+)
 
 
 def stream_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -67,9 +73,11 @@ def long_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def _ruler_metrics(runs: pd.DataFrame, by: str) -> dict[str, tuple[str, int]]:
     """task=ruler's accuracy columns per length (`by="length"`, ascending) or per task (`by="variant"`), then "all";
-    `by="kept"`: the share of the needles' answer tokens cached when the answer starts, per task, then "all"."""
-    if by == "kept":
-        return {f"{RULER_KEPT}_{v}": (v, 2) for v in VARIANTS} | {RULER_KEPT: ("all", 2)}
+    `by="kept"` / `"key_kept"`: the share of the needles' answer tokens / asked keys cached when the answer starts,
+    per task, then "all"."""
+    if by in ("kept", "key_kept"):
+        kept = RULER_KEPT if by == "kept" else RULER_KEY_KEPT
+        return {f"{kept}_{v}": (v, 2) for v in VARIANTS} | {kept: ("all", 2)}
     if by == "length":
         lengths = sorted(int(m.group(1)) for c in runs.columns if (m := re.fullmatch(r"eval/ruler_(\d+)", c)))
         columns = {f"eval/ruler_{n}": (str(n), 2) for n in lengths}
@@ -155,6 +163,8 @@ def task_tables(df: pd.DataFrame) -> list[Table]:
         *(Table(f"ruler_{by}", f"Long context (RULER), {title}", RULER_NOTE, ruler_table(df, by))
           for by, title in (("length", "by length"), ("variant", "by task"))),
         Table("ruler_kept", "Long context (RULER), what the release kept", RULER_KEPT_NOTE, ruler_table(df, "kept")),
+        Table("ruler_key_kept", "Long context (RULER), the asked keys the release kept", RULER_KEY_KEPT_NOTE,
+              ruler_table(df, "key_kept")),
     ]  # fmt: skip
     tables = [t for t in found if t.frame.shape[0] and t.frame.shape[1]]
     others = df[df["task"].notna() & ~df["task"].isin(KNOWN)] if "task" in df else df.iloc[:0]

@@ -30,6 +30,7 @@ from adore.eval.tasks import Context, TaskOutput, check_counts, sum_stats
 from adore.eval.tasks.stream import segments
 from adore.ruler import (
     DEPTHS,
+    NEEDLE_PARTS,
     VARIANTS,
     Example,
     accuracy_metrics,
@@ -207,7 +208,8 @@ class Ruler:
         eos = eos_ids(ctx.model, tok)
         examples = self.examples(tok, eos, records)
         segs = [self.arrival.segments(tok, ex, eos) for ex in examples]
-        needles = [needle_tokens(tok, seg[0][0], ex) for seg, ex in zip(segs, examples)]  # the context is turn one's
+        # the context is turn one's; per example, its needles' parts whose share in the cache each row reports
+        needles = [{p: needle_tokens(tok, seg[0][0], ex, p) for p in NEEDLE_PARTS} for seg, ex in zip(segs, examples)]
         batches = batches_by_length([sum(len(s[0]) for s in seg) for seg in segs], self.batch_size)
         answers, stats = {}, []
         for batch in tqdm(batches, desc=f"ruler {self.arrival.tag} {method.tag}", disable=not ctx.progress):
@@ -221,7 +223,7 @@ class Ruler:
                 {"id": ex.id, "variant": ex.variant, "length": ex.length, "index": ex.index, "depth": ex.depth,
                  "needle_depths": ex.needle_depths, "prompt_tokens": a["prompt_tokens"], "references": ex.references,
                  "output": a["output"], "score": string_match_all(a["output"], ex.references),
-                 "needle_kept": a["needle_kept"]}
+                 "needle_kept": a["needle_kept"], "key_kept": a["key_kept"]}
                 | ({"reply": a["reply"]} if "reply" in a else {})
             )  # fmt: skip
         run = {
@@ -247,14 +249,15 @@ class Ruler:
         self, ctx: Context, method, segs: list[list[tuple[list[int], list[int]]]], needles: list, eos: list[int]
     ):
         """Feed B examples' segments through one session, a reply between two; per row: the answer, what was fed,
-        and the share of its `needles` tokens (indices into its first segment, None: not measured) cached when the
-        answer starts: what the release kept of what the answer copies."""
+        and the share of each part of its `needles` ({"value": token indices into its first segment, "key": ...},
+        None: not measured) cached when the answer starts: what the release kept of what the answer copies
+        (`needle_kept`) and of the words that say which needle is asked (`key_kept`)."""
         tok, B = ctx.tokenizer, len(segs)
         turns = len(segs[0])
         max_len = max(sum(len(s[0]) for s in row) for row in segs) + self.arrival.reply_tokens * turns
         session = Session(ctx.model, method, B, max_len + self.max_new_tokens + 1, cuda_graphs=ctx.cuda_graphs)
         pending, ended_eos = [[] for _ in range(B)], [False] * B  # the reply's last token, which decode does not feed
-        fed, replies, stats, kept = [0] * B, [[] for _ in range(B)], [], [None] * B
+        fed, replies, stats, kept = [0] * B, [[] for _ in range(B)], [], [dict.fromkeys(NEEDLE_PARTS)] * B
         for k in range(turns):
             feed = [pending[b] + segs[b][k][ended_eos[b]] for b in range(B)]
             ids, mask = left_pad(feed, tok.pad_token_id)
@@ -262,7 +265,7 @@ class Ruler:
             logits, prefill_s = timed_prefill(session, ids, mask.bool(), chunk)
             if k == turns - 1:  # positions count each row's tokens from 0, so turn one's index i is position i
                 cached = [set(row) for row in session.cached_positions()]
-                kept = [None if n is None else sum(i in c for i in n) / len(n) for n, c in zip(needles, cached)]
+                kept = [{p: share_in(n, c) for p, n in parts.items()} for parts, c in zip(needles, cached)]
             budget = self.max_new_tokens if k == turns - 1 else self.arrival.reply_tokens
             steps = decode_steps(session, logits, budget, eos, tok.pad_token_id, self.sampling)
             gen = decode(session, steps, budget, tok.pad_token_id)
@@ -281,12 +284,18 @@ class Ruler:
             row = {
                 "output": tok.decode(pending[b], skip_special_tokens=True).strip(),
                 "prompt_tokens": fed[b],
-                "needle_kept": kept[b],
+                "needle_kept": kept[b]["value"],
+                "key_kept": kept[b]["key"],
             }
             if replies[b]:
                 row["reply"] = " | ".join(tok.decode(r, skip_special_tokens=True).strip() for r in replies[b])
             rows.append(row)
         return rows, stats
+
+
+def share_in(tokens: list[int] | None, cached: set[int]) -> float | None:
+    """The share of `tokens` (positions; None: not measured) that `cached` holds."""
+    return None if tokens is None else sum(i in cached for i in tokens) / len(tokens)
 
 
 class _Records(list):
