@@ -156,8 +156,9 @@ def accuracy_metrics(rows: list[dict], mean_ci: Callable[[list[float]], list[flo
     """Scored examples (`variant`, `length`, `depth`, `score`) -> eval/ruler_accuracy overall, per variant, per
     length and per (variant, length), each with its interval `_ci` from `mean_ci`; eval/ruler_depth<percent>_<length>:
     the needle tasks' accuracy at one depth (the heatmap's cells); eval/ruler_needle_kept[_<variant>] and
-    eval/ruler_key_kept[...]: the means of the rows' `needle_kept` and `key_kept` where measured (`needle_tokens`). One function for a run and for the report, which scores runs
-    of one setting together over all their examples."""
+    eval/ruler_key_kept[_<variant>]: the means of the rows' `needle_kept` and `key_kept` where measured
+    (`needle_tokens`). One function for a run and for the report, which scores runs of one setting together over all
+    their examples."""
     groups: dict[str, list[float]] = {"accuracy": []}
     depth_cells: dict[str, list[float]] = {}
     for r in rows:

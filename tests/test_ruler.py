@@ -116,6 +116,9 @@ def test_needle_tokens_are_the_tokens_an_answer_copies(packaged_tokenizer, noise
         assert ex.question not in text
     fwe = ruler.make_example("fwe", 512, 0, noise, counter(tok))
     assert ruler.needle_tokens(tok, OneShot().segments(tok, fwe, EOS)[0][0], fwe) is None  # no needles
+    ex = ruler.make_example("niah_single", 512, 0, noise, counter(tok))
+    split = tok.convert_tokens_to_ids(["H", "ello"])  # "Hello" in two tokens: its text encodes as one
+    assert ruler.needle_tokens(tok, OneShot().segments(tok, ex, EOS)[0][0] + split, ex) is None
     with pytest.raises(ValueError, match="'digits'"):
         ruler.needle_tokens(tok, ids, ex, part="digits")
 
@@ -137,9 +140,6 @@ def test_needle_keys_are_the_asked_needles_keys(packaged_tokenizer, noise):
         assert all(ruler.NEEDLE_KEY.fullmatch(n).group("key") not in keys for n in distractors)
     vt = ruler.make_example("vt", 1024, 0, noise, counter(tok))
     assert ruler.needle_tokens(tok, OneShot().segments(tok, vt, EOS)[0][0], vt, part="key") is None
-    ex = ruler.make_example("niah_single", 512, 0, noise, counter(tok))
-    split = tok.convert_tokens_to_ids(["H", "ello"])  # "Hello" in two tokens: its text encodes as one
-    assert ruler.needle_tokens(tok, OneShot().segments(tok, ex, EOS)[0][0] + split, ex) is None
 
 
 def test_scorer_counts_the_references_found():
