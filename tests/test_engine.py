@@ -425,6 +425,22 @@ def test_attention_release_without_rebuild_is_tova(tiny):
     assert out.stats["rebuilt_tokens"] > 0
 
 
+def test_mass_release_without_rebuild_is_h2o(tiny):
+    """release=mass keeps what every query so far attended to most: with nothing rebuilt, that is H2O exactly; with
+    rebuilds, recalled tokens keep their mass and add to it."""
+    from adore.methods.h2o import H2O
+
+    model, _ = tiny
+    ids, mask = prompts()
+    ours = generate(model, Adore(m=6, R=0, config=PROBE, release="mass", recent_ratio=0.5), ids, mask, 10, [], 0)
+    assert torch.equal(ours.tokens, generate(model, H2O(m=6, recent_ratio=0.5), ids, mask, 10, [], 0).tokens)
+    recalling = Adore(m=6, R=2, rebuild="recall", rebuild_every=1, config=PROBE, release="mass", recent_ratio=0.5)
+    assert recalling.identity()["release"] == "mass"
+    assert generate(model, recalling, ids, mask, 10, [], 0).stats["recalled_tokens"] > 0
+    with pytest.raises(ValueError, match="method.release=mass .* pass method.recent_ratio=0.5"):
+        Adore(m=6, release="mass")
+
+
 def test_probe_scores_in_the_engine_are_those_it_was_trained_on(tiny):
     """With nothing released, the engine's rebuild scores in the step that feeds token t equal the training-side
     scores of the same sequence (keys from x_i, query from x_{t-1} and token t's embedding), though token t's

@@ -79,6 +79,7 @@ def decode_a_few(model, method, static: bool, steps: int = 6, batch: int = 2):
     + [("adore", {"R": 3, "rebuild": "keep", "rebuild_every": 1})]
     + [("adore", {"R": 3, "rebuild_every": 1, "config": {"heads": 2, "head_dim": 4}, "release": "attention"})]
     + [("adore", {"R": 3, "rebuild": "recall", "rebuild_every": 1})]
+    + [("adore", {"R": 3, "rebuild": "recall", "rebuild_every": 1, "release": "mass", "recent_ratio": 0.5})]
     + [("adore", {"R": 4, "rebuild": "recall", "page_size": 2, "config": {"heads": 2, "head_dim": 4}})]
     + [
         (

@@ -3,7 +3,7 @@ best, and the R best released tokens are rebuilt.
 
 The method holds three objects, each a concept with variants: the controller (`adore.controller`: the GRU scorer
 or the attention probe), its `Scoring` (how a session keeps the controller's per-token state and scores with it)
-and its `release` rule (by the controller's scores, or by this step's attention).
+and its `release` rule (by the controller's scores, by this step's attention, or by the attention accumulated so far).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class ByController:
     needs: frozenset[str] = frozenset()
     identity: dict = {}  # runs written before the release rules existed released this way: their names stay
 
+    def start(self, state, batch_size, length, device) -> None:
+        pass
+
     def update(self, state, entered) -> None:
         pass
 
@@ -44,6 +47,9 @@ class ByAttention:
     needs = frozenset({"last_attention"})
     identity = {"release": "attention"}
 
+    def start(self, state, batch_size, length, device) -> None:
+        pass
+
     def update(self, state, entered) -> None:
         state.tokens["attention"] = entered.last_attention  # (B, T): only the newest query counts
 
@@ -51,7 +57,26 @@ class ByAttention:
         return state.tokens["attention"].gather(1, tokens.cols)
 
 
-RELEASES = {"controller": ByController, "attention": ByAttention}  # what `Adore.release` may be
+class ByMass:
+    """Release by the attention mass each token has received from every query so far, summed over layers and heads
+    (H2O's heavy hitters): a count of how often the context came back to a token, which is what a question about the
+    context's most frequent words needs. A recalled token keeps its mass and adds to it. A new token has little mass
+    yet, so the rule needs `recent_ratio` (H2O's recent share) to keep the newest tokens."""
+
+    needs = frozenset({"attention"})
+    identity = {"release": "mass"}
+
+    def start(self, state, batch_size, length, device) -> None:
+        state.tokens["mass"] = torch.zeros(batch_size, length, device=device)
+
+    def update(self, state, entered) -> None:
+        state.tokens["mass"] += entered.attention.float()
+
+    def score(self, state, tokens, scoring: Scoring) -> torch.Tensor:
+        return state.tokens["mass"].gather(1, tokens.cols)
+
+
+RELEASES = {"controller": ByController, "attention": ByAttention, "mass": ByMass}  # what `Adore.release` may be
 
 
 @dataclass
@@ -70,7 +95,9 @@ class Adore(Rebuilds):
     seed: int = 0
     config: dict = field(default_factory=dict)  # ControllerConfig fields for a fresh controller
     rebuild_every: int = 8  # rebuild on every k-th step only (1: the paper's rule; 8: same KL, faster)
-    release: str = "controller"  # controller: release by its scores | attention: by this step's attention (TOVA)
+    # controller: release by its scores | attention: by this step's attention (TOVA) | mass: by the attention
+    # accumulated over every step (H2O; with recent_ratio)
+    release: str = "controller"
     # the probe scores picks and the release's normaliser from page summaries: true with page_size (page picks);
     # N with token picks (pages of N summarised, the pick shortlisted from them)
     page_summary: bool | int = False
@@ -103,6 +130,11 @@ class Adore(Rebuilds):
             )
         if self.release not in RELEASES:
             raise ValueError(f"method.release={self.release!r}: choose one of {list(RELEASES)}")
+        if self.release == "mass" and self.recent_ratio is None:
+            raise ValueError(
+                "method.release=mass releases the newest tokens first (they have had no time to gather attention): "
+                "pass method.recent_ratio=0.5 (H2O's recent share) or another share of m to keep them"
+            )
         self.release_rule = RELEASES[self.release]()
         self.net: Controller | None = None  # loaded on first use
         meta = Controller.meta(self.controller) if self.controller is not None else {}
@@ -194,6 +226,7 @@ class Adore(Rebuilds):
             self.scoring = ProbeScoring(self.net)
         state = State(tokens={"z": torch.zeros(batch_size, length, self.net.state_width, device=device)})
         state.h = None  # the state `encode` carries (the GRU's; the probe's x of the newest token)
+        self.release_rule.start(state, batch_size, length, device)
         self.scoring.start(state, model)
         return state
 
