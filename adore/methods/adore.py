@@ -3,7 +3,8 @@ best, and the R best released tokens are rebuilt.
 
 The method holds three objects, each a concept with variants: the controller (`adore.controller`: the GRU scorer
 or the attention probe), its `Scoring` (how a session keeps the controller's per-token state and scores with it)
-and its `release` rule (by the controller's scores, by this step's attention, or by the attention accumulated so far).
+and its release rule (`adore.methods.releases`: by the controller's scores, by this step's attention, or by the
+attention accumulated so far).
 """
 
 from __future__ import annotations
@@ -20,63 +21,8 @@ from adore.io import project_file
 from adore.methods.base import State, file_identity
 from adore.methods.guarantees import protect, recent_tokens
 from adore.methods.rebuilds import Rebuilds
-from adore.methods.scoring import GRUScoring, PagedProbeScoring, ProbeScoring, Scoring
-
-
-class ByController:
-    """Release by the controller's scores (the paper)."""
-
-    needs: frozenset[str] = frozenset()
-    identity: dict = {}  # runs written before the release rules existed released this way: their names stay
-
-    def start(self, state, batch_size, length, device) -> None:
-        pass
-
-    def update(self, state, entered) -> None:
-        pass
-
-    def score(self, state, tokens, scoring: Scoring) -> torch.Tensor:
-        return scoring.score(state, tokens)
-
-
-class ByAttention:
-    """Release by the newest query's attention over the cache in this step's forward, rebuilt tokens included
-    (TOVA's rule), so that a wrong rebuild pick is dropped again instead of displacing a token the query reads.
-    The controller still picks the rebuilds: released tokens have nothing else to be scored by."""
-
-    needs = frozenset({"last_attention"})
-    identity = {"release": "attention"}
-
-    def start(self, state, batch_size, length, device) -> None:
-        pass
-
-    def update(self, state, entered) -> None:
-        state.tokens["attention"] = entered.last_attention  # (B, T): only the newest query counts
-
-    def score(self, state, tokens, scoring: Scoring) -> torch.Tensor:
-        return state.tokens["attention"].gather(1, tokens.cols)
-
-
-class ByMass:
-    """Release by the attention mass each token has received from every query so far, summed over layers and heads
-    (H2O's heavy hitters): a count of how often the context came back to a token, which is what a question about the
-    context's most frequent words needs. A recalled token keeps its mass and adds to it. A new token has little mass
-    yet, so the rule needs `recent_ratio` (H2O's recent share) to keep the newest tokens."""
-
-    needs = frozenset({"attention"})
-    identity = {"release": "mass"}
-
-    def start(self, state, batch_size, length, device) -> None:
-        state.tokens["mass"] = torch.zeros(batch_size, length, device=device)
-
-    def update(self, state, entered) -> None:
-        state.tokens["mass"] += entered.attention.float()
-
-    def score(self, state, tokens, scoring: Scoring) -> torch.Tensor:
-        return state.tokens["mass"].gather(1, tokens.cols)
-
-
-RELEASES = {"controller": ByController, "attention": ByAttention, "mass": ByMass}  # what `Adore.release` may be
+from adore.methods.releases import RELEASES
+from adore.methods.scoring import GRUScoring, PagedProbeScoring, ProbeScoring
 
 
 @dataclass
