@@ -117,7 +117,7 @@ def test_every_method_setting_names_its_run_directory():
                 continue
             if f.name not in method.identity():
                 continue  # not a setting of this configuration (a trained controller has no seed)
-            for changed in (value + 1, value + 2) if isinstance(value, int) else (value / 2,):
+            for changed in (value + 1, value + 2, value // 2) if isinstance(value, int) else (value / 2,):
                 try:
                     other = dataclasses.replace(method, **{f.name: changed})
                 except ValueError:

@@ -24,7 +24,8 @@ def methods_for(
     rebuild policy and period for configs that rebuild (R > 0; None: the config's), for `keep` one per cap on
     the picks forwarded, for `recall` one per page size (0: token picks) and store dtype. `extra`: overrides of
     every config that has those fields (e.g. an untrained controller's shape). A page size pairs only with the
-    R values it divides (`--R 4,64 --page-size 0,16`: R = 4 as tokens, R = 64 as tokens and in pages of 16)."""
+    R values it divides (`--R 4,64 --page-size 0,16`: R = 4 as tokens, R = 64 as tokens and in pages of 16), and so
+    does a config's own page size (`adore_late`)."""
     unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")
@@ -39,7 +40,11 @@ def methods_for(
         if "R" not in fields:
             rows.append((name, own))
             continue
+        own_page = fields.get("page_size")  # a config that recalls pages (adore_late) takes R of whole pages
         for r in R:
+            if r > 0 and own_page and not pages and r % own_page:
+                print(f"[skip] method={name} R={r}: not a whole number of its pages of {own_page}")
+                continue
             policies = [{}]
             if r > 0:  # None: the config's value
                 policies = [
