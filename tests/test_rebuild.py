@@ -316,6 +316,7 @@ def test_top_is_the_old_name_of_recompute_and_identities_keep_their_names():
     [
         ({"page_size": 2}, "method.page_size=2 .*rebuild=recall"),
         ({"rebuild": "recall", "page_size": 3}, "method.R=4 is not a whole number of pages.*R = 3"),
+        ({"rebuild": "recall", "page_size": 16}, "method.page_size=16 exceeds method.m=8.*at most 8"),
         ({"rebuild": "recall", "store_dtype": "fp8"}, "method.store_dtype='fp8'"),
         ({"rebuild": "recall", "page_size": 2, "page_summary": True}, "page_summary=True .*probe"),
         ({"rebuild": "recall", "page_summary": True}, "page_size, which is null .*page_summary=16"),

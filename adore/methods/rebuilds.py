@@ -75,6 +75,11 @@ class Rebuilds(Method):
             raise ValueError(
                 f"method.page_size={self.page_size} picks pages to copy back from the store: set method.rebuild=recall"
             )
+        if self.page_size is not None and self.page_size > self.m:
+            raise ValueError(
+                f"method.page_size={self.page_size} exceeds method.m={self.m}: a recalled page must fit the cache; "
+                f"use a page of at most {self.m} tokens or a larger budget"
+            )
         if self.page_size is not None and R % self.page_size:
             raise ValueError(
                 f"method.R={R} is not a whole number of pages of method.page_size={self.page_size}: use R = "
