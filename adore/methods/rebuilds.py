@@ -75,7 +75,7 @@ class Rebuilds(Method):
             raise ValueError(
                 f"method.page_size={self.page_size} picks pages to copy back from the store: set method.rebuild=recall"
             )
-        if self.page_size is not None and self.page_size > self.m:
+        if self.page_size is not None and R and self.page_size > self.m:  # R = 0 recalls nothing: no page
             raise ValueError(
                 f"method.page_size={self.page_size} exceeds method.m={self.m}: a recalled page must fit the cache; "
                 f"use a page of at most {self.m} tokens or a larger budget"
