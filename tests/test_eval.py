@@ -105,6 +105,19 @@ def test_run_directory_names_carry_the_hyper_parameters():
     assert len(trained.removesuffix("_rebuildrecall").rsplit("-", 1)[1]) == 8  # the checkpoint's hash prefix
 
 
+def test_adore_late_is_the_late_question_recipe_by_name():
+    """`method=adore_late` is `adore_trained` with the recipe's five overrides: the same run, folder and row."""
+    recipe = {
+        "controller": "checkpoints/controller_smollm2_probe_l20_long_k64.pt",
+        "R": 256,
+        "page_size": 16,
+        "tail_alone": 48,
+        "release": "attention",
+    }
+    assert make_method("adore_late", 256).tag == make_method("adore_trained", 256, **recipe).tag
+    assert make_method("adore_late", 512).R == 512  # R follows the budget
+
+
 def test_every_method_setting_names_its_run_directory():
     """Two settings of any method never share a run directory: changing any field of any method changes its tag."""
     import dataclasses
