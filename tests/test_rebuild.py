@@ -152,12 +152,18 @@ def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny, picks, candi
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             first = args[0] if args else None
-            if isinstance(first, torch.Tensor) and first.shape == z.shape and first.data_ptr() == z.data_ptr():
+            if isinstance(first, torch.Tensor) and first.data_ptr() == z.data_ptr() and first.numel() == z.numel():
                 if func is torch.ops.aten.gather.default:
                     Reads.gathered += args[2].numel() // z.shape[2]
                 elif func is torch.ops.aten.index.Tensor:  # z[rows, cols]: one key per (row, column) indexed
                     Reads.gathered += torch.broadcast_shapes(*(i.shape for i in args[1] if i is not None)).numel()
-                elif func not in (torch.ops.aten.index_put_.default, torch.ops.aten.slice.Tensor):
+                elif func is torch.ops.aten.index_select.default:  # (B x T, width) rows of the flattened keys
+                    Reads.gathered += args[2].numel()
+                elif func not in (
+                    torch.ops.aten.index_put_.default,
+                    torch.ops.aten.slice.Tensor,
+                    torch.ops.aten.view.default,
+                ):
                     Reads.whole.append(str(func))
             return func(*args, **(kwargs or {}))
 
@@ -202,6 +208,24 @@ def test_a_shortlisted_token_pick_scores_its_pages_members_exactly(tiny):
     torch.testing.assert_close(short[listed], every[listed])  # exact where listed
     short, every, seen = scores(8)  # REFINE x 8 pages of 4 hold every column
     torch.testing.assert_close(short, every)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_the_paged_release_reads_its_querys_scores_back(tiny, every):
+    """With page summaries a query's normaliser is estimated once and the per-head scores of the columns it scored
+    (the cache, the pick's candidates, the fed token) are kept: the release after the forward reads the cached
+    tokens' scores back, equal to scoring them afresh with that normaliser (on a step without a pick too)."""
+    model, _ = tiny
+    method = make_method("adore", 8, model, R=4, rebuild="recall", rebuild_every=every, page_summary=4, **PROBE)
+    session = Session(model, method, 2, 256)
+    logits = session.feed(prompts(batch=2, length=60)[0])
+    for _ in range(4):
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+        kept = session.slot_kept
+        tokens = session._tokens(session.slot_col.clamp(min=0))
+        read_back = method.scoring.release_scores(session.state, tokens)
+        afresh = method.scoring.score(session.state, tokens)
+        torch.testing.assert_close(read_back[kept], afresh[kept])
 
 
 def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny):

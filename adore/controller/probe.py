@@ -110,15 +110,13 @@ class AttentionProbe(Controller):
         upper = summary.upper_bound(query, c.heads, pages) / math.sqrt(c.head_dim) + bias
         return self.mixed(upper - log_norm, summary.filled(pages))
 
-    def log_normaliser(self, summary, query_pos, query, cached_z, cached_pos, cached_cols) -> torch.Tensor:
+    def log_normaliser(self, summary, query_pos, query, cached_scores, cached_cols) -> torch.Tensor:
         """(B, 1, heads) log of each head's softmax normaliser over the history: exact over the cached tokens
-        (cached_z (B, C, width) at cached_pos, history columns cached_cols, -1: empty slot), and for the released
+        (their `head_scores` (B, C, heads), history columns cached_cols, -1: empty slot), and for the released
         rest of each page its count times exp of the page's mean-key score (adore.engine.pages). O(C + pages)."""
         c = self.config
         pages = summary.pages
-        own = self.head_scores(cached_z, cached_pos, query_pos, query).masked_fill(
-            (cached_cols < 0)[..., None], float("-inf")
-        )
+        own = cached_scores.masked_fill((cached_cols < 0)[..., None], float("-inf"))
         page = cached_cols.clamp(min=0) // summary.page_size
         in_cache = torch.zeros_like(summary.count).scatter_add_(1, page, (cached_cols >= 0).float())  # (B, pages)
         released = (summary.count - in_cache).clamp(min=0)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from adore.engine.columns import at_columns
+
 STORE_DTYPES = ("model", "bfloat16", "int8")
 
 
@@ -46,7 +48,6 @@ class KVStore:
         self.keys, self.values = self._empty(length), self._empty(length)
         self.key_scale = self._empty(length, scale=True) if dtype == "int8" else None
         self.value_scale = self._empty(length, scale=True) if dtype == "int8" else None
-        self.rows = torch.arange(batch, device=self.device)[:, None]  # (B, 1)
 
     def _empty(self, length: int, scale: bool = False) -> torch.Tensor:
         B, L, H, D = self.shape
@@ -91,12 +92,12 @@ class KVStore:
         if not cols.shape[1]:
             return
         for name, cached in (("key", cache.keys), ("value", cache.values)):
-            code = getattr(self, name + "s")[self.rows, cols]  # (B, r, layers, kv_heads, head_dim)
+            code = at_columns(getattr(self, name + "s"), cols)  # (B, r, layers, kv_heads, head_dim)
             scale = getattr(self, name + "_scale")
             # written through a (B, slots, layers, heads, dim) view: its two indexed dimensions lead, adjacent, so the
             # write takes the strided fast path (3x faster on a CPU than indexing dimensions 1 and 3 in place)
             slot_major = cached.permute(1, 3, 0, 2, 4)
-            slot_major[cache.rows, slots] = self._decode(code, None if scale is None else scale[self.rows, cols])
+            slot_major[cache.rows, slots] = self._decode(code, None if scale is None else at_columns(scale, cols))
 
     def _encode(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.kind != "int8":

@@ -74,8 +74,8 @@ class PageSummary:
 
     def mean_dot(self, query: torch.Tensor, heads: int, pages: int) -> torch.Tensor:
         """(B, pages, heads) <q_h, mean key_h> of each page (0 for an empty page)."""
-        mean = self.total[:, :pages] / self.count[:, :pages, None].clamp(min=1)
-        return (query[:, None] * mean).unflatten(-1, (heads, -1)).sum(-1)
+        dots = (query[:, None] * self.total[:, :pages]).unflatten(-1, (heads, -1)).sum(-1)  # per head, then divided
+        return dots / self.count[:, :pages, None].clamp(min=1)
 
     def centre(self, pages: int) -> torch.Tensor:
         """(B, pages) mean position of each page's keys."""

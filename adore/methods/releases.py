@@ -31,7 +31,7 @@ class ByController(ReleaseRule):
     this way: its identity is empty, so their names stay."""
 
     def score(self, state, tokens, scoring: Scoring) -> torch.Tensor:
-        return scoring.score(state, tokens)
+        return scoring.release_scores(state, tokens)
 
 
 class ByAttention(ReleaseRule):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from adore.controller import AttentionProbe, Controller, newest_valid
+from adore.engine.columns import at_columns
 from adore.engine.pages import PageSummary, by_page
 from adore.methods.base import State
 
@@ -39,6 +40,10 @@ class Scoring:
 
     def score(self, state: State, tokens) -> torch.Tensor:
         raise NotImplementedError
+
+    def release_scores(self, state: State, tokens) -> torch.Tensor:
+        """(B, k) scores of the cached tokens `tokens` for the release: `score`'s (a kind may keep them from the pick)."""
+        return self.score(state, tokens)
 
     def page_scores(self, state, tokens, page_size: int, released: torch.Tensor, reduce, exact):
         """(B, pages) page scores for a page pick; `exact` is the method's default (Method.page_scores)."""
@@ -151,23 +156,49 @@ class PagedProbeScoring(ProbeScoring):
 
     def start(self, state, model):
         super().start(state, model)
-        B, _, width = state.tokens["z"].shape
+        B, T, width = state.tokens["z"].shape
         state.pages = PageSummary(B, width, self.page_size, state.tokens["z"].device)
+        # per query: its log normaliser (B, 1, heads), estimated once (`_log_norm`), and the per-head scores of the
+        # columns it scored (the cache, the pick's candidates, the fed token), which the release reads back
+        state.paged_norm = None
+        state.tokens["scored"] = torch.zeros(B, T, self.net.config.heads, device=state.tokens["z"].device)
+
+    def arrive(self, state, arriving):
+        super().arrive(state, arriving)
+        state.paged_norm = None
 
     def update(self, state, entered, x):
+        """The fed keys enter their pages' summaries; a decode step's token joins its query's normaliser exactly, as
+        `ProbeScoring` joins it to the kept scores, so the release reuses the pick's estimate."""
         z = super().update(state, entered, x)
         state.pages.add(entered.cols[0], z, entered.positions, entered.valid, state.tokens["z"].shape[1])
+        if entered.valid.shape[1] == 1 and state.paged_norm is not None:
+            own = self.net.head_scores(z, entered.positions, entered.query_pos, state.query)  # (B, 1, heads)
+            state.tokens["scored"][:, entered.cols[0]] = own
+            allowed = self.net.allowed(entered.positions, entered.query_pos, entered.valid)
+            state.paged_norm = torch.logaddexp(state.paged_norm, own.masked_fill(~allowed[..., None], -inf))
+        else:  # a prompt's new query, or a step that scored nothing yet: the release takes the normaliser afresh
+            state.paged_norm = None
         return z
 
     def assume(self, state, cols, positions, length):
         """The assumed keys enter their pages' summaries."""
         super().assume(state, cols, positions, length)
+        state.paged_norm = None
         z = state.tokens["z"][:, cols]
         state.pages.add(cols, z, positions, torch.ones_like(positions, dtype=torch.bool), length)
 
     def score(self, state, tokens):
         z = at_columns(state.tokens["z"], tokens.cols)
         return self.net.paged_logits(z, tokens.positions, tokens.query_pos, state.query, self._log_norm(state, tokens))
+
+    def release_scores(self, state, tokens):
+        """The cached tokens' scores read back from this query's scored columns: every token cached now was cached,
+        picked from the candidates or fed since the normaliser was taken (`_log_norm` takes it first if not)."""
+        log_norm = self._log_norm(state, tokens)
+        heads = tokens.cols[..., None].expand(-1, -1, state.tokens["scored"].shape[2])
+        scores = state.tokens["scored"].gather(1, heads)
+        return self.net.mixed(scores - log_norm, tokens.positions <= tokens.query_pos)
 
     def page_scores(self, state, tokens, page_size, released, reduce, exact):
         """Each open page's bound from its summary (adore.engine.pages), then the REFINE x (R / page_size) best
@@ -205,19 +236,25 @@ class PagedProbeScoring(ProbeScoring):
         cols = cols.clamp(max=seen - 1)
         z = at_columns(state.tokens["z"], cols)  # (B, c * P, width)
         positions = state.tokens["pos"].gather(1, cols)
-        scores = self.net.paged_logits(z, positions, tokens.query_pos, state.query, log_norm)
+        own = self.net.head_scores(z, positions, tokens.query_pos, state.query)  # (B, c * P, heads)
+        state.tokens["scored"].scatter_(1, cols[..., None].expand_as(own), own)
+        scores = self.net.mixed(own - log_norm, positions <= tokens.query_pos)
         scores = scores.masked_fill(~(inside & state.tokens["filled"].gather(1, cols)), -inf)
         return bound, open_pages, candidates, cols, inside, scores
 
     def _log_norm(self, state, tokens):
-        """The per-head log normaliser for this query: exact over the cache, estimated over the released."""
-        cols = tokens.cached  # (B, C), -1: empty slot
-        cached_z = at_columns(state.tokens["z"], cols.clamp(min=0))
-        cached_pos = state.tokens["pos"].gather(1, cols.clamp(min=0))
-        return self.net.log_normaliser(state.pages, tokens.query_pos, state.query, cached_z, cached_pos, cols)
-
-
-def at_columns(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """(B, k, width) rows of `values` (B, T, width) at history columns `cols` (B, k): an index, not a gather with an
-    expanded index, which reads k x width indices (1.4x slower for the cache's 261 keys of 16 rows on a CPU)."""
-    return values[torch.arange(values.shape[0], device=values.device)[:, None], cols]
+        """The per-head log normaliser for this query: exact over the cache, estimated over the released, as they
+        stand at the query's first ask (a decode step's pick; the release after its forward reuses it, with the
+        fed token joined by `update`)."""
+        if state.paged_norm is None:
+            cols = tokens.cached  # (B, C), -1: empty slot
+            cached = cols.clamp(min=0)
+            own = self.net.head_scores(
+                at_columns(state.tokens["z"], cached),
+                state.tokens["pos"].gather(1, cached),
+                tokens.query_pos,
+                state.query,
+            )
+            state.tokens["scored"].scatter_(1, cached[..., None].expand_as(own), own)
+            state.paged_norm = self.net.log_normaliser(state.pages, tokens.query_pos, state.query, own, cols)
+        return state.paged_norm
