@@ -10,7 +10,7 @@ from adore.engine.cache import SlotCache
 from adore.engine.generate import generate, prefill
 from adore.engine.kvstore import KVStore
 from adore.engine.pages import PageSummary
-from adore.engine.rebuild import Keep
+from adore.engine.rebuild import Keep, Recall
 from adore.engine.session import Session
 
 PROBE = {"config": {"heads": 2, "head_dim": 4}}
@@ -61,6 +61,34 @@ def test_recall_copies_are_bit_exact_and_the_store_is_write_through(tiny):
         slot = int(session.hist_slot[b, c])
         if slot >= 0:  # still cached after the release
             assert torch.equal(session.cache.keys[:, b, :, slot], store.keys[b, c])
+
+
+@pytest.mark.parametrize("static_shapes", [False, True])
+@pytest.mark.parametrize("store_dtype,page_size", [("model", None), ("model", 4), ("int8", None)])
+def test_a_pick_still_in_the_free_slot_it_left_is_taken_back_uncopied(
+    tiny, monkeypatch, store_dtype, page_size, static_shapes
+):
+    """A released token's KV stays in its slot until the slot is claimed again; a pick found there is relinked, not
+    copied, and every step's logits equal those of copying every pick, up to the order attention sums its slots in
+    (a lossy store: its slots count as holding a token only after a copy, so what is reused is what a copy writes)."""
+    model, _ = tiny
+    ids, mask = prompts(batch=2, length=24)
+    forced = torch.randint(100, 1000, (2, 10), generator=torch.Generator().manual_seed(3))
+    extra = {"page_size": page_size} if page_size else {}
+
+    def run():
+        method = make_method(
+            "adore", 8, model, R=8, rebuild="recall", rebuild_every=1, store_dtype=store_dtype, **PROBE, **extra
+        )
+        session = Session(model, method, 2, 40, static_shapes=static_shapes)
+        logits = [session.feed(ids, mask)] + [session.feed(forced[:, i : i + 1]) for i in range(forced.shape[1])]
+        return torch.cat(logits, 1), session
+
+    found, reusing = run()
+    monkeypatch.setattr(Recall, "resident_slots", lambda self, cols, ok: torch.full_like(cols, -1))
+    copied, copying = run()
+    assert torch.allclose(found, copied, rtol=0, atol=1e-6)
+    assert reusing.reused > 0 and copying.reused == 0 and reusing.recalled == copying.recalled
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("model", 0.0), ("bfloat16", 2**-8), ("int8", 1 / 254)])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def at_columns(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def at_columns(values: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """(B, k, ...) entries of `values` (B, T, ...) at history columns `cols` (B, k), each row its own: one
     `index_select` over the B x T leading entries, whose trailing values are contiguous (on a CPU several times
-    faster than advanced indexing `values[rows, cols]`, which copies element by element; docs/recall.md). `values`
-    must be contiguous in its first two dimensions."""
+    faster than advanced indexing `values[rows, cols]`, which copies element by element; docs/recall.md). With
+    `rows` (N,) and `cols` (N,): the N entries (rows[i], cols[i]). `values` must be contiguous in its first two
+    dimensions."""
     B, T = values.shape[:2]
-    rows = torch.arange(B, device=values.device)[:, None] * T
-    flat = values.view(B * T, -1).index_select(0, (rows + cols).flatten())
-    return flat.view(B, cols.shape[1], *values.shape[2:])
+    if rows is None:
+        rows = torch.arange(B, device=values.device)[:, None]
+    flat = values.view(B * T, -1).index_select(0, (rows * T + cols).flatten())
+    return flat.view(*cols.shape, *values.shape[2:])

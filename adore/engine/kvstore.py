@@ -61,6 +61,11 @@ class KVStore:
         return self.keys.shape[1]
 
     @property
+    def exact(self) -> bool:
+        """Whether a copy back gives the KV exactly as the forward computed it (the model's dtype)."""
+        return self.kind == "model"
+
+    @property
     def nbytes(self) -> int:
         tensors = [self.keys, self.values] + ([self.key_scale, self.value_scale] if self.key_scale is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -86,18 +91,20 @@ class KVStore:
             if scale is not None:
                 getattr(self, name + "_scale")[:, start:end] = scale
 
-    def read_into(self, cache, cols: torch.Tensor, slots: torch.Tensor) -> None:
+    def read_into(self, cache, cols: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Copy the stored tokens of history columns `cols` (B, r) into cache `slots` (B, r). Slots of picks not
-        made are free ones (the session claimed them unlinked): what lands there is never attended."""
-        if not cols.shape[1]:
+        made are free ones (the session claimed them unlinked): what lands there is never attended. With `rows`
+        (N,), `cols` and `slots` are (N,) too: the N tokens (rows[i], cols[i]) only, into their rows' slots."""
+        if not cols.numel():
             return
         for name, cached in (("key", cache.keys), ("value", cache.values)):
-            code = at_columns(getattr(self, name + "s"), cols)  # (B, r, layers, kv_heads, head_dim)
+            code = at_columns(getattr(self, name + "s"), cols, rows)  # (B, r | N, layers, kv_heads, head_dim)
             scale = getattr(self, name + "_scale")
             # written through a (B, slots, layers, heads, dim) view: its two indexed dimensions lead, adjacent, so the
             # write takes the strided fast path (3x faster on a CPU than indexing dimensions 1 and 3 in place)
             slot_major = cached.permute(1, 3, 0, 2, 4)
-            slot_major[cache.rows, slots] = self._decode(code, None if scale is None else at_columns(scale, cols))
+            decoded = self._decode(code, None if scale is None else at_columns(scale, cols, rows))
+            slot_major[cache.rows if rows is None else rows, slots] = decoded
 
     def _encode(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.kind != "int8":

@@ -15,9 +15,10 @@ Policies, one class each (`method.rebuild` names one):
 * `Keep` (`keep`): up to R released tokens stay in R more slots, unattended, with their KV; a pick found there
   is attended again without a forward, the others are forwarded (at most `forward` of them);
 * `Recall` (`recall`): every token's KV, as its forward computed it, is kept in a store outside the cache
-  (`adore.engine.kvstore`); picks are copied back into free slots, never forwarded. With `page_size` the pick is made in
-  pages of that many consecutive tokens (scored by `Method.page_scores`), as Quest (Tang et al., ICML 2024) and
-  ArkVale (Chen et al., NeurIPS 2024) select KV pages by a per-page summary.
+  (`adore.engine.kvstore`); picks are copied back into free slots, never forwarded (a pick whose KV still lies in the
+  free slot it was released from takes that slot, uncopied). With `page_size` the pick is made in pages of that many
+  consecutive tokens (scored by `Method.page_scores`), as Quest (Tang et al., ICML 2024) and ArkVale (Chen et al.,
+  NeurIPS 2024) select KV pages by a per-page summary.
 
 `Rebuild` itself (R = 0 or no budget) brings nothing back. A step is a tensor program: no host sync under
 `static_shapes` (a CUDA store's copies excepted: their indices cross to the host).
@@ -245,6 +246,9 @@ class Recall(Rebuild):
         super().__init__(R, every, tail)
         self.page_size, self.store_dtype, self.page_score = page_size, store_dtype, PAGE_SCORES[page_score]
         self.store: KVStore | None = None
+        # (B, C) the history column whose KV, exactly as a copy from the store would write it, each slot holds,
+        # attended or not (-1: none): a released token stays there until the slot is claimed again
+        self.holds: torch.Tensor | None = None
 
     @property
     def store_bytes(self):
@@ -256,12 +260,20 @@ class Recall(Rebuild):
     def start(self, session):
         super().start(session)
         self.store = KVStore(session.cache, session.hist_ids.shape[1], self.store_dtype)
+        self.holds = torch.full_like(session.slot_col, -1)
 
     def grow(self, length):
         self.store.grow(length)
 
+    def moved(self, src, taken):
+        self.holds = torch.where(taken, self.holds.gather(1, src), -1)
+
     def entered(self, session, start, slots):
+        """The new tokens' KV to the store; their slots hold them (what a copy would write, if the store is exact)."""
         self.store.write(session.cache, start, slots)
+        cols = torch.arange(start, start + slots.shape[1], device=slots.device).expand_as(slots)
+        held = self.store.exact & session.hist_valid[:, start : start + slots.shape[1]]
+        self.holds.scatter_(1, slots, torch.where(held, cols, -1))
 
     def pick(self, session, seen):
         if self.page_size is None:
@@ -288,18 +300,35 @@ class Recall(Rebuild):
         return Picks(page_cols, ok, top.values.repeat_interleave(P, 1), scores)
 
     def admit(self, session, picks):
-        """Copy the picks' stored KV into free slots: they are attended like cached tokens, nothing is forwarded."""
+        """Copy the picks' stored KV into free slots: they are attended like cached tokens, nothing is forwarded. A
+        pick still in the free slot it was released from (`holds`) takes it back uncopied; on the CPU only the
+        other picks are copied, on CUDA (static shapes) every slot claimed is written, the same KV there."""
         cols, ok = picks.cols, picks.ok
         if not session.static_shapes:  # CPU: the fullest row's picks only, valid ones first
             order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)
             cols, ok = cols.gather(1, order), ok.gather(1, order)
             width = int(ok.sum(1).max())
             cols, ok = cols[:, :width], ok[:, :width]
-        slots = session.claim_slots(cols, ok)
-        self.store.read_into(session.cache, cols, slots)
+        session.make_room(cols.shape[1])  # before naming slots: a resize renumbers them
+        at = self.resident_slots(cols, ok)
+        slots = session.claim_slots(cols, ok, at)
+        if session.static_shapes:
+            self.store.read_into(session.cache, cols, slots)
+            self.holds.scatter_(1, slots, torch.where(ok, cols, -1))
+        else:  # only the picks not found, as one list of (row, column) pairs; unclaimed slots keep what they hold
+            rows, j = (ok & (at < 0)).nonzero(as_tuple=True)
+            self.store.read_into(session.cache, cols[rows, j], slots[rows, j], rows)
+            self.holds.scatter_(1, slots, torch.where(ok, cols, self.holds.gather(1, slots)))
         self.recalled += ok.sum()
+        self.reused += (at >= 0).sum()
         self.last = torch.where(ok, cols, -1)
         return cols[:, :0], ok[:, :0]
+
+    def resident_slots(self, cols: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """(B, r) the free slot that still holds each pick's KV, -1 where none does (or the pick is not made). A
+        slot holding a released column is free: had it been attended, its column would be cached, not picked."""
+        found = (self.holds[:, None, :] == cols[..., None]) & ok[..., None]  # (B, r, C): O(R x C), not O(history)
+        return torch.where(found.any(2), found.to(torch.int8).argmax(2), -1)
 
 
 def every_column(session, seen: int) -> torch.Tensor:

@@ -138,12 +138,14 @@ class Session(Prefilled):
 
     @property
     def reused(self) -> int:
-        """Rebuild picks that `rebuild=keep` found held in the cache: attended without a forward (all rows)."""
+        """Rebuild picks found in the cache, attended without a forward or a copy (all rows): `keep`'s held ones,
+        `recall`'s still in the free slot they were released from."""
         return int(self.rebuild.reused)
 
     @property
     def recalled(self) -> int:
-        """Released tokens that `rebuild=recall` copied back from its store (all rows)."""
+        """Released tokens that `rebuild=recall` brought back (all rows): copied from its store, or found still in a
+        free slot (`reused`)."""
         return int(self.rebuild.recalled)
 
     @property
@@ -340,27 +342,39 @@ class Session(Prefilled):
             cached = self.rebuild.kept(self, self.hist_slot.gather(1, torch.where(cols >= 0, cols, self.trash)))
             self._rebuilt_kept += ((cols >= 0) & cached).sum()
 
-    def claim_slots(self, q_cols: torch.Tensor, q_valid: torch.Tensor) -> torch.Tensor:
+    def claim_slots(self, q_cols: torch.Tensor, q_valid: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
         """(B, q) free slots for the tokens of history columns `q_cols`, lowest first (one index for all layers);
-        records the links. Invalid entries claim a slot that stays empty.
+        records the links. Invalid entries claim a slot that stays empty. `at` (B, q): a free slot that already
+        holds the token's KV, taken instead of a fresh one (-1: a fresh one; `recall` finds released tokens there).
 
         Columns within a row are distinct (rebuilt ones are released, new ones are new), so the scatters are
         race-free; padding writes to the spare column. The host bound `occupied` says when a resize might be
         needed: a decode step under a budget never asks the device.
         """
         need = q_cols.shape[1]
-        if self.occupied + need > self.cache.capacity:
-            self.occupied = int(self.slot_valid.sum(1).max())  # exact, once: the bound may be loose
-            if self.occupied + need > self.cache.capacity:
-                self._resize(self.occupied + need)
+        self.make_room(need)
         self.occupied += need
         q_pos = torch.where(q_valid, self.hist_pos.gather(1, q_cols), 0)
         free = ~self.slot_valid
+        C = free.shape[1]
+        if at is not None:  # the slots named are not fresh; the other entries take the fresh ones in order
+            named = torch.zeros(self.batch_size, C + 1, dtype=torch.bool, device=self.device)
+            free &= ~named.scatter_(1, torch.where(at >= 0, at, C), True)[:, :C]
         slots = torch.argsort((~free).to(torch.int8), dim=1, stable=True)[:, :need]  # (B, q)
+        if at is not None:
+            fresh = slots.gather(1, ((at < 0).cumsum(1) - 1).clamp(min=0))
+            slots = torch.where(at >= 0, at, fresh)
         self.slot_col.scatter_(1, slots, torch.where(q_valid, q_cols, -1))
         self.slot_pos.scatter_(1, slots, q_pos)
         self.hist_slot.scatter_(1, torch.where(q_valid, q_cols, self.trash), slots)
         return slots
+
+    def make_room(self, need: int) -> None:
+        """Resize the cache if `need` more tokens might not fit (slots are renumbered: ask before naming any)."""
+        if self.occupied + need > self.cache.capacity:
+            self.occupied = int(self.slot_valid.sum(1).max())  # exact, once: the bound may be loose
+            if self.occupied + need > self.cache.capacity:
+                self._resize(self.occupied + need)
 
     def _release(self, m: int) -> None:
         """Keep the m highest-scoring cached tokens of each row; release the rest (ADORE.md §3.3), as the rebuild
