@@ -53,7 +53,15 @@ def test_recall_copies_are_bit_exact_and_the_store_is_write_through(tiny):
             col = int(session.slot_col[b, slot])
             assert torch.equal(store.keys[b, col], session.cache.keys[:, b, :, slot])
             assert torch.equal(store.values[b, col], session.cache.values[:, b, :, slot])
-    logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+    step = session.forward(logits[:, -1].argmax(-1, keepdim=True))  # a decode step: its KV is stored too
+    slot = [int(step.slots[b, 0]) for b in range(2)]
+    written = [
+        (session.cache.keys[:, b, :, s].clone(), session.cache.values[:, b, :, s].clone()) for b, s in enumerate(slot)
+    ]
+    session.settle(step)
+    for b in range(2):
+        assert torch.equal(store.keys[b, step.start], written[b][0])
+        assert torch.equal(store.values[b, step.start], written[b][1])
     recalled = session.last_rebuilt_cols
     assert (recalled >= 0).any()
     for b, col in (recalled >= 0).nonzero().tolist():

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from adore.controller.base import Controller, ControllerConfig, newest_valid
+from adore.controller.base import Controller, ControllerConfig, head_dots, newest_valid
 
 
 class AttentionProbe(Controller):
@@ -138,23 +138,10 @@ class AttentionProbe(Controller):
         return self._head_dots(z, keys, q).div_(math.sqrt(c.head_dim)).add_(bias)
 
     def _head_dots(self, z, keys, query) -> torch.Tensor:
-        """<q_h, k_{i,h}> per head, (..., k, heads). One query per row (the engine's case, z (B, k, width)), read in
-        place (einsum would first copy z into a head-major layout): on a GPU (or with gradients) one bmm of z
-        against a block-diagonal query matrix; on a CPU a product and a sum over slices of about 2^20 floats,
-        which stay in cache: 2-2.5x faster there than the bmm, which multiplies every key by all `heads` blocks
-        (16-175 rows of 4k tokens, docs/recall.md). Other shapes (training's broadcast queries): einsum."""
-        c = self.config
+        """<q_h, k_{i,h}> per head, (..., k, heads): `head_dots` for one query per row (the engine's case, z (B, k,
+        width)); other shapes (training's broadcast queries) by einsum."""
         if z.dim() == 3 and query.dim() == 4 and query.shape[:2] == (z.shape[0], 1):
-            B, k = z.shape[:2]
-            if z.is_cuda or z.requires_grad or query.requires_grad:  # out= slices cannot carry gradients
-                eye = torch.eye(c.heads, dtype=z.dtype, device=z.device)
-                block = (query[:, 0, :, :, None] * eye[None, :, None, :]).reshape(B, c.heads * c.head_dim, c.heads)
-                return torch.bmm(z, block)
-            out = z.new_empty(B, k, c.heads)
-            step = max(1, (1 << 20) // max(1, B * z.shape[2]))
-            for start in range(0, k, step):
-                torch.sum(keys[:, start : start + step] * query, -1, out=out[:, start : start + step])
-            return out
+            return head_dots(z, query[:, 0].flatten(1), self.config.heads)
         return torch.einsum("...khd,...qhd->...kh", keys, query)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from adore.controller.base import head_dots
+
 
 def by_page(values: torch.Tensor, page_size: int, fill) -> torch.Tensor:
     """(B, seen) per-column values as (B, pages, page_size), the last page padded with `fill`."""
@@ -63,10 +65,10 @@ class PageSummary:
 
     def upper_bound(self, query: torch.Tensor, heads: int, pages: int) -> torch.Tensor:
         """(B, pages, heads) sum_c max(q_c lo_c, q_c hi_c) per head, for the query (B, width); >= any member's dot.
-        Meaningless for an empty page (mask by `filled`)."""
-        q = query[:, None]
-        bound = torch.maximum(q * self.lo[:, :pages], q * self.hi[:, :pages])  # (B, pages, width)
-        return bound.unflatten(-1, (heads, -1)).sum(-1)
+        As lo <= hi, it is <max(q, 0), hi> + <min(q, 0), lo>: two dot products read in place, no page-sized
+        temporaries. Meaningless for an empty page (mask by `filled`)."""
+        upper = head_dots(self.hi[:, :pages], query.clamp(min=0), heads)
+        return upper.add_(head_dots(self.lo[:, :pages], query.clamp(max=0), heads))
 
     def filled(self, pages: int) -> torch.Tensor:
         """(B, pages) pages holding at least one key."""
@@ -74,8 +76,7 @@ class PageSummary:
 
     def mean_dot(self, query: torch.Tensor, heads: int, pages: int) -> torch.Tensor:
         """(B, pages, heads) <q_h, mean key_h> of each page (0 for an empty page)."""
-        dots = (query[:, None] * self.total[:, :pages]).unflatten(-1, (heads, -1)).sum(-1)  # per head, then divided
-        return dots / self.count[:, :pages, None].clamp(min=1)
+        return head_dots(self.total[:, :pages], query, heads) / self.count[:, :pages, None].clamp(min=1)
 
     def centre(self, pages: int) -> torch.Tensor:
         """(B, pages) mean position of each page's keys."""

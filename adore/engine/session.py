@@ -248,6 +248,10 @@ class Session(Prefilled):
             own = torch.zeros(B, q_cols.shape[1], self.cache.capacity, dtype=torch.bool, device=self.device)
             own.scatter_(2, slots[..., None], True)
             mask = ((self.slot_kept[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own)[:, None]
+            if recorder is None and n == 1:  # a decode step: SDPA adds a float mask as it is, a boolean one it
+                # converts in every layer (1 ms a step at batch 16 on a CPU); a prompt's mask stays boolean (4x smaller)
+                additive = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device)
+                mask = additive.masked_fill_(~mask, float("-inf"))
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
         hidden = residual_stream(self.model, self.method.input_layer) if "hidden" in self.needs else nullcontext([])

@@ -196,8 +196,7 @@ class PagedProbeScoring(ProbeScoring):
         """The cached tokens' scores read back from this query's scored columns: every token cached now was cached,
         picked from the candidates or fed since the normaliser was taken (`_log_norm` takes it first if not)."""
         log_norm = self._log_norm(state, tokens)
-        heads = tokens.cols[..., None].expand(-1, -1, state.tokens["scored"].shape[2])
-        scores = state.tokens["scored"].gather(1, heads)
+        scores = at_columns(state.tokens["scored"], tokens.cols)
         return self.net.mixed(scores - log_norm, tokens.positions <= tokens.query_pos)
 
     def page_scores(self, state, tokens, page_size, released, reduce, exact):
