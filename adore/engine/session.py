@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adore.engine.attention import PLAIN_CAUSAL, AttentionRecorder, register
+from adore.engine.attention import PLAIN_CAUSAL, AttentionRecorder, register, slot_mask
 from adore.engine.cache import SlotCache
 from adore.engine.prefilled import Prefilled
 from adore.engine.rebuild import Rebuild
@@ -244,14 +244,9 @@ class Session(Prefilled):
         recorder = AttentionRecorder(*self.recording) if self.recording else None
         if self._plain_prompt(first, valid):
             mask = PLAIN_CAUSAL  # SDPA's own causal kernel, no dense mask
-        else:  # causal by position over the slots; padding queries see only their own slot (no empty softmax rows)
-            own = torch.zeros(B, q_cols.shape[1], self.cache.capacity, dtype=torch.bool, device=self.device)
-            own.scatter_(2, slots[..., None], True)
-            mask = ((self.slot_kept[:, None, :] & (self.slot_pos[:, None, :] <= q_pos[:, :, None])) | own)[:, None]
-            if recorder is None and n == 1:  # a decode step: SDPA adds a float mask as it is, a boolean one it
-                # converts in every layer (1 ms a step at batch 16 on a CPU); a prompt's mask stays boolean (4x smaller)
-                additive = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device)
-                mask = additive.masked_fill_(~mask, float("-inf"))
+        else:  # causal by position over the slots; a decode step's mask additive (a recorder reads a boolean one)
+            additive = self.model.dtype if recorder is None and n == 1 else None
+            mask = slot_mask(self.slot_kept, self.slot_pos, q_pos, slots, additive)
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
         hidden = residual_stream(self.model, self.method.input_layer) if "hidden" in self.needs else nullcontext([])
