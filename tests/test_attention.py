@@ -4,7 +4,7 @@ recorded mass and last rows must be its weights, whatever the blocks (adore/engi
 import pytest
 import torch
 
-from adore.engine.attention import PLAIN_CAUSAL, QUERY_CHUNK, AttentionRecorder, adore_attention
+from adore.engine.attention import PLAIN_CAUSAL, QUERY_CHUNK, AttentionRecorder, adore_attention, recorded_blocks
 
 
 class _Module:  # what transformers' SDPA forward reads off the attention module
@@ -43,6 +43,29 @@ def test_blocked_eager_attention_equals_softmax_attention(plain, total, rows):
         torch.testing.assert_close(recorder.total, expected_weights.sum(dim=1), rtol=1e-4, atol=1e-4)
     if rows:
         torch.testing.assert_close(recorder.last_rows, expected_weights[:, -rows:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_a_recorded_decode_step_equals_the_blocked_path_bit_for_bit(additive):
+    """One query per row takes its own short path; its output and recorded weights are the blocked path's exactly,
+    with a boolean mask or the additive one the session builds for decode steps."""
+    B, H, KV, S, D = 3, 6, 2, 40, 16
+    gen = torch.Generator().manual_seed(1)
+    query, key, value = torch.randn(B, H, 1, D, generator=gen), *(torch.randn(B, KV, S, D, generator=gen) for _ in "kv")
+    allowed = torch.rand(B, 1, 1, S, generator=gen) > 0.3
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")) if additive else allowed
+    decoded, blocked = AttentionRecorder(True, 1), AttentionRecorder(True, 1)
+    out, _ = adore_attention(_Module(), query, key, value, mask, scaling=D**-0.5, attention_recorder=decoded)
+    expected = recorded_blocks(_Module(), query, key, value, allowed, D**-0.5, blocked)
+    assert torch.equal(out, expected)
+    assert torch.equal(decoded.total, blocked.total) and torch.equal(decoded.last_rows, blocked.last_rows)
+    three = torch.randn(B, H, 3, D, generator=gen)  # a rebuild step's queries get the decode step's mask too
+    blocks = [
+        recorded_blocks(_Module(), three, key, value, m.expand(-1, -1, 3, -1), D**-0.5, AttentionRecorder(True))
+        for m in (mask, allowed)
+    ]
+    assert torch.equal(*blocks)
 
 
 def test_more_rows_than_the_recorder_keeps_fail_with_a_message():

@@ -17,8 +17,7 @@ def start_floor(model, batch: int, cached: int, new_tokens: int) -> Decoder:
     like `start_method`."""
     config, device = model.config, model.device
     cache = SlotCache.for_model(config, batch, cached + 1, model.dtype, device)
-    cache.keys.normal_()
-    cache.values.normal_()
+    cache.fill_random()
     cache.write_slots = torch.full((batch, 1), cached, device=device)
     model.set_attn_implementation(register())
     pos = torch.full((batch, 1), cached, device=device)

@@ -63,6 +63,23 @@ class SlotCache(Cache):
         self.keys = self.keys.gather(3, index)
         self.values = self.values.gather(3, index)
 
+    @torch.no_grad()
+    def take_prefix(self, source: SlotCache, taken: int) -> None:
+        """Hold copies of `source`'s first `taken` slots (every layer), in at least this cache's capacity: a
+        session adopting another's prompt forward starts from its KV (Session.adopt)."""
+        capacity = max(self.capacity, taken)
+        for name in ("keys", "values"):
+            tensor = getattr(source, name)
+            copy = tensor.new_zeros(*tensor.shape[:3], capacity, tensor.shape[4])
+            copy[..., :taken, :] = tensor[..., :taken, :]
+            setattr(self, name, copy)
+
+    @torch.no_grad()
+    def fill_random(self) -> None:
+        """Random keys and values in every slot: decode cost depends on shapes, not values (benchmarks)."""
+        self.keys.normal_()
+        self.values.normal_()
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.capacity
 

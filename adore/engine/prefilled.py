@@ -41,12 +41,8 @@ class Prefilled:
                 f"{self.prefill_signature} != {source.prefill_signature}"
             )
         taken = source.occupied  # a first forward fills the lowest slots: 0 .. occupied - 1
-        capacity = max(self.cache.capacity, taken)  # what this session's own prefill would have grown to
-        for name in ("keys", "values"):
-            tensor = getattr(source.cache, name)
-            copy = tensor.new_zeros(*tensor.shape[:3], capacity, tensor.shape[4])
-            copy[..., :taken, :] = tensor[..., :taken, :]
-            setattr(self.cache, name, copy)
+        self.cache.take_prefix(source.cache, taken)  # grown as this session's own prefill would have grown it
+        capacity = self.cache.capacity
         self.slot_col = torch.full((self.batch_size, capacity), -1, dtype=torch.long, device=self.device)
         self.slot_col[:, :taken] = source.slot_col[:, :taken]
         self.slot_pos = torch.zeros_like(self.slot_col)
@@ -86,6 +82,5 @@ class Prefilled:
         self.slot_col[:, :keep], self.slot_pos[:, :keep] = cached, cached
         self.hist_slot.scatter_(1, cached, slots)
         self.occupied = keep
-        self.cache.keys.normal_()
-        self.cache.values.normal_()
+        self.cache.fill_random()
         return self.feed(ids[:, -1:].to(self.device))

@@ -244,8 +244,8 @@ class Session(Prefilled):
         recorder = AttentionRecorder(*self.recording) if self.recording else None
         if self._plain_prompt(first, valid):
             mask = PLAIN_CAUSAL  # SDPA's own causal kernel, no dense mask
-        else:  # causal by position over the slots; a decode step's mask additive (a recorder reads a boolean one)
-            additive = self.model.dtype if recorder is None and n == 1 else None
+        else:  # causal by position over the slots; a decode step's mask additive
+            additive = self.model.dtype if n == 1 else None
             mask = slot_mask(self.slot_kept, self.slot_pos, q_pos, slots, additive)
         extra = {"attention_recorder": recorder} if recorder is not None else {}
         self.cache.write_slots = slots
