@@ -100,13 +100,18 @@ def test_run_directory_names_carry_the_hyper_parameters():
     )
     assert evaluate.method_tag(eval_cfg("method=random", "budget=32", "method.seed=3").method) == "random_m32_seed3"
     trained = evaluate.method_tag(eval_cfg("method=adore_trained", "budget=32").method)
-    assert trained.startswith("adore_m32_R4_controller_smollm2_probe_l20_k64-")  # every step: no `every` suffix
-    assert trained.endswith("_rebuildrecall")  # the shipped recipe recalls; runs of the paper's rule keep their names
-    assert len(trained.removesuffix("_rebuildrecall").rsplit("-", 1)[1]) == 8  # the checkpoint's hash prefix
+    assert trained.startswith("adore_m32_R16_controller_smollm2_probe_l20_k64-")  # every step: no `every` suffix
+    # the shipped recipe recalls and releases by attention; runs of the paper's rules keep their names
+    assert trained.endswith("_rebuildrecall_releaseattention")
+    assert len(trained.removesuffix("_rebuildrecall_releaseattention").rsplit("-", 1)[1]) == 8  # the hash prefix
+    before = evaluate.method_tag(
+        eval_cfg("method=adore_trained", "budget=32", "method.R=4", "method.release=controller").method
+    )
+    assert before == trained.replace("_R16_", "_R4_").removesuffix("_releaseattention")  # its old runs' folders
 
 
 def test_adore_late_is_the_late_question_recipe_by_name():
-    """`method=adore_late` is `adore_trained` with the recipe's five overrides: the same run, folder and row."""
+    """`method=adore_late` is `adore_trained` with the recipe's overrides: the same run, folder and row."""
     recipe = {
         "controller": "checkpoints/controller_smollm2_probe_l20_long_k64.pt",
         "R": 256,
