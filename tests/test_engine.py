@@ -7,7 +7,7 @@ import torch
 from conftest import make_method, method_names
 from transformers import DynamicCache
 
-from adore.controller import Controller, ControllerConfig, bucketize
+from adore.controller import Controller, ControllerConfig, bucketize, token_logsumexp
 from adore.engine.generate import generate
 from adore.engine.session import Session
 from adore.methods import H2O, Adore, Full, Streaming, Window
@@ -216,6 +216,18 @@ def test_extending_the_trained_distance_keeps_the_scores_until_training_moves_th
     fresh = Controller(ControllerConfig(**config))
     fresh.extend_trained_distance(30)  # a fresh controller records the distance, nothing copied
     assert fresh.config.trained_distance == 30
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 8, 4139])
+def test_the_token_logsumexp_is_torchs_bit_for_bit(tokens):
+    """The normaliser's blocked max changes the speed, not one bit: masked (-1e9, -inf) and all--inf rows included."""
+    torch.manual_seed(0)
+    scores = torch.randn(3, tokens, 8) * 30
+    scores[0, : tokens // 2] = -1e9
+    scores[1] = float("-inf")
+    scores[2, -1] = float("-inf")
+    assert torch.equal(token_logsumexp(scores), scores.logsumexp(1, keepdim=True))
+    assert torch.equal(token_logsumexp(scores[..., :3]), scores[..., :3].logsumexp(1, keepdim=True))  # 64 % 3 != 0
 
 
 def test_probe_scores_one_query_per_row_as_broadcast_queries():

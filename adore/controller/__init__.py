@@ -5,8 +5,17 @@ for a query): the paper's GRU scorer (`gru.py`) and the attention probe (`probe.
 `Controller.load(path)` build the kind the config names. Pure PyTorch: no Lightning, no transformers.
 """
 
-from adore.controller.base import Controller, ControllerConfig, bucketize, continuable, newest_valid
+from adore.controller.base import Controller, ControllerConfig, bucketize, continuable, newest_valid, token_logsumexp
 from adore.controller.gru import GRUScorer
 from adore.controller.probe import AttentionProbe
 
-__all__ = ["AttentionProbe", "Controller", "ControllerConfig", "GRUScorer", "bucketize", "continuable", "newest_valid"]
+__all__ = [
+    "AttentionProbe",
+    "Controller",
+    "ControllerConfig",
+    "GRUScorer",
+    "bucketize",
+    "continuable",
+    "newest_valid",
+    "token_logsumexp",
+]

@@ -77,6 +77,24 @@ def head_dots(keys: torch.Tensor, query: torch.Tensor, heads: int) -> torch.Tens
     return out
 
 
+def token_logsumexp(scores: torch.Tensor) -> torch.Tensor:
+    """(B, 1, heads) log sum over the tokens of `scores` (B, T, heads), bit-identical to `scores.logsumexp(1,
+    keepdim=True)` (the same max, the same exp-sum). The max is taken over contiguous blocks of 64 floats: a max over
+    a strided middle dimension runs 15-20x slower on a CPU (1.6 of 2.5 ms at 16 rows of 4k tokens)."""
+    B, T, heads = scores.shape
+    group = max(1, 64 // heads)  # tokens a block holds
+    whole = T - T % group
+    top = None
+    if whole:
+        top = scores[:, :whole].reshape(B, whole // group, group * heads).amax(1).view(B, group, heads)
+        top = top.amax(1, keepdim=True)
+    if whole < T:
+        rest = scores[:, whole:].amax(1, keepdim=True)
+        top = rest if top is None else torch.maximum(top, rest)
+    top = top.masked_fill(top.abs() == float("inf"), 0)  # as torch.logsumexp: all -inf stays -inf, no nan
+    return (scores - top).exp_().sum(1, keepdim=True).log_().add_(top)
+
+
 def newest_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) whether each row of `valid` (B, T) has a valid column, and the index of its last one (0 if none); no
     host sync."""

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from adore.controller.base import Controller, ControllerConfig, head_dots, newest_valid
+from adore.controller.base import Controller, ControllerConfig, head_dots, newest_valid, token_logsumexp
 
 
 class AttentionProbe(Controller):
@@ -122,7 +122,7 @@ class AttentionProbe(Controller):
         released = (summary.count - in_cache).clamp(min=0)
         bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))
         typical = summary.mean_dot(query, c.heads, pages) / math.sqrt(c.head_dim) + bias + released.log()[..., None]
-        return torch.logaddexp(own.logsumexp(1, keepdim=True), typical.logsumexp(1, keepdim=True))
+        return torch.logaddexp(token_logsumexp(own), token_logsumexp(typical))
 
     def paged_logits(self, z, token_pos, query_pos, query, log_norm) -> torch.Tensor:
         """`logits` for the k tokens of z (B, k, width) only, normalised by `log_norm` (B, 1, heads)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from adore.controller import AttentionProbe, Controller, newest_valid
+from adore.controller import AttentionProbe, Controller, newest_valid, token_logsumexp
 from adore.engine.columns import at_columns
 from adore.engine.pages import PageSummary, by_page
 from adore.methods.base import State
@@ -124,7 +124,7 @@ class ProbeScoring(Scoring):
             s = self.net.head_scores(state.tokens["z"], state.tokens["pos"], tokens.query_pos, state.query)
             state.allowed = self.net.allowed(state.tokens["pos"], tokens.query_pos, state.tokens["filled"])
             s.masked_fill_(~state.allowed[..., None], -1e9)
-            state.head_scores, state.log_norm = s, s.logsumexp(1, keepdim=True)  # (B, T, heads), (B, 1, heads)
+            state.head_scores, state.log_norm = s, token_logsumexp(s)  # (B, T, heads), (B, 1, heads)
 
     def pick_scores(self, state, tokens, released, R):
         """Every seen column's score, in column order: the kept scores sliced, not gathered column by column."""
