@@ -175,10 +175,12 @@ def test_page_sizes_pair_with_the_R_values_they_divide():
 
     specs = methods_for(["adore"], 32, [4, 64], None, ["recall"], pages=[0, 16])
     assert [(o["R"], o.get("page_size")) for _, o in specs] == [(4, None), (64, None), (64, 16)]
-    with pytest.raises(SystemExit, match="--page-size=16 divides no --R value in \\[4, 8\\]"):
+    with pytest.raises(SystemExit, match="--page-size=16 divides no R in \\[4, 8\\]"):
         methods_for(["adore"], 32, [4, 8], None, ["recall"], pages=[16])
     with pytest.raises(SystemExit, match="^method=adore R=4 rebuild=recall store_dtype=int4: .*store_dtype"):
         row_specs(parser().parse_args("--methods adore --R 4 --rebuild recall --store-dtype int4".split()))
+    shipped = row_specs(parser().parse_args("--methods window,adore_trained".split()))  # no --R: each config's own
+    assert shipped == [("window", {}), ("adore_trained", {"R": 16})]
 
 
 def test_bench_kv_budget_runs_each_method_at_its_largest_batch(tmp_path, tiny_model_dir):

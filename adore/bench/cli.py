@@ -34,7 +34,9 @@ def workload_flags(p: argparse.ArgumentParser) -> None:
 
 def method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", type=int, default=256)
-    p.add_argument("--R", default="0,8", help="comma list: one row per value for methods with an R field")
+    p.add_argument(
+        "--R", default=None, help="comma list: one row per value for methods with an R field (default: each config's R)"
+    )
     policies = ", ".join(POLICIES)
     p.add_argument("--rebuild", default=None, help=f"comma list of rebuild policies ({policies}) for R > 0")
     p.add_argument("--rebuild-every", default=None, help="comma list: rebuild on every k-th step, for R > 0")
@@ -147,7 +149,7 @@ def check(args) -> Options:
 def row_specs(args) -> list[tuple[str, dict]]:
     """`--methods` with `--R` and the rebuild flags: (config name, overrides) per row, full attention first
     (`--kl` needs its output), each built once so that a bad policy value fails here."""
-    R = comma_list(args.R, int, "--R")
+    R = comma_list(args.R, int, "--R") if args.R else None  # None: each config's own R
     rebuild = args.rebuild.split(",") if args.rebuild else None  # None: the method config's
     every = comma_list(args.rebuild_every, int, "--rebuild-every") if args.rebuild_every else None
     forward = comma_list(args.rebuild_forward, int, "--rebuild-forward") if args.rebuild_forward else None

@@ -11,7 +11,7 @@ from adore.registry import build_method, method_config, method_names
 def methods_for(
     names: list[str],
     m: int,
-    R: list[int],
+    R: list[int] | None,
     controller: str | None,
     rebuild: list[str] | None = None,
     every: list[int] | None = None,
@@ -20,28 +20,30 @@ def methods_for(
     stores: list[str] | None = None,
     extra: dict | None = None,
 ) -> list[tuple[str, dict]]:
-    """(config name, overrides) per row: one per value of `R` for configs with an `R` field, times one per
-    rebuild policy and period for configs that rebuild (R > 0; None: the config's), for `keep` one per cap on
-    the picks forwarded, for `recall` one per page size (0: token picks) and store dtype. `extra`: overrides of
+    """(config name, overrides) per row: one per value of `R` (None: the config's own) for configs with an `R`
+    field, times one per rebuild policy and period for configs that rebuild (R > 0; None: the config's), for
+    `keep` one per cap on the picks forwarded, for `recall` one per page size (0: token picks) and store dtype. `extra`: overrides of
     every config that has those fields (e.g. an untrained controller's shape). A page size pairs only with the
     R values it divides (`--R 4,64 --page-size 0,16`: R = 4 as tokens, R = 64 as tokens and in pages of 16), and so
     does a config's own page size (`adore_late`)."""
     unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")
+    configs = {name: method_config(name, m) for name in names}
+    every_R = R if R is not None else [fields["R"] for fields in configs.values() if "R" in fields]
     for g in pages or []:
-        if g and not any(r > 0 and r % g == 0 for r in R):
-            raise SystemExit(f"--page-size={g} divides no --R value in {R}: give an R of whole pages, e.g. --R {4 * g}")
+        if g and not any(r > 0 and r % g == 0 for r in every_R):
+            raise SystemExit(f"--page-size={g} divides no R in {every_R}: give an R of whole pages, e.g. --R {4 * g}")
     rows = []
     for name in names:
-        fields = method_config(name, m)
+        fields = configs[name]
         given = ({"controller": controller} if controller else {}) | (extra or {})
         own = {k: v for k, v in given.items() if k in fields}
         if "R" not in fields:
             rows.append((name, own))
             continue
         own_page = fields.get("page_size")  # a config that recalls pages (adore_late) takes R of whole pages
-        for r in R:
+        for r in R if R is not None else [fields["R"]]:
             if r > 0 and own_page and not pages and r % own_page:
                 print(f"[skip] method={name} R={r}: not a whole number of its pages of {own_page}")
                 continue
