@@ -22,10 +22,10 @@ def methods_for(
 ) -> list[tuple[str, dict]]:
     """(config name, overrides) per row: one per value of `R` (None: the config's own) for configs with an `R`
     field, times one per rebuild policy and period for configs that rebuild (R > 0; None: the config's), for
-    `keep` one per cap on the picks forwarded, for `recall` one per page size (0: token picks) and store dtype. `extra`: overrides of
-    every config that has those fields (e.g. an untrained controller's shape). A page size pairs only with the
-    R values it divides (`--R 4,64 --page-size 0,16`: R = 4 as tokens, R = 64 as tokens and in pages of 16), and so
-    does a config's own page size (`adore_late`)."""
+    `keep` one per cap on the picks forwarded, for `recall` one per page size (0: token picks) and store dtype.
+    `extra`: overrides of every config that has those fields (e.g. an untrained controller's shape). A page size
+    pairs only with the R values it divides (`--R 4,64 --page-size 0,16`: R = 4 as tokens, R = 64 as tokens and
+    in pages of 16), and so does a config's own page size (`adore_late`)."""
     unknown = [n for n in names if n not in method_names()]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {method_names()}")

@@ -80,7 +80,7 @@ def head_dots(keys: torch.Tensor, query: torch.Tensor, heads: int) -> torch.Tens
 def token_logsumexp(scores: torch.Tensor) -> torch.Tensor:
     """(B, 1, heads) log sum over the tokens of `scores` (B, T, heads), bit-identical to `scores.logsumexp(1,
     keepdim=True)` (the same max, the same exp-sum). The max is taken over contiguous blocks of 64 floats: a max over
-    a strided middle dimension runs 15-20x slower on a CPU (1.6 of 2.5 ms at 16 rows of 4k tokens)."""
+    a strided middle dimension runs 15-20x slower on a CPU (docs/recall.md)."""
     B, T, heads = scores.shape
     group = max(1, 64 // heads)  # tokens a block holds
     whole = T - T % group
