@@ -60,6 +60,14 @@ def test_a_recorded_decode_step_equals_the_blocked_path_bit_for_bit(additive):
     expected = recorded_blocks(_Module(), query, key, value, allowed, D**-0.5, blocked)
     assert torch.equal(out, expected)
     assert torch.equal(decoded.total, blocked.total) and torch.equal(decoded.last_rows, blocked.last_rows)
+    for kind in [(True, 0), (False, 1), (True, 1)]:  # summed over layers as the blocked path sums them
+        decoded, blocked = AttentionRecorder(*kind), AttentionRecorder(*kind)
+        for _ in range(4):
+            layer = torch.randn(B, H, 1, D, generator=gen)
+            adore_attention(_Module(), layer, key, value, mask, scaling=D**-0.5, attention_recorder=decoded)
+            recorded_blocks(_Module(), layer, key, value, allowed, D**-0.5, blocked)
+        assert kind[1] or torch.equal(decoded.total, blocked.total)
+        assert not kind[1] or torch.equal(decoded.last_rows, blocked.last_rows)
     three = torch.randn(B, H, 3, D, generator=gen)  # a rebuild step's queries get the decode step's mask too
     blocks = [
         recorded_blocks(_Module(), three, key, value, m.expand(-1, -1, 3, -1), D**-0.5, AttentionRecorder(True))

@@ -93,13 +93,14 @@ class AttentionProbe(Controller):
         """log sum_h w_h share_h from per-head log shares (..., k, heads), -inf where not `allowed` (..., k)."""
         return torch.logsumexp(shares + self.head_mix.log_softmax(0), -1).masked_fill(~allowed, float("-inf"))
 
-    def mixed_normalised(self, shares) -> torch.Tensor:
-        """`mixed` without the mask, for log shares normalised over a set that holds each token (all <= 0): the heads
-        mixed in exp space, one matrix-vector product (4x faster than a logsumexp over the heads on a CPU, 16 rows
-        of 4k tokens). exp cannot overflow there, and a mixture below the float's range reads as the log of its
-        smallest normal number: finite, still above an empty slot's -inf."""
+    def mixed_normalised_(self, shares) -> torch.Tensor:
+        """`mixed` without the mask, for log shares normalised over a set that holds each token (all <= 0), which it
+        overwrites (the caller's temporary: one allocation of the history's size fewer a step): the heads mixed in
+        exp space, one matrix-vector product (4x faster than a logsumexp over the heads on a CPU, 16 rows of 4k
+        tokens). exp cannot overflow there, and a mixture below the float's range reads as the log of its smallest
+        normal number: finite, still above an empty slot's -inf."""
         w = self.head_mix.softmax(0).to(shares.dtype)
-        return torch.matmul(shares.exp(), w).clamp_(min=torch.finfo(shares.dtype).tiny).log_()
+        return torch.matmul(shares.exp_(), w).clamp_(min=torch.finfo(shares.dtype).tiny).log_()
 
     def page_logits(self, summary, pages: int, query_pos: torch.Tensor, query: torch.Tensor, log_norm) -> torch.Tensor:
         """(B, pages) log attention share of each page's best member, bounded from the page summaries

@@ -44,6 +44,16 @@ class AttentionRecorder:
         """The first of `q_len` queries whose weights are recorded (earlier ones run SDPA)."""
         return 0 if self.want_total else max(0, q_len - self.rows)
 
+    def add_decoded(self, weights: torch.Tensor) -> None:
+        """`add` for a forward with one query per row, weights (B, H, 1, C): the same sums, bit for bit, in two
+        operations a layer instead of six (a fifth of the recorded attention's time at batch 1 on a CPU)."""
+        heads = weights.sum(1)  # (B, 1, C)
+        if self.want_total:
+            total = heads[:, 0].clone() if self.rows else heads[:, 0]
+            self.total = total if self.total is None else self.total.add_(total)
+        if self.rows:
+            self.last_rows = heads if self.last_rows is None else self.last_rows.add_(heads)
+
     def add(self, weights: torch.Tensor, start: int, q_len: int, slots: int) -> None:
         """weights: (B, H, c, w) softmax weights of one layer for queries start..start+c-1 of q_len, over the
         first w of `slots` slots."""
@@ -119,8 +129,10 @@ def recorded_decode(query, key, value, attention_mask, scaling, recorder: Attent
         scores.masked_fill_(~attention_mask, float("-inf"))
     else:
         scores.add_(attention_mask)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    recorder.add(weights.view(B, H, 1, slots), start=0, q_len=1, slots=slots)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if weights.dtype != query.dtype:
+        weights = weights.to(query.dtype)
+    recorder.add_decoded(weights.view(B, H, 1, slots))
     return torch.matmul(weights, value).view(B, 1, H, D)  # (B, kv_heads, groups, D) is (B, 1, H, D) in memory
 
 

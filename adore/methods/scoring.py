@@ -130,17 +130,17 @@ class ProbeScoring(Scoring):
         """Every seen column's score, in column order: the kept scores sliced, not gathered column by column."""
         self._read_history(state, tokens)
         seen = tokens.cols.shape[1]
-        mixed = self.net.mixed_normalised(state.head_scores[:, :seen] - state.log_norm)
+        mixed = self.net.mixed_normalised_(state.head_scores[:, :seen] - state.log_norm)
         return mixed.masked_fill(~state.allowed[:, :seen], float("-inf"))
 
     def score(self, state, tokens):
         self._read_history(state, tokens)
         cols = tokens.cols
         if 2 * cols.shape[1] > state.head_scores.shape[1]:  # most of the history (the rebuild pick): all, then pick
-            mixed = self.net.mixed_normalised(state.head_scores - state.log_norm).gather(1, cols)
+            mixed = self.net.mixed_normalised_(state.head_scores - state.log_norm).gather(1, cols)
         else:  # a few columns (the release asks the cache's)
             heads = cols[..., None].expand(-1, -1, state.head_scores.shape[2])
-            mixed = self.net.mixed_normalised(state.head_scores.gather(1, heads) - state.log_norm)
+            mixed = self.net.mixed_normalised_(state.head_scores.gather(1, heads) - state.log_norm)
         return mixed.masked_fill(~state.allowed.gather(1, cols), float("-inf"))  # (B, k)
 
 
