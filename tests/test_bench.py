@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adore import bench
+from adore.bench.rounds import merge_rounds
 from adore.engine.generate import generate
 from adore.engine.session import Session
 from adore.io import read_json
@@ -227,3 +228,27 @@ def test_bench_prefill_ab_times_each_prefill_signature_in_turns(tmp_path, tiny_m
     assert "prefill alone, 3 rounds in turns" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--prefill-ab=2 times real prefills"):
         bench.main([*args[:-1], "2", "--synthetic-prompt", "--model", tiny_model_dir, "--out", str(tmp_path / "c")])
+
+
+def test_rounds_report_each_row_at_its_median_with_the_range_of_its_ratios(tmp_path, tiny_model_dir, capsys):
+    """`--rounds 3` measures the batch three times: every method row carries its three ratios to its floor, the
+    median as `x_floor`, and the table prints their range; a bad count stops before the model loads."""
+    out = tmp_path / "b.json"
+    args = ["--model", tiny_model_dir, "--prompt-len", "16", "--new-tokens", "3", "--batch", "2", "--m", "6"]
+    rows = bench.main([*args, "--methods", "window,h2o", "--rounds", "3", "--out", str(out)])
+    methods = [r for r in rows if not r["method"].startswith("floor_")]
+    assert len(rows) == 3 and all(r["rounds"] == 3 and len(r["x_floor_rounds"]) == 3 for r in methods)
+    assert all(r["x_floor"] == sorted(r["x_floor_rounds"])[1] for r in methods)
+    assert "x floor range" in capsys.readouterr().out
+    assert read_json(out)["rows"][1]["x_floor_rounds"] == methods[0]["x_floor_rounds"]
+    with pytest.raises(SystemExit, match="--rounds=0 must be at least 1"):
+        bench.main([*args, "--rounds", "0", "--out", str(out)])
+
+
+def test_merged_rounds_take_medians_of_what_is_timed_and_the_rest_from_the_first():
+    first = {"method": "a", "decode_tok_per_s": 10.0, "x_floor": 0.9, "kv_bytes_decode": 5, "kl_full": 0.1}
+    rounds = [[first], [first | {"decode_tok_per_s": 30.0, "x_floor": 0.7}], [first | {"decode_tok_per_s": 20.0}]]
+    (row,) = merge_rounds(rounds)
+    assert row["decode_tok_per_s"] == 20.0 and row["x_floor"] == 0.9 and row["x_floor_rounds"] == [0.9, 0.7, 0.9]
+    assert row["kv_bytes_decode"] == 5 and row["kl_full"] == 0.1 and row["rounds"] == 3
+    assert merge_rounds([[first]]) == [first]  # one round: the rows as they are

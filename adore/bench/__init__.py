@@ -18,7 +18,8 @@ prompt forward per batch and release it each on their own (`SharedPrefill`).
 
 The floor: `floor_<n>` is a bare forward, one token per row, over a cache already holding n tokens (m, or the
 prompt plus half the new tokens: full attention's mean), with no bookkeeping: the best any engine can do.
-`x floor` is each row against its own floor, `x full` against full attention at the same batch.
+`x floor` is each row against its own floor, `x full` against full attention at the same batch. `--rounds N`
+measures each batch N times over and reports each row at its median with the range of its ratios (`adore.bench.rounds`).
 `rebuilt/step` is the tokens rebuilt (forwarded) per row and step, `kept` the share of them the same step's
 release kept, `reused/step` the picks `rebuild=keep` found held in the cache (attended without a forward).
 

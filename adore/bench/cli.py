@@ -14,6 +14,7 @@ from adore.bench.budget import plan
 from adore.bench.model import build_model, prompts
 from adore.bench.prefill_ab import prefill_ab
 from adore.bench.report import compare_to_full, device_name, print_tables, write
+from adore.bench.rounds import merge_rounds
 from adore.bench.specs import methods_for, runnable
 from adore.bench.timing import run_hf_generate
 from adore.engine.rebuild import POLICIES
@@ -84,6 +85,12 @@ def mode_flags(p: argparse.ArgumentParser) -> None:
 def run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each batch N times over: each row at its median, with its ratios' range (x floor range)",
+    )
+    p.add_argument(
         "--cuda-graphs", action="store_true", help="replay decode steps as CUDA graphs (GPU; not h2o/oracle)"
     )
     p.add_argument("--out", default="outputs/bench/bench.json")
@@ -125,6 +132,8 @@ def check(args) -> Options:
     for key in ("prompt_len", "new_tokens", "m"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')}={getattr(args, key)} must be positive")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds={args.rounds} must be at least 1 (each batch measured that many times)")
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (the first token comes from prefill)")
     batches = comma_list(args.batch, int, "--batch")
@@ -197,9 +206,14 @@ def main(argv=None) -> list[dict]:
             ab += prefill_ab(model, batch_methods, ids, args.new_tokens, args.prefill_ab)
         if args.hf_generate:
             rows.append(run_hf_generate(model, ids, args.new_tokens))
-        kwargs = dict(synthetic=opts.synthetic, cuda_graphs=args.cuda_graphs, with_kl=args.kl)
-        kwargs["clock"] = args.kv_budget_gib is not None
-        rows += run_batch(model, batch_methods, ids, args.new_tokens, args.m, opts.chunks, **kwargs)
+        kwargs = dict(synthetic=opts.synthetic, cuda_graphs=args.cuda_graphs, clock=args.kv_budget_gib is not None)
+        rounds = [  # KL is the same every round: measured in the first
+            run_batch(
+                model, batch_methods, ids, args.new_tokens, args.m, opts.chunks, with_kl=args.kl and not i, **kwargs
+            )
+            for i in range(args.rounds)
+        ]
+        rows += merge_rounds(rounds)
     compare_to_full(rows, budget=bool(args.kv_budget_gib))
     device = device_name(model)
     write(args, rows, ab, device, opts.dtype)

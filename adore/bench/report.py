@@ -7,6 +7,7 @@ import platform
 import torch
 from tabulate import tabulate
 
+from adore.bench.rounds import spread
 from adore.io import write_json
 
 HEADERS = [
@@ -77,6 +78,10 @@ def print_tables(args, rows: list[dict], ab: list[dict], device: str, synthetic:
         ]
         for r in rows
     ]
+    headers = HEADERS
+    if args.rounds > 1:  # each row's ratios to its floor over the rounds, beside their median
+        headers = [*HEADERS[:5], "x floor range", *HEADERS[5:]]
+        table = [[*line[:5], spread(r), *line[5:]] for line, r in zip(table, rows, strict=True)]
     budget = ""
     if args.kv_budget_gib:
         budget = f", KV budget {args.kv_budget_gib} GiB (recall's store within {args.store_budget_gib} GiB"
@@ -84,8 +89,9 @@ def print_tables(args, rows: list[dict], ab: list[dict], device: str, synthetic:
     print(
         f"\n{args.model} on {device}, prompt {args.prompt_len}{' (assumed)' if synthetic else ''}, "
         f"{args.new_tokens} new tokens, m={args.m}, R={args.R}{budget}"
+        + (f"; medians of {args.rounds} rounds" if args.rounds > 1 else "")
     )
-    print(tabulate(table, headers=HEADERS, floatfmt=".2f", missingval="—"))
+    print(tabulate(table, headers=headers, floatfmt=".2f", missingval="—"))
     groups: dict[tuple, list[str]] = {}
     for r in rows:
         if r.get("prefill_shared_with"):
