@@ -182,6 +182,9 @@ def test_page_sizes_pair_with_the_R_values_they_divide():
         row_specs(parser().parse_args("--methods adore --R 4 --rebuild recall --store-dtype int4".split()))
     shipped = row_specs(parser().parse_args("--methods window,adore_trained".split()))  # no --R: each config's own
     assert shipped == [("window", {}), ("adore_trained", {"R": 16})]
+    # the shipped config recalls already: its page sizes and store dtypes need no --rebuild recall
+    paged = methods_for(["adore_trained"], 256, [64], None, pages=[16], stores=["int8"])
+    assert paged == [("adore_trained", {"R": 64, "page_size": 16, "store_dtype": "int8"})]
 
 
 def test_bench_kv_budget_runs_each_method_at_its_largest_batch(tmp_path, tiny_model_dir):

@@ -48,15 +48,15 @@ def methods_for(
                 print(f"[skip] method={name} R={r}: not a whole number of its pages of {own_page}")
                 continue
             policies = [{}]
-            if r > 0:  # None: the config's value
+            if r > 0:  # None: the config's value, whose own policy takes the policy's flags (adore_trained: recall)
                 policies = [
                     {"rebuild": p, "rebuild_every": k, "rebuild_forward": f, "page_size": g or None, "store_dtype": d}
                     for p in rebuild or [None]
                     for k in every or [None]
-                    for f in (forward or [None] if p == "keep" else [None])
-                    for g in (pages or [None] if p == "recall" else [None])
+                    for f in (forward or [None] if (p or fields.get("rebuild")) == "keep" else [None])
+                    for g in (pages or [None] if (p or fields.get("rebuild")) == "recall" else [None])
                     if not g or r % g == 0  # a page size goes with the R values that are whole pages of it
-                    for d in (stores or [None] if p == "recall" else [None])
+                    for d in (stores or [None] if (p or fields.get("rebuild")) == "recall" else [None])
                 ]
                 policies = [{key: v for key, v in policy.items() if v is not None} for policy in policies]
             rows += [(name, own | {"R": r} | policy) for policy in policies]
