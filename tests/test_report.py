@@ -800,3 +800,26 @@ def test_a_chunked_ruler_run_is_tested_against_one_shot_full_attention(tmp_path)
     tests = report.paired_tests(report.collect(tmp_path))
     assert set(tests["vs"]) == {"full (arrival=oneshot)"} and set(tests["method"]) == {"Window (arrival=chunked)"}
     assert tests.set_index("metric").loc["RULER", "diff"] == -0.5
+
+
+def test_pooled_tests_join_one_comparison_over_its_settings_and_count_a_shared_prompt_once():
+    """The same run label against the best baseline at two cache sizes pools into one test of every pair, the
+    prompts both settings hold resampled as one unit; a comparison held in one setting alone is not pooled."""
+    from adore.report.significance import Comparison, pooled_table, pooled_tests
+
+    def comparison(row, vs, a, b, units, family="ADORE"):
+        return Comparison("noise (ruler)", row, family, "ruler", vs, "score", a, b, units)
+
+    found = [
+        comparison("ADORE m=128", "best baseline: H2O m=128", [0.0, 1.0, 0.0], [1.0, 1.0, 1.0], ["p1", "p2", "p3"]),
+        comparison("ADORE m=512", "best baseline: SnapKV m=512", [1.0, 0.0], [1.0, 1.0], ["p1", "p2"]),
+        comparison("ADORE m=512", "full", [1.0, 0.0], [1.0, 1.0], ["p1", "p2"]),  # one setting only
+        comparison("TOVA m=512", "full", [1.0], [0.0], ["p1"], family="TOVA"),
+    ]
+    pooled = pooled_tests(found)
+    assert len(pooled) == 1
+    (row,) = pooled.to_dict("records")
+    assert (row["family"], row["vs"], row["metric"], row["settings"]) == ("ADORE", "best baseline", "RULER", 2)
+    assert row["diff"] == pytest.approx((1 - 3 + 1 - 2) / 5) and row["n"] == 3  # five pairs, three prompts
+    table = pooled_table(pooled)
+    assert table.loc["ADORE", "RULER"].endswith("(2)") and table.loc["ADORE", "vs"] == "best baseline"

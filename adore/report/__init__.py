@@ -10,7 +10,7 @@ from adore.report.collect import collect
 from adore.report.grid import Table
 from adore.report.plots import NoAxis, figures, plot_quality_vs_m, plot_R_tradeoff, plot_throughput_vs_m
 from adore.report.render import to_latex, to_markdown, to_terminal
-from adore.report.significance import paired_tests, significance_table
+from adore.report.significance import comparisons, paired_tests, pooled_tests, significance_table
 from adore.report.tables import (
     PAPER,
     PAPER_BACKBONE,
@@ -33,6 +33,7 @@ __all__ = [
     "Table",
     "build_tables",
     "collect",
+    "comparisons",
     "fidelity_table",
     "figures",
     "log_wandb",
@@ -45,6 +46,7 @@ __all__ = [
     "plot_R_tradeoff",
     "plot_quality_vs_m",
     "plot_throughput_vs_m",
+    "pooled_tests",
     "quality_table",
     "quality_values",
     "significance_table",

@@ -30,12 +30,14 @@ from adore.report.tables import PAPER_BACKBONE, build_tables, overview_values
 def write_report(
     df: pd.DataFrame, out: str | os.PathLike, paper: bool = False, title: str = "Report", against: str | None = None
 ) -> tuple[str, list[Path]]:
-    """Write tables.md, tables.tex, summary.csv, significance.csv (when runs have predictions.jsonl) and the PNG
+    """Write tables.md, tables.tex, summary.csv, significance.csv and significance_pooled.csv (when runs have
+    predictions.jsonl; the pooled tests where a comparison holds in two settings or more) and the PNG
     plots into `out`, each atomically; return the Markdown and the files. `against`: see `paired_tests`."""
     out = Path(out)
-    # once: the significance table and significance.csv share them
-    tests = significance.paired_tests(df, against=against)
-    tables = build_tables(df, paper, tests=tests)
+    # once: the significance tables and their CSVs share them
+    found = significance.comparisons(df, against)
+    tests, pooled = significance.paired_tests(df, against=against, found=found), significance.pooled_tests(found)
+    tables = build_tables(df, paper, tests=tests, pooled=pooled)
     figs, notes = figures(df)
     files = []
     for name, fig in figs.items():
@@ -46,7 +48,7 @@ def write_report(
     for name, text in (("tables.md", markdown), ("tables.tex", to_latex(tables))):
         _atomic_write_text(out / name, text)
         files.append(out / name)
-    for name, frame in (("summary.csv", df), ("significance.csv", tests)):
+    for name, frame in (("summary.csv", df), ("significance.csv", tests), ("significance_pooled.csv", pooled)):
         if name == "summary.csv" or len(frame):
             with atomic_path(out / name) as tmp:
                 frame.to_csv(tmp, index=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -47,6 +48,7 @@ REBUILD_SETTINGS = (
 RULER_TASK = "@"  # "score@niah_single": the score of one task=ruler task's examples, tested on its own
 TASKS = ("generate", "stream", "ruler")  # tasks with per-example scores (stream: one per reply, resampled by dialogue)
 COLUMNS = ["data", "method", "family", "vs", "metric", "diff", "low", "high", "significant", "n"]
+POOLED_COLUMNS = ["family", "task", "vs", "metric", "diff", "low", "high", "significant", "n", "settings"]
 CAPTION = (
     "Difference of the per-example mean (this method - the other), its 95 % paired bootstrap interval over the "
     "examples both runs scored (aligned by id; rows of one prompt resampled together, n counts prompts), and ✓ "
@@ -58,6 +60,14 @@ CAPTION = (
     "settings without rebuild (does rebuild pay?). vs a row label: the run named by `--against` at the same m. "
     "RULER: every example of a task=ruler run; RULER <task>: that task's examples alone, each task against the "
     "baseline best on it. KL: lower is better. — : not tested."
+)
+
+POOLED_CAPTION = (
+    "The paired tests above, pooled over every setting that holds the same comparison (the same run label and task "
+    "against full attention, the best baseline of each setting, R = 0 or the `--against` row, at other cache sizes, "
+    "lengths or datasets): the difference of the per-example means over all pairs, its 95 % paired bootstrap "
+    "interval (pairs of one prompt resampled together, across settings too), ✓ when it excludes 0, and in brackets "
+    "the number of settings pooled. A small difference that no setting shows on its own can be one over all."
 )
 
 
@@ -123,7 +133,25 @@ def _comparable(mine: dict[str, dict], theirs: dict[str, dict], where: str) -> s
     return same
 
 
-def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -> pd.DataFrame:
+@dataclass
+class Comparison:
+    """The per-example scores of one metric in two runs, aligned: `a` this run's (row label `row`, run label
+    `family`), `b` the other's (`vs`), `units` each pair's resampling unit (its prompt or dialogue)."""
+
+    data: str
+    row: str
+    family: str
+    task: str
+    vs: str
+    key: str
+    a: list[float]
+    b: list[float]
+    units: list[str]
+
+
+def paired_tests(
+    df: pd.DataFrame, bootstrap=None, against: str | None = None, found: list[Comparison] | None = None
+) -> pd.DataFrame:
     """Paired bootstrap tests on per-example scores (predictions.jsonl, aligned by id), one row per test.
 
     Every bounded method against full attention (quality metrics; full attention is the fidelity reference) and
@@ -136,16 +164,31 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
     `against`: text in one row label (e.g. a shipped controller's tag); every other bounded run is also tested on
     every metric against that row's run of the same dataset, task, model, adapter, max_new_tokens and m (two
     controllers, two recipes, a lever on and off); against each of them where several rows at that m hold it (one
-    controller at R = 4 and R = 0). No row label holding it: ValueError naming the labels.
+    controller at R = 4 and R = 0). No row label holding it: ValueError naming the labels. `found`: the
+    comparisons (`comparisons(df, against)`), when the caller has them.
     """
     from adore.eval.stats import Bootstrap
 
     bootstrap = bootstrap or Bootstrap()
+    found = comparisons(df, against) if found is None else found
+    out = []
+    for c in found:
+        t = bootstrap.paired(c.a, c.b, c.units)
+        out.append([c.data, c.row, c.family, c.vs, _label(c.key), t["diff"], *t["ci"], t["significant"], t["n"]])
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
+def _label(key: str) -> str:
+    return _tests(None)[key][0]
+
+
+def comparisons(df: pd.DataFrame, against: str | None = None) -> list[Comparison]:
+    """Every pair of runs `paired_tests` tests, with their aligned per-example scores, one per metric."""
     df = df.assign(task=df["task"].fillna("generate") if "task" in df else "generate")  # older runs: generate
     df = df if "arrival" in df else df.assign(arrival=None)  # frames from before task=ruler's regimes
     runs = df[df["task"].isin(TASKS)]
     if runs.empty or "path" not in runs:
-        return pd.DataFrame(columns=COLUMNS)
+        return []
     keys = identity(runs)
     runs = runs.assign(row=row_labels(runs, keys).values)
     runs = in_row_order(runs.drop_duplicates(["row", "data", "task"]), keys)
@@ -210,36 +253,80 @@ def paired_tests(df: pd.DataFrame, bootstrap=None, against: str | None = None) -
             for key in tested:
                 ids, a, b = _aligned(_per_example(mine, key), _per_example(theirs, key), common)
                 if a:
-                    t = bootstrap.paired(a, b, [_unit(mine[i]) for i in ids])
-                    out.append(
-                        [
-                            r["data"] if r["task"] == "generate" else f"{r['data']} ({r['task']})",
-                            r["row"],
-                            r["label"],
-                            vs,
-                            tests[key][0],
-                            t["diff"],
-                            *t["ci"],
-                            t["significant"],
-                            t["n"],
-                        ]
-                    )
-    return pd.DataFrame(out, columns=COLUMNS)
+                    data = r["data"] if r["task"] == "generate" else f"{r['data']} ({r['task']})"
+                    units = [_unit(mine[i]) for i in ids]
+                    out.append(Comparison(data, r["row"], r["label"], r["task"], vs, key, a, b, units))
+    return out
+
+
+def _kind(vs: str) -> str:
+    """What a comparison is against, whatever the setting: full attention, the best baseline (each setting's
+    own), the same run at R = 0, or a named row."""
+    for kind in ("full", "best baseline", "R = 0"):
+        if vs.startswith(kind):
+            return kind
+    return "against"
+
+
+def pooled_tests(found: list[Comparison], bootstrap=None) -> pd.DataFrame:
+    """One paired test per (run label, task, kind of comparison, metric) over every setting that has it (cache
+    sizes, lengths, datasets), where there are at least two: a small difference that no setting shows significantly
+    on its own can be one over all of them. Pairs of one prompt are resampled together across settings too (the
+    same prompt at m = 128 and m = 512 is one unit), so the interval is not narrowed by counting it twice."""
+    from adore.eval.stats import Bootstrap
+
+    bootstrap = bootstrap or Bootstrap()
+    groups: dict[tuple, list[Comparison]] = {}
+    for c in found:
+        groups.setdefault((c.family, c.task, _kind(c.vs), c.key), []).append(c)
+    out = []
+    for (family, task, kind, key), held in groups.items():
+        settings = {(c.data, c.row, c.vs) for c in held}
+        if len(settings) < 2:
+            continue
+        a, b, units = ([x for c in held for x in getattr(c, name)] for name in ("a", "b", "units"))
+        t = bootstrap.paired(a, b, units)
+        out.append([family, task, kind, _label(key), t["diff"], *t["ci"], t["significant"], t["n"], len(settings)])
+    return pd.DataFrame(out, columns=POOLED_COLUMNS)
+
+
+def pooled_table(tests: pd.DataFrame) -> pd.DataFrame:
+    """One row per (run label, task, comparison); cells "diff [low, high] ✓|✗ (settings pooled)" per metric."""
+    if tests.empty:
+        return pd.DataFrame()
+    metrics = _metrics(tests)
+    rows: dict = {}
+    for _, t in tests.iterrows():
+        rows.setdefault((t["family"], t["task"], t["vs"]), {})[t["metric"]] = f"{_cell(t)} ({t['settings']})"
+    return pd.DataFrame(
+        [[task, vs, *(cells.get(m, "—") for m in metrics)] for (_, task, vs), cells in rows.items()],
+        index=pd.Index([k[0] for k in rows], name="Method"),
+        columns=["task", "vs", *metrics],
+    )
 
 
 def significance_table(tests: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, comparison); cells "diff [low, high] ✓|✗" per metric ("—": not tested)."""
     if tests.empty:
         return pd.DataFrame()
-    found = set(tests["metric"])
-    metrics = [name for name, _ in _tests(None).values() if name in found]
+    metrics = _metrics(tests)
     rows = {}
     for _, t in tests.iterrows():
-        d = 3 if t["metric"] == "KL" else 2
-        cell = f"{t['diff']:+.{d}f} [{t['low']:.{d}f}, {t['high']:.{d}f}] {'✓' if t['significant'] else '✗'}"
-        rows.setdefault((t["method"], t["data"], t["vs"]), {})[t["metric"]] = cell
+        rows.setdefault((t["method"], t["data"], t["vs"]), {})[t["metric"]] = _cell(t)
     return pd.DataFrame(
         [[data, vs, *(cells.get(m, "—") for m in metrics)] for (_, data, vs), cells in rows.items()],
         index=pd.Index([k[0] for k in rows], name="Method"),
         columns=["data", "vs", *metrics],
     )
+
+
+def _cell(test) -> str:
+    """ "diff [low, high] ✓|✗" of one test (KL to three decimals)."""
+    d = 3 if test["metric"] == "KL" else 2
+    return f"{test['diff']:+.{d}f} [{test['low']:.{d}f}, {test['high']:.{d}f}] {'✓' if test['significant'] else '✗'}"
+
+
+def _metrics(tests: pd.DataFrame) -> list[str]:
+    """The metrics tested, in the order of TESTS (then RULER's tasks)."""
+    found = set(tests["metric"])
+    return [name for name, _ in _tests(None).values() if name in found]

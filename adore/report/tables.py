@@ -194,9 +194,12 @@ def fidelity_table(df: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------------------- all
 
 
-def build_tables(df: pd.DataFrame, paper: bool = False, tests: pd.DataFrame | bool = True) -> list[Table]:
+def build_tables(
+    df: pd.DataFrame, paper: bool = False, tests: pd.DataFrame | bool = True, pooled: pd.DataFrame | None = None
+) -> list[Table]:
     """Every table of the report, formatted; empty when the sweep has no runs. `tests`: the paired bootstrap tests
-    (`significance.paired_tests(df)`, which reads each run's predictions.jsonl), True to compute them, False for none."""
+    (`significance.paired_tests(df)`, which reads each run's predictions.jsonl), True to compute them (and the
+    pooled ones), False for none; `pooled`: the tests pooled over settings (`significance.pooled_tests`)."""
     tables = []
     runs = generate_runs(df)
     paper_note = (
@@ -231,10 +234,16 @@ def build_tables(df: pd.DataFrame, paper: bool = False, tests: pd.DataFrame | bo
     ):
         if len(runs) and any(c in runs and runs[c].notna().any() for c in metrics):
             tables.append(Table(name, title, caption, bounded_table(df, metrics)))
+    if tests is True:
+        found = significance.comparisons(df)
+        tests, pooled = significance.paired_tests(df, found=found), significance.pooled_tests(found)
     if tests is not False:
-        frame = significance.significance_table(significance.paired_tests(df) if tests is True else tests)
+        frame = significance.significance_table(tests)
         if len(frame):
             tables.append(Table("significance", "Paired bootstrap tests", significance.CAPTION, frame))
+    if pooled is not None and len(pooled):
+        frame = significance.pooled_table(pooled)
+        tables.append(Table("pooled", "Paired tests pooled over settings", significance.POOLED_CAPTION, frame))
     return tables + task_tables(df)
 
 
