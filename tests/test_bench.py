@@ -185,14 +185,16 @@ def test_page_sizes_pair_with_the_R_values_they_divide():
     # the shipped config recalls already: its page sizes and store dtypes need no --rebuild recall
     paged = methods_for(["adore_trained"], 256, [64], None, pages=[16], stores=["int8"])
     assert paged == [("adore_trained", {"R": 64, "page_size": 16, "store_dtype": "int8"})]
+    with pytest.raises(SystemExit, match="--page-size=16 sets recall's page_size, but no row recalls"):
+        methods_for(["adore"], 32, [16], None, ["recompute"], pages=[16])
 
 
 def test_bench_kv_budget_runs_each_method_at_its_largest_batch(tmp_path, tiny_model_dir):
     """Under a KV budget a bounded method (m + R + 1 slots per row) runs far more rows than full attention
-    (the whole context per row), from an assumed prefill."""
+    (the whole context per row), from an assumed prefill; in rounds, each batch's clock is merged with it."""
     budget_gib = 2**-14  # 64 KiB: the tiny model's KV is 2 layers x 2 heads x 8 dims x 4 bytes x 2 = 256 B per slot
     rows = bench.main(
-        [*"--prompt-len 200 --new-tokens 4 --m 8 --R 0".split(), "--kv-budget-gib", str(budget_gib),
+        [*"--prompt-len 200 --new-tokens 4 --m 8 --R 0 --rounds 2".split(), "--kv-budget-gib", str(budget_gib),
          "--model", tiny_model_dir, "--methods", "full,window", "--out", str(tmp_path / "b.json")]
     )  # fmt: skip
     full = next(r for r in rows if r["method"] == "full")
@@ -203,7 +205,7 @@ def test_bench_kv_budget_runs_each_method_at_its_largest_batch(tmp_path, tiny_mo
     assert window["history_bytes"] * full["batch"] == full["history_bytes"] * window["batch"]
     # each batch ran beside its own clock (one row over m tokens); x full goes through them, drift divided out
     clocks = [r for r in rows if r["method"] == "clock"]
-    assert [c["batch"] for c in clocks] == [1, 1] and full["x_full"] == 1.0
+    assert [c["batch"] for c in clocks] == [1, 1] and full["x_full"] == 1.0 and window["rounds"] == 2
     assert window["x_full"] == pytest.approx(window["x_full_raw"] * full["clock_tok_per_s"] / window["clock_tok_per_s"])
 
 

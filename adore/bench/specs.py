@@ -60,6 +60,12 @@ def methods_for(
                 ]
                 policies = [{key: v for key, v in policy.items() if v is not None} for policy in policies]
             rows += [(name, own | {"R": r} | policy) for policy in policies]
+    for flag, values, field in (("--page-size", pages, "page_size"), ("--store-dtype", stores, "store_dtype")):
+        if values and any(values) and not any(field in overrides for _, overrides in rows):
+            raise SystemExit(
+                f"{flag}={','.join(map(str, values))} sets recall's {field}, but no row recalls: add --rebuild recall "
+                "or a method that recalls (adore_trained), with R > 0"
+            )
     return rows
 
 
