@@ -46,7 +46,8 @@ class AttentionRecorder:
 
     def add_decoded(self, weights: torch.Tensor) -> None:
         """`add` for a forward with one query per row, weights (B, H, 1, C): the same sums, bit for bit, in two
-        operations a layer instead of six (a fifth of the recorded attention's time at batch 1 on a CPU)."""
+        operations a layer instead of six, which were most of what recording costs a decode step over SDPA at
+        batch 1 on a CPU (docs/recall.md)."""
         heads = weights.sum(1)  # (B, 1, C)
         if self.want_total:
             total = heads[:, 0].clone() if self.rows else heads[:, 0]
