@@ -178,8 +178,8 @@ def test_page_sizes_pair_with_the_R_values_they_divide():
     assert [(o["R"], o.get("page_size")) for _, o in specs] == [(4, None), (64, None), (64, 16)]
     with pytest.raises(SystemExit, match="--page-size=16 divides no R in \\[4, 8\\]"):
         methods_for(["adore"], 32, [4, 8], None, ["recall"], pages=[16])
-    with pytest.raises(SystemExit, match="^method=adore R=4 rebuild=recall store_dtype=int4: .*store_dtype"):
-        row_specs(parser().parse_args("--methods adore --R 4 --rebuild recall --store-dtype int4".split()))
+    with pytest.raises(SystemExit, match="^method=adore R=4 rebuild=recall store_dtype=fp8: .*store_dtype"):
+        row_specs(parser().parse_args("--methods adore --R 4 --rebuild recall --store-dtype fp8".split()))
     shipped = row_specs(parser().parse_args("--methods window,adore_trained".split()))  # no --R: each config's own
     assert shipped == [("window", {}), ("adore_trained", {"R": 16})]
     # the shipped config recalls already: its page sizes and store dtypes need no --rebuild recall

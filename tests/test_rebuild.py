@@ -72,7 +72,7 @@ def test_recall_copies_are_bit_exact_and_the_store_is_write_through(tiny):
 
 
 @pytest.mark.parametrize("static_shapes", [False, True])
-@pytest.mark.parametrize("store_dtype,page_size", [("model", None), ("model", 4), ("int8", None)])
+@pytest.mark.parametrize("store_dtype,page_size", [("model", None), ("model", 4), ("int8", None), ("int4", None)])
 def test_a_pick_still_in_the_free_slot_it_left_is_taken_back_uncopied(
     tiny, monkeypatch, store_dtype, page_size, static_shapes
 ):
@@ -99,26 +99,34 @@ def test_a_pick_still_in_the_free_slot_it_left_is_taken_back_uncopied(
     assert reusing.reused > 0 and copying.reused == 0 and reusing.recalled == copying.recalled
 
 
-@pytest.mark.parametrize("dtype,tolerance", [("model", 0.0), ("bfloat16", 2**-8), ("int8", 1 / 254)])
-def test_store_dtypes_round_trip_within_their_stated_error(dtype, tolerance):
+@pytest.mark.parametrize("dtype", ["model", "bfloat16", "int8", "int4"])
+def test_store_dtypes_round_trip_within_their_stated_error(dtype):
     """model: exact; bfloat16: relative error <= 2^-8; int8: absolute error <= half a step of absmax / 127 per
-    (token, layer, head), plus the float16 scale's rounding (2^-11 relative, times up to 127 steps)."""
+    (token, layer, head), plus the float16 scale's rounding (2^-11 relative, times up to 127 steps); int4: half a step
+    of (max - min) / 15, plus the float16 rounding of the minimum and the step (times up to 15 steps)."""
     torch.manual_seed(0)
     cache = SlotCache(3, 2, 2, 8, 6, torch.float32, "cpu")
-    cache.keys.normal_()
+    cache.keys.normal_(mean=2)
     cache.values.normal_(std=3)
+    cache.keys[0, 0, 0, 1] = 0.5  # a constant vector: step 0
     store = KVStore(cache, 10, dtype)
     store.write(cache, 0, torch.arange(6).expand(2, -1))
     copy = SlotCache(3, 2, 2, 8, 6, torch.float32, "cpu")
     store.read_into(copy, torch.arange(6).flip(0).expand(2, -1), torch.arange(6).expand(2, -1))
     for stored, original in ((copy.keys, cache.keys.flip(3)), (copy.values, cache.values.flip(3))):
         error = (stored - original).abs()
-        if dtype == "int8":
-            bound = original.abs().amax(-1, keepdim=True) * (tolerance + 2**-10)
-        else:
-            bound = original.abs() * tolerance
+        top, low = original.amax(-1, keepdim=True), original.amin(-1, keepdim=True)
+        bound = {
+            "model": 0 * original,
+            "bfloat16": original.abs() * 2**-8,
+            "int8": original.abs().amax(-1, keepdim=True) * (1 / 254 + 2**-10),
+            "int4": (top - low) * (1 / 30 + 2**-10) + low.abs() * 2**-11,
+        }[dtype]
         assert (error <= bound + 1e-7).all(), dtype
-    assert store.nbytes < KVStore(cache, 10, "model").nbytes or dtype == "model"
+    if dtype != "int8":  # a constant vector comes back exactly (int8: its scale rounds)
+        assert torch.equal(copy.keys[0, 0, 0, 4], cache.keys[0, 0, 0, 1])
+    per_token = {"model": 4 * 8, "bfloat16": 2 * 8, "int8": 8 + 2, "int4": 8 // 2 + 4}[dtype]
+    assert store.nbytes == 2 * 2 * 10 * 3 * 2 * per_token  # keys and values, B = 2, 10 columns, 3 layers, 2 heads
 
 
 def test_page_bound_is_above_every_member_and_exact_for_constant_pages():

@@ -43,7 +43,7 @@ def method_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rebuild-every", default=None, help="comma list: rebuild on every k-th step, for R > 0")
     p.add_argument("--rebuild-forward", default=None, help="comma list: with --rebuild keep, picks forwarded per step")
     p.add_argument("--page-size", default=None, help="comma list: with --rebuild recall, tokens per page (0: tokens)")
-    p.add_argument("--store-dtype", default=None, help="comma list: with --rebuild recall, model | bfloat16 | int8")
+    p.add_argument("--store-dtype", default=None, help="comma list: recall's store, model | bfloat16 | int8 | int4")
     p.add_argument(
         "--method-options",
         default=None,

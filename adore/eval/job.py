@@ -159,7 +159,7 @@ def check_memory(model_spec, config, method, task) -> None:
     if store > host:
         raise ValueError(
             f"method.rebuild=recall stores {store / 2**30:.1f} GiB of KV ({batch} rows x {length} tokens), more than "
-            f"the {host / 2**30:.1f} GiB of host memory free: lower eval.batch_size or set method.store_dtype=int8"
+            f"the {host / 2**30:.1f} GiB of host memory free: lower eval.batch_size or set method.store_dtype=int8 or int4"
         )
 
 
