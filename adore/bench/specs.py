@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from adore.bench.rows import run_method
@@ -47,18 +49,7 @@ def methods_for(
             if r > 0 and own_page and not pages and r % own_page:
                 print(f"[skip] method={name} R={r}: not a whole number of its pages of {own_page}")
                 continue
-            policies = [{}]
-            if r > 0:  # None: the config's value, whose own policy takes the policy's flags (adore_trained: recall)
-                policies = [
-                    {"rebuild": p, "rebuild_every": k, "rebuild_forward": f, "page_size": g or None, "store_dtype": d}
-                    for p in rebuild or [None]
-                    for k in every or [None]
-                    for f in (forward or [None] if (p or fields.get("rebuild")) == "keep" else [None])
-                    for g in (pages or [None] if (p or fields.get("rebuild")) == "recall" else [None])
-                    if not g or r % g == 0  # a page size goes with the R values that are whole pages of it
-                    for d in (stores or [None] if (p or fields.get("rebuild")) == "recall" else [None])
-                ]
-                policies = [{key: v for key, v in policy.items() if v is not None} for policy in policies]
+            policies = rebuild_policies(r, fields.get("rebuild"), rebuild, every, forward, pages, stores) if r else [{}]
             rows += [(name, own | {"R": r} | policy) for policy in policies]
     for flag, values, field in (("--page-size", pages, "page_size"), ("--store-dtype", stores, "store_dtype")):
         if values and any(values) and not any(field in overrides for _, overrides in rows):
@@ -67,6 +58,22 @@ def methods_for(
                 "or a method that recalls (adore_trained), with R > 0"
             )
     return rows
+
+
+def rebuild_policies(r: int, own: str | None, rebuild, every, forward, pages, stores) -> list[dict]:
+    """The rebuild overrides of a config's rows at R = r: one per policy and period, times for `keep` one per cap on
+    the picks forwarded, for `recall` one per page size that divides r (0: token picks) and store dtype. A policy
+    not given is the config's `own`, which takes the policy's flags (adore_trained: recall)."""
+    policies = []
+    for p in rebuild or [None]:
+        policy = p or own
+        caps = forward if policy == "keep" and forward else [None]
+        sizes = [g for g in pages if not g or r % g == 0] if policy == "recall" and pages else [None]
+        dtypes = stores if policy == "recall" and stores else [None]
+        for k, f, g, d in itertools.product(every or [None], caps, sizes, dtypes):
+            chosen = {"rebuild": p, "rebuild_every": k, "rebuild_forward": f, "page_size": g or None, "store_dtype": d}
+            policies.append({key: v for key, v in chosen.items() if v is not None})
+    return policies
 
 
 def runnable(model, specs: list[tuple[str, dict]], m: int, ids: torch.Tensor, cuda_graphs: bool) -> list:
