@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(BIN)/python -m adore.report outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check adore tests train.py eval.py pipeline.py setup.py
