@@ -170,22 +170,21 @@ def test_page_scores_max_and_mass():
     torch.testing.assert_close(mass, torch.tensor([[0.03, 0.3, 0.0]]).log())
 
 
+@pytest.mark.parametrize("shortlist", [4, 1])
 @pytest.mark.parametrize(
     "picks,candidates",
     [({"page_size": 2, "page_summary": True}, 1), ({"page_summary": 2}, 2)],  # pages of 2; tokens from pages of 2
     ids=["page picks", "token picks"],
 )
-def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny, picks, candidates):
+def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny, picks, candidates, shortlist):
     """With page summaries a step reads the page summaries, the cached tokens' keys and the candidates' keys
-    (REFINE x R of them for page picks, the members of REFINE x R pages for token picks): no op takes the whole
-    history of keys, so the cost per step does not grow with every history token."""
+    (page_shortlist x R of them for page picks, the members of page_shortlist x R pages for token picks): no op
+    takes the whole history of keys, so the cost per step does not grow with every history token."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from adore.methods.scoring import REFINE
 
     model, _ = tiny
     m, R = 8, 4
-    method = make_method("adore", m, model, R=R, rebuild="recall", **picks, **PROBE)
+    method = make_method("adore", m, model, R=R, rebuild="recall", page_shortlist=shortlist, **picks, **PROBE)
     session = Session(model, method, 2, 256)
     ids, _ = prompts(batch=2, length=120)
     logits = session.feed(ids)
@@ -214,7 +213,7 @@ def test_paged_probe_reads_pages_and_a_bounded_number_of_keys(tiny, picks, candi
     with Reads():
         session.feed(logits[:, -1].argmax(-1, keepdim=True))
     assert not Reads.whole, f"ops reading every history key: {Reads.whole}"
-    assert 0 < Reads.gathered <= 2 * (m + R + 1 + REFINE * R * candidates)
+    assert 0 < Reads.gathered <= 2 * (m + R + 1 + shortlist * R * candidates)
 
 
 def test_the_probes_pick_scores_every_column_as_asking_each_does(tiny):
@@ -228,18 +227,20 @@ def test_the_probes_pick_scores_every_column_as_asking_each_does(tiny):
     assert torch.equal(session.pick_scores(released, 4), every)
 
 
-def test_a_shortlisted_token_pick_scores_its_pages_members_exactly(tiny):
+@pytest.mark.parametrize("shortlist", [4, 2, 1])
+def test_a_shortlisted_token_pick_scores_its_pages_members_exactly(tiny, shortlist):
     """`page_summary=N` with token picks: the pick's scores are the probe's own scores (normalised as the release's)
-    on the members of the REFINE x R best-bounded pages and -inf elsewhere; when those pages are every page the
-    pick scores every released token as the exact one does."""
-    from adore.methods.scoring import REFINE
-
+    on the members of the page_shortlist x R best-bounded pages and -inf elsewhere; when those pages are every page
+    the pick scores every released token as the exact one does."""
     model, _ = tiny
-    m, P = 8, 4
+    m, P = 32, 4  # R up to m: 32 // shortlist pages of 4 hold every column
     ids, _ = prompts(batch=2, length=60)
 
     def scores(R):
-        session = Session(model, make_method("adore", m, model, R=R, rebuild="recall", page_summary=P, **PROBE), 2, 256)
+        method = make_method(
+            "adore", m, model, R=R, rebuild="recall", page_summary=P, page_shortlist=shortlist, **PROBE
+        )
+        session = Session(model, method, 2, 256)
         session.feed(ids)
         released = session.released_columns(session.length)
         every = session.rebuild_scores(torch.arange(session.length).expand(2, -1))
@@ -248,9 +249,9 @@ def test_a_shortlisted_token_pick_scores_its_pages_members_exactly(tiny):
 
     short, every, seen = scores(2)
     listed = torch.isfinite(short)
-    assert 0 < listed.sum(1).max() <= REFINE * 2 * P < seen  # a shortlist, not the history
+    assert 0 < listed.sum(1).max() <= shortlist * 2 * P < seen  # a shortlist, not the history
     torch.testing.assert_close(short[listed], every[listed])  # exact where listed
-    short, every, seen = scores(8)  # REFINE x 8 pages of 4 hold every column
+    short, every, seen = scores(32 // shortlist)
     torch.testing.assert_close(short, every)
 
 
@@ -377,6 +378,13 @@ def test_top_is_the_old_name_of_recompute_and_identities_keep_their_names():
     assert old.rebuild == "recompute" and old.tag == new.tag == "adore_m8_R2_untrained_seed0"
     recall = Adore(m=8, R=4, rebuild="recall", page_size=2, store_dtype="int8", rebuild_every=1)
     assert recall.tag == "adore_m8_R4_untrained_seed0_rebuildrecall_page2_storeint8"
+    summary = dict(m=8, R=4, rebuild="recall", rebuild_every=1, page_summary=16, **PROBE)
+    assert (
+        Adore(**summary).tag
+        == Adore(**summary, page_shortlist=4).tag
+        == ("adore_m8_R4_untrained_seed0_confighead_dim=4-heads=2_rebuildrecall_summary16")
+    )  # the default shortlist stays out of the name; another is named
+    assert Adore(**summary, page_shortlist=1).tag.endswith("_summary16_shortlist1")
 
 
 @pytest.mark.parametrize(
@@ -390,6 +398,7 @@ def test_top_is_the_old_name_of_recompute_and_identities_keep_their_names():
         ({"rebuild": "recall", "page_summary": True}, "page_size, which is null .*page_summary=16"),
         ({"rebuild": "recall", "page_size": 2, "page_summary": 2}, "page_size=2 picks pages.*page_summary=true"),
         ({"rebuild": "recall", "page_summary": 0}, "page_summary=0 must be a positive integer"),
+        ({"rebuild": "recall", "page_summary": 16, "page_shortlist": 0}, "page_shortlist=0 must be a positive integer"),
         ({"page_summary": 16, **PROBE}, "page_summary=16 .*rebuild=recall"),
         ({"rebuild": "recall", "page_size": 0}, "method.page_size=0 must be a positive integer"),
     ],

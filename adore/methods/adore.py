@@ -22,7 +22,7 @@ from adore.methods.base import State, file_identity
 from adore.methods.guarantees import protect, recent_tokens
 from adore.methods.rebuilds import Rebuilds
 from adore.methods.releases import RELEASES
-from adore.methods.scoring import GRUScoring, PagedProbeScoring, ProbeScoring
+from adore.methods.scoring import SHORTLIST, GRUScoring, PagedProbeScoring, ProbeScoring
 
 
 @dataclass
@@ -47,12 +47,18 @@ class Adore(Rebuilds):
     # the probe scores picks and the release's normaliser from page summaries: true with page_size (page picks);
     # N with token picks (pages of N summarised, the pick shortlisted from them)
     page_summary: bool | int = False
+    page_shortlist: int = SHORTLIST  # with page_summary: candidate pages rescored exactly per page (token) picked
     sinks: int | None = None  # the first `sinks` positions are never released
     recent_ratio: float | None = None  # the newest round(recent_ratio * m) tokens are never released
     name: ClassVar[str] = "adore"
     training_free: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset({"embeddings"})
-    short: ClassVar[dict] = Rebuilds.short | {"controller": "", "recent_ratio": "recent", "page_summary": "summary"}
+    short: ClassVar[dict] = Rebuilds.short | {
+        "controller": "",
+        "recent_ratio": "recent",
+        "page_summary": "summary",
+        "page_shortlist": "shortlist",
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +101,11 @@ class Adore(Rebuilds):
     def _check_page_summary(self, net_config) -> None:
         """`page_summary`: off, true (pages of page_size, for page picks) or an integer (pages of that many tokens,
         for token picks), and only for a probe controller that recalls."""
+        check_integer(
+            "method.page_shortlist",
+            self.page_shortlist,
+            fix=f": the pages rescored per page (or token) picked, {SHORTLIST} by default",
+        )
         value = self.page_summary
         if value is False:
             return
@@ -136,7 +147,11 @@ class Adore(Rebuilds):
 
     def _guarantees(self) -> dict:
         guarantees = {key: getattr(self, key) for key in ("sinks", "recent_ratio") if getattr(self, key) is not None}
-        summary = {"page_summary": self.page_summary} if self.page_summary is not False else {}
+        summary = {}
+        if self.page_summary is not False:  # the shortlist named only off its default: older runs keep their names
+            summary = {"page_summary": self.page_summary} | (
+                {} if self.page_shortlist == SHORTLIST else {"page_shortlist": self.page_shortlist}
+            )
         return self.rebuild_identity() | self.release_rule.identity | summary | guarantees
 
     def check(self, model_config):
@@ -167,7 +182,7 @@ class Adore(Rebuilds):
             self.scoring = GRUScoring(self.net)
         elif self.page_summary:
             summary_page = self.page_size if self.page_summary is True else self.page_summary
-            self.scoring = PagedProbeScoring(self.net, summary_page, self.R)
+            self.scoring = PagedProbeScoring(self.net, summary_page, self.R, self.page_shortlist)
         else:
             self.scoring = ProbeScoring(self.net)
         state = State(tokens={"z": torch.zeros(batch_size, length, self.net.state_width, device=device)})

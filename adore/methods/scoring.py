@@ -11,7 +11,7 @@ from adore.engine.columns import at_columns
 from adore.engine.pages import PageSummary, by_page
 from adore.methods.base import State
 
-REFINE = 4  # page_summary: candidate pages rescored exactly per page picked (per token, for token picks)
+SHORTLIST = 4  # page_summary's default: candidate pages rescored exactly per page picked (per token, for token picks)
 inf = float("inf")
 
 
@@ -148,11 +148,12 @@ class PagedProbeScoring(ProbeScoring):
     """The probe with page summaries (`page_summary`): the asked tokens are normalised over the cache and the page
     summaries, and a pick ranks pages by their bounds, then rescores the best few exactly from their members' keys:
     O(pages) per step, not O(history). A page pick takes whole pages; a token pick (page_size null) the R best
-    tokens of the REFINE x R best-bounded pages (Quest's page shortlist, Tang et al. ICML 2024, for single tokens)."""
+    tokens of the `shortlist` x R best-bounded pages (Quest's page shortlist, Tang et al. ICML 2024, for single
+    tokens). `shortlist`: candidate pages rescored exactly per page picked (per token, for token picks)."""
 
-    def __init__(self, net: AttentionProbe, page_size: int, R: int):
+    def __init__(self, net: AttentionProbe, page_size: int, R: int, shortlist: int):
         super().__init__(net)
-        self.page_size, self.R = page_size, R  # page_size: the summaries' pages
+        self.page_size, self.R, self.shortlist = page_size, R, shortlist  # page_size: the summaries' pages
 
     def start(self, state, model):
         super().start(state, model)
@@ -200,20 +201,20 @@ class PagedProbeScoring(ProbeScoring):
         return self.net.mixed(scores - log_norm, tokens.positions <= tokens.query_pos)
 
     def page_scores(self, state, tokens, page_size, released, reduce, exact):
-        """Each open page's bound from its summary (adore.engine.pages), then the REFINE x (R / page_size) best
+        """Each open page's bound from its summary (adore.engine.pages), then the shortlist x (R / page_size) best
         bounds rescored exactly from their members' keys (the bound alone ranks loosely) and reduced as
-        Method.page_scores reduces them: O(pages + REFINE x R) keys read a step, whatever the history."""
+        Method.page_scores reduces them: O(pages + shortlist x R) keys read a step, whatever the history."""
         bound, open_pages, candidates, cols, inside, scores = self._shortlist(
-            state, tokens, released, REFINE * max(self.R // page_size, 1)
+            state, tokens, released, self.shortlist * max(self.R // page_size, 1)
         )
         shape = (scores.shape[0], -1, page_size)
         rescored = reduce(scores.view(shape), (inside & released.gather(1, cols)).view(shape))  # (B, c)
         return torch.full_like(bound, -inf).scatter(1, candidates, rescored).masked_fill(~open_pages, -inf)
 
     def pick_scores(self, state, tokens, released, R):
-        """Exact scores of the members of the REFINE x R best-bounded pages, -inf for every other token:
-        O(pages + REFINE x R x page_size) keys read a step, whatever the history."""
-        *_, cols, _, scores = self._shortlist(state, tokens, released, REFINE * R)
+        """Exact scores of the members of the shortlist x R best-bounded pages, -inf for every other token:
+        O(pages + shortlist x R x page_size) keys read a step, whatever the history."""
+        *_, cols, _, scores = self._shortlist(state, tokens, released, self.shortlist * R)
         seen = tokens.cols.shape[1]
         out = scores.new_full((scores.shape[0], seen + 1), -inf)  # the last column takes the padding past `seen`
         cols = torch.where(scores > -inf, cols, seen)
