@@ -193,6 +193,24 @@ def test_distances_past_the_trained_ones_use_the_last_trained_bucket(heads):
         ControllerConfig(d_model=16, trained_distance=-1)
 
 
+@pytest.mark.parametrize("num_buckets,max_distance", [(8, 64), (32, 4096), (4, 3)])
+def test_buckets_looked_up_equal_the_formula_also_after_the_trained_distance_moves(num_buckets, max_distance):
+    """`Controller.buckets` reads a table: for every distance (negative, past the trained cap, past max_distance)
+    it gives `bucketize` of the capped distance, and a trained distance extended later is looked up anew."""
+    distance = torch.arange(-3, 2 * max_distance + 50).view(1, -1)
+
+    def formula(config):
+        capped = distance if config.trained_distance is None else distance.clamp(max=config.trained_distance)
+        return bucketize(capped, config.num_buckets, config.max_distance)
+
+    for trained in (None, 0, 2, max_distance // 2, max_distance, 3 * max_distance):
+        net = Controller(ControllerConfig(d_model=8, num_buckets=num_buckets, max_distance=max_distance,
+                                          trained_distance=trained))  # fmt: skip
+        assert torch.equal(net.buckets(distance), formula(net.config))
+        net.extend_trained_distance(2 * max_distance)
+        assert torch.equal(net.buckets(distance), formula(net.config))
+
+
 @pytest.mark.parametrize("heads", [0, 3])
 def test_extending_the_trained_distance_keeps_the_scores_until_training_moves_them(heads):
     """A controller trained further on longer sequences starts where it was: the buckets past its old trained

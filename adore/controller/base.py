@@ -161,11 +161,22 @@ class Controller(nn.Module):
         raise NotImplementedError
 
     def buckets(self, distance: torch.Tensor) -> torch.Tensor:
-        """The learned bucket of each distance, capped at the longest one training saw."""
+        """The learned bucket of each (integer) distance, capped at the longest one training saw: looked up in a
+        table of every distance up to that cap (`bucketize` of each), one lookup where the formula takes a dozen
+        operations, each over every history token of every row, every decode step."""
+        table = self._bucket_table(distance.device)
+        return table[distance.clamp(0, table.shape[0] - 1)]
+
+    def _bucket_table(self, device) -> torch.Tensor:
+        """bucketize(min(d, trained_distance)) for d = 0 .. the first distance past which every bucket is the same:
+        the trained cap, or max_distance (the last bucket from there on). Rebuilt when the config or device moves."""
         c = self.config
-        if c.trained_distance is not None:
-            distance = distance.clamp(max=c.trained_distance)
-        return bucketize(distance, c.num_buckets, c.max_distance)
+        last = c.max_distance if c.trained_distance is None else min(c.trained_distance, c.max_distance)
+        key = (last, c.num_buckets, c.max_distance, device)
+        if getattr(self, "_table_key", None) != key:
+            self._table = bucketize(torch.arange(last + 1, device=device), c.num_buckets, c.max_distance)
+            self._table_key = key
+        return self._table
 
     @property
     def distance_embedding(self) -> nn.Embedding:
