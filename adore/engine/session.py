@@ -305,7 +305,8 @@ class Session(Prefilled):
         history = {"ids": self.hist_ids, "positions": self.hist_pos}
         if self.shadow is not None:
             history["full_attention"] = self.shadow.entered.last_attention
-        return Tokens(cols, self._query_pos, history, cached=lambda: torch.where(self.slot_kept, self.slot_col, -1))
+        cached = lambda: torch.where(self.slot_kept, self.slot_col, -1)  # noqa: E731
+        return Tokens(cols, self._query_pos, history, cached=cached, length=self.length)
 
     def _update_method(self, cols, valid, ids, pos, new_slots, recorder, hidden) -> None:
         entered = Entered(cols, valid, ids, pos, self._query_pos)

@@ -119,10 +119,12 @@ class ProbeScoring(Scoring):
         state.query = query if state.query is None else torch.where(rows[:, None], query, state.query)
 
     def _read_history(self, state, tokens) -> None:
-        """The query's per-head scores of every history column and their log normaliser, once per query."""
+        """The query's per-head scores of every history column fed so far (`tokens.length`: not the capacity past
+        it, which a stream's session holds for turns to come) and their log normaliser, once per query."""
         if state.head_scores is None:
-            s = self.net.head_scores(state.tokens["z"], state.tokens["pos"], tokens.query_pos, state.query)
-            state.allowed = self.net.allowed(state.tokens["pos"], tokens.query_pos, state.tokens["filled"])
+            z, pos, filled = (state.tokens[name][:, : tokens.length] for name in ("z", "pos", "filled"))
+            s = self.net.head_scores(z, pos, tokens.query_pos, state.query)
+            state.allowed = self.net.allowed(pos, tokens.query_pos, filled)
             s.masked_fill_(~state.allowed[..., None], -1e9)
             state.head_scores, state.log_norm = s, token_logsumexp(s)  # (B, T, heads), (B, 1, heads)
 
