@@ -273,6 +273,31 @@ def test_the_paged_release_reads_its_querys_scores_back(tiny, every):
         torch.testing.assert_close(read_back[kept], afresh[kept])
 
 
+def test_the_paged_normaliser_reads_the_fed_pages_and_equals_the_one_over_every_page(tiny):
+    """The paged normaliser sums over the pages holding fed columns only (a session of 256 columns holds 64 pages of
+    4, 16-17 of them fed here): the pages past them are empty, so it equals the normaliser over every page."""
+    model, _ = tiny
+    method = make_method("adore", 8, model, R=4, rebuild="recall", page_summary=4, **PROBE)
+    session = Session(model, method, 2, 256)
+    logits = session.feed(prompts(batch=2, length=60)[0])
+    for _ in range(3):
+        logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
+        state, tokens = session.state, session._tokens(session.slot_col.clamp(min=0))
+        cols = tokens.cached
+        own = method.net.head_scores(
+            state.tokens["z"].gather(1, cols.clamp(min=0)[..., None].expand(-1, -1, state.tokens["z"].shape[2])),
+            state.tokens["pos"].gather(1, cols.clamp(min=0)),
+            tokens.query_pos,
+            state.query,
+        )
+        fed_pages = -(-session.length // 4)
+        assert fed_pages < state.pages.pages
+        args = (tokens.query_pos, state.query, own, cols)
+        fed = method.net.log_normaliser(state.pages, fed_pages, *args)
+        every = method.net.log_normaliser(state.pages, state.pages.pages, *args)
+        torch.testing.assert_close(fed, every, rtol=0, atol=1e-6)
+
+
 def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny):
     """The rebuild pick (before the forward) and the release (after it) ask the probe with one query: the history's
     keys are read by one op a step, up to the columns fed so far (the session's capacity, 256 here, holds more), and

@@ -111,16 +111,17 @@ class AttentionProbe(Controller):
         upper = summary.upper_bound(query, c.heads, pages) / math.sqrt(c.head_dim) + bias
         return self.mixed(upper - log_norm, summary.filled(pages))
 
-    def log_normaliser(self, summary, query_pos, query, cached_scores, cached_cols) -> torch.Tensor:
+    def log_normaliser(self, summary, pages: int, query_pos, query, cached_scores, cached_cols) -> torch.Tensor:
         """(B, 1, heads) log of each head's softmax normaliser over the history: exact over the cached tokens
         (their `head_scores` (B, C, heads), history columns cached_cols, -1: empty slot), and for the released
-        rest of each page its count times exp of the page's mean-key score (adore.engine.pages). O(C + pages)."""
+        rest of each of the first `pages` pages (those holding every fed column) its count times exp of the page's
+        mean-key score (adore.engine.pages). O(C + pages)."""
         c = self.config
-        pages = summary.pages
         own = cached_scores.masked_fill((cached_cols < 0)[..., None], float("-inf"))
         page = cached_cols.clamp(min=0) // summary.page_size
-        in_cache = torch.zeros_like(summary.count).scatter_add_(1, page, (cached_cols >= 0).float())  # (B, pages)
-        released = (summary.count - in_cache).clamp(min=0)
+        count = summary.count[:, :pages]
+        in_cache = torch.zeros_like(count).scatter_add_(1, page, (cached_cols >= 0).float())  # (B, pages)
+        released = (count - in_cache).clamp(min=0)
         bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))
         typical = summary.mean_dot(query, c.heads, pages) / math.sqrt(c.head_dim) + bias + released.log()[..., None]
         return torch.logaddexp(token_logsumexp(own), token_logsumexp(typical))
