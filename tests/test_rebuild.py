@@ -7,6 +7,7 @@ import torch
 from conftest import make_method
 
 from adore.engine.cache import SlotCache
+from adore.engine.columns import at_columns
 from adore.engine.generate import generate, prefill
 from adore.engine.kvstore import KVStore
 from adore.engine.pages import PageSummary
@@ -273,7 +274,7 @@ def test_the_paged_release_reads_its_querys_scores_back(tiny, every):
         torch.testing.assert_close(read_back[kept], afresh[kept])
 
 
-def test_the_paged_normaliser_reads_the_fed_pages_and_equals_the_one_over_every_page(tiny):
+def test_the_paged_normaliser_over_the_fed_pages_equals_the_one_over_every_page(tiny):
     """The paged normaliser sums over the pages holding fed columns only (a session of 256 columns holds 64 pages of
     4, 16-17 of them fed here): the pages past them are empty, so it equals the normaliser over every page."""
     model, _ = tiny
@@ -284,12 +285,8 @@ def test_the_paged_normaliser_reads_the_fed_pages_and_equals_the_one_over_every_
         logits = session.feed(logits[:, -1].argmax(-1, keepdim=True))
         state, tokens = session.state, session._tokens(session.slot_col.clamp(min=0))
         cols = tokens.cached
-        own = method.net.head_scores(
-            state.tokens["z"].gather(1, cols.clamp(min=0)[..., None].expand(-1, -1, state.tokens["z"].shape[2])),
-            state.tokens["pos"].gather(1, cols.clamp(min=0)),
-            tokens.query_pos,
-            state.query,
-        )
+        z, pos = at_columns(state.tokens["z"], cols.clamp(min=0)), state.tokens["pos"].gather(1, cols.clamp(min=0))
+        own = method.net.head_scores(z, pos, tokens.query_pos, state.query)
         fed_pages = -(-session.length // 4)
         assert fed_pages < state.pages.pages
         args = (tokens.query_pos, state.query, own, cols)

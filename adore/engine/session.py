@@ -306,7 +306,7 @@ class Session(Prefilled):
         if self.shadow is not None:
             history["full_attention"] = self.shadow.entered.last_attention
         cached = lambda: torch.where(self.slot_kept, self.slot_col, -1)  # noqa: E731
-        return Tokens(cols, self._query_pos, history, cached=cached, length=self.length)
+        return Tokens(cols, self._query_pos, history, self.length, cached=cached)
 
     def _update_method(self, cols, valid, ids, pos, new_slots, recorder, hidden) -> None:
         entered = Entered(cols, valid, ids, pos, self._query_pos)

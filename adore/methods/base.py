@@ -55,15 +55,10 @@ class Tokens:
     """The history tokens being scored, all (B, k); ids, positions and full attention are gathered when read."""
 
     def __init__(
-        self,
-        cols: torch.Tensor,
-        query_pos: torch.Tensor,
-        history: dict[str, torch.Tensor],
-        cached=None,
-        length: int | None = None,
+        self, cols: torch.Tensor, query_pos: torch.Tensor, history: dict[str, torch.Tensor], length: int, cached=None
     ):
         self.cols = cols  # history columns (the session's index of fed tokens)
-        self.length = length  # history columns fed so far (known on the host), None: the whole per-token state
+        self.length = length  # history columns fed so far (known on the host): per-token state past it is unfilled
         self.query_pos = query_pos  # (B, 1) position t of the newest token: the query the scores are for
         self._history = history  # (B, T) per-column tensors of the session: ids, positions[, full_attention]
         self._cached = cached  # () -> (B, C) history columns in the cache's slots (-1: empty), computed when read

@@ -258,6 +258,6 @@ class PagedProbeScoring(ProbeScoring):
                 state.query,
             )
             state.tokens["scored"].scatter_(1, cached[..., None].expand_as(own), own)
-            pages = state.pages.pages if tokens.length is None else -(-tokens.length // self.page_size)
+            pages = -(-tokens.length // self.page_size)
             state.paged_norm = self.net.log_normaliser(state.pages, pages, tokens.query_pos, state.query, own, cols)
         return state.paged_norm
