@@ -7,7 +7,9 @@ import torch
 from conftest import make_method, method_names
 from transformers import DynamicCache
 
-from adore.controller import Controller, ControllerConfig, bucketize, token_logsumexp
+from adore.controller import Controller, ControllerConfig, bucketize, token_logsumexp, token_minor
+from adore.controller.base import head_dots
+from adore.engine.columns import grown
 from adore.engine.generate import generate
 from adore.engine.session import Session
 from adore.methods import H2O, Adore, Full, Streaming, Window
@@ -246,6 +248,23 @@ def test_the_token_logsumexp_is_torchs_bit_for_bit(tokens):
     scores[2, -1] = float("-inf")
     assert torch.equal(token_logsumexp(scores), scores.logsumexp(1, keepdim=True))
     assert torch.equal(token_logsumexp(scores[..., :3]), scores[..., :3].logsumexp(1, keepdim=True))  # 64 % 3 != 0
+
+
+def test_head_dots_read_token_minor_keys_as_row_major_ones_and_growth_keeps_the_layout():
+    """Keys laid out token-minor (the exact probe's history) give the per-head dot products of the same keys
+    row-major, sliced to any number of fed columns; a history that grows keeps each tensor's layout."""
+    torch.manual_seed(0)
+    keys, query = token_minor(3, 10, 12), torch.randn(3, 12)
+    keys[:] = torch.randn(3, 10, 12)
+    for fed in (1, 7, 10):
+        torch.testing.assert_close(head_dots(keys[:, :fed], query, 3), head_dots(keys[:, :fed].contiguous(), query, 3))
+    more = grown(keys, 6)
+    assert more.shape == (3, 16, 12) and more.stride(1) == 1  # still token-minor
+    assert torch.equal(more[:, :10], keys) and not more[:, 10:].any()
+    row_major = grown(keys.contiguous(), 6)
+    assert row_major.is_contiguous() and torch.equal(row_major, more)
+    flags = grown(torch.ones(3, 10, dtype=torch.bool), 2)
+    assert flags.dtype == torch.bool and flags[:, :10].all() and not flags[:, 10:].any()
 
 
 def test_probe_scores_one_query_per_row_as_broadcast_queries():

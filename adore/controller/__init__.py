@@ -5,7 +5,15 @@ for a query): the paper's GRU scorer (`gru.py`) and the attention probe (`probe.
 `Controller.load(path)` build the kind the config names. Pure PyTorch: no Lightning, no transformers.
 """
 
-from adore.controller.base import Controller, ControllerConfig, bucketize, continuable, newest_valid, token_logsumexp
+from adore.controller.base import (
+    Controller,
+    ControllerConfig,
+    bucketize,
+    continuable,
+    newest_valid,
+    token_logsumexp,
+    token_minor,
+)
 from adore.controller.gru import GRUScorer
 from adore.controller.probe import AttentionProbe
 
@@ -18,4 +26,5 @@ __all__ = [
     "continuable",
     "newest_valid",
     "token_logsumexp",
+    "token_minor",
 ]

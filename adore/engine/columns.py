@@ -16,3 +16,14 @@ def at_columns(values: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor | No
         rows = torch.arange(B, device=values.device)[:, None]
     flat = values.view(B * T, -1).index_select(0, (rows * T + cols).flatten())
     return flat.view(*cols.shape, *values.shape[2:])
+
+
+def grown(values: torch.Tensor, extra: int) -> torch.Tensor:
+    """`values` (B, T, ...) with `extra` more columns of zeros, in its own memory layout (a token-minor tensor,
+    `adore.controller.base.token_minor`, stays token-minor: its reads depend on it)."""
+    order = sorted(range(values.dim()), key=lambda d: (values.stride(d), values.shape[d]), reverse=True)
+    shape = list(values.shape)
+    shape[1] += extra
+    out = values.new_zeros([shape[d] for d in order]).permute([order.index(d) for d in range(values.dim())])
+    out[:, : values.shape[1]] = values
+    return out

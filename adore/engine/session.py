@@ -22,6 +22,7 @@ import torch
 
 from adore.engine.attention import PLAIN_CAUSAL, AttentionRecorder, register, slot_mask
 from adore.engine.cache import SlotCache
+from adore.engine.columns import grown
 from adore.engine.prefilled import Prefilled
 from adore.engine.rebuild import Rebuild
 from adore.methods.base import Entered, Tokens
@@ -415,5 +416,5 @@ class Session(Prefilled):
         self.hist_ids, self.hist_pos = pad(self.hist_ids, 0), pad(self.hist_pos, 0)
         self.hist_valid, self.hist_slot = pad(self.hist_valid, False), pad(self.hist_slot, -1)  # the spare moves last
         for key, t in self.state.tokens.items():  # the method's per-token state grows alike, with zeros
-            self.state.tokens[key] = torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], 1)
+            self.state.tokens[key] = grown(t, extra)
         self.rebuild.grow(size + extra)

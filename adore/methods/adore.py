@@ -185,7 +185,7 @@ class Adore(Rebuilds):
             self.scoring = PagedProbeScoring(self.net, summary_page, self.R, self.page_shortlist)
         else:
             self.scoring = ProbeScoring(self.net)
-        state = State(tokens={"z": torch.zeros(batch_size, length, self.net.state_width, device=device)})
+        state = State(tokens={"z": self.scoring.new_keys(batch_size, length, device)})
         state.h = None  # the state `encode` carries (the GRU's; the probe's x of the newest token)
         self.release_rule.start(state, batch_size, length, device)
         self.scoring.start(state, model)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from adore.controller import AttentionProbe, Controller, newest_valid, token_logsumexp
+from adore.controller import AttentionProbe, Controller, newest_valid, token_logsumexp, token_minor
 from adore.engine.columns import at_columns
 from adore.engine.pages import PageSummary, by_page
 from adore.methods.base import State
@@ -22,6 +22,10 @@ class Scoring:
 
     def __init__(self, net: Controller):
         self.net = net
+
+    def new_keys(self, batch_size: int, length: int, device) -> torch.Tensor:
+        """Zeros for z_i, (B, T, state_width): row-major, so that a token's z is gathered as one contiguous row."""
+        return torch.zeros(batch_size, length, self.net.state_width, device=device)
 
     def start(self, state: State, model) -> None:
         pass
@@ -70,7 +74,11 @@ class ProbeScoring(Scoring):
     Scores are normalised over every history token. A decode step asks twice with one query (the rebuild pick
     before the forward, the release after it), so the query's per-head scores over the history are kept
     (`state.head_scores`, masked where it may not read, with their log normaliser `state.log_norm`) and the token
-    fed joins both: the history's keys are read, and normalised over, once a step, not twice."""
+    fed joins both: the history's keys are read, and normalised over, once a step, not twice. The keys are kept
+    token-minor, so that this read is one bmm at memory bandwidth (`head_dots`)."""
+
+    def new_keys(self, batch_size, length, device):
+        return token_minor(batch_size, length, self.net.state_width, device)
 
     def start(self, state, model):
         B, T = state.tokens["z"].shape[:2]
@@ -156,6 +164,10 @@ class PagedProbeScoring(ProbeScoring):
     def __init__(self, net: AttentionProbe, page_size: int, R: int, shortlist: int):
         super().__init__(net)
         self.page_size, self.R, self.shortlist = page_size, R, shortlist  # page_size: the summaries' pages
+
+    def new_keys(self, batch_size, length, device):
+        """Row-major: this scoring gathers its keys by column (the cache's, the shortlisted pages'), never all."""
+        return Scoring.new_keys(self, batch_size, length, device)
 
     def start(self, state, model):
         super().start(state, model)
