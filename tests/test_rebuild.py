@@ -295,14 +295,16 @@ def test_the_paged_normaliser_over_the_fed_pages_equals_the_one_over_every_page(
         torch.testing.assert_close(fed, every, rtol=0, atol=1e-6)
 
 
-def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny):
+@pytest.mark.parametrize("release", ["controller", "attention"])
+def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny, release):
     """The rebuild pick (before the forward) and the release (after it) ask the probe with one query: the history's
     keys are read by one op a step, up to the columns fed so far (the session's capacity, 256 here, holds more), and
-    the scores kept for that query, with the fed token's joined, equal the scores computed afresh from every key."""
+    the scores kept for that query, with the fed token's joined, equal the scores computed afresh from every key. A
+    release by attention never asks: the fed token joins only when the scores are read again."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     model, _ = tiny
-    method = make_method("adore", 8, model, R=4, rebuild="recall", rebuild_every=1, **PROBE)
+    method = make_method("adore", 8, model, R=4, rebuild="recall", rebuild_every=1, release=release, **PROBE)
     session = Session(model, method, 2, 256)
     ids, _ = prompts(batch=2, length=40)
     logits = session.feed(ids)
@@ -330,6 +332,7 @@ def test_the_probe_reads_the_history_keys_once_a_step_and_scores_as_afresh(tiny)
         filled = z[:, : session.length].numel()
         assert filled <= Reads.floats < 2 * filled < z.numel()
         state, cols = session.state, torch.arange(session.length).expand(2, -1)
+        assert (state.joining is None) == (release == "controller")  # joined by the release, or still pending
         kept = method.scoring.score(state, session._tokens(cols))
         afresh = method.net.logits(z, state.tokens["pos"], session.query_pos, state.query[:, None],
                                    key_valid=state.tokens["filled"], columns=cols)  # fmt: skip

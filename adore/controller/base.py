@@ -109,6 +109,8 @@ def token_logsumexp(scores: torch.Tensor) -> torch.Tensor:
 def newest_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) whether each row of `valid` (B, T) has a valid column, and the index of its last one (0 if none); no
     host sync."""
+    if valid.shape[1] == 1:  # a decode step's one column: five operations fewer, every step
+        return valid[:, 0], torch.zeros(valid.shape[0], dtype=torch.long, device=valid.device)
     index = (valid.long() * torch.arange(1, valid.shape[1] + 1, device=valid.device)).argmax(1)
     return valid.any(1), index
 

@@ -121,20 +121,24 @@ def recorded_blocks(module, query, key, value, attention_mask, scaling, recorder
 
 def recorded_decode(query, key, value, attention_mask, scaling, recorder: AttentionRecorder) -> torch.Tensor:
     """One query per row with its weights recorded, (B, 1, H, D): `recorded_blocks`' arithmetic in a third of its
-    operations (no blocks, no concatenation; an additive mask added, not inverted and filled), which is most of its
-    cost at batch 1. The same weights and outputs as `recorded_blocks`, bit for bit."""
+    operations (no blocks, no concatenation; an additive mask added, not inverted and filled; `bmm` on 3-D views,
+    which `matmul` of the 4-D ones reaches through an expand and reshapes per operand), which is most of its cost at
+    batch 1. The same weights and outputs as `recorded_blocks`, bit for bit."""
     B, H, _, D = query.shape
     kv_heads, slots = key.shape[1], key.shape[2]
-    scores = torch.matmul(query.reshape(B, kv_heads, H // kv_heads, D), key.transpose(2, 3)).mul_(scaling)
+    folded = query.reshape(B * kv_heads, H // kv_heads, D)  # heads h = k * groups + j share KV head k
+    scores = torch.bmm(folded, key.reshape(B * kv_heads, slots, D).transpose(1, 2)).mul_(scaling)
+    per_row = scores.view(B, H, slots)
     if attention_mask.dtype == torch.bool:
-        scores.masked_fill_(~attention_mask, float("-inf"))
+        per_row.masked_fill_(~attention_mask.view(B, 1, slots), float("-inf"))
     else:
-        scores.add_(attention_mask)
+        per_row.add_(attention_mask.view(B, 1, slots))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if weights.dtype != query.dtype:
         weights = weights.to(query.dtype)
     recorder.add_decoded(weights.view(B, H, 1, slots))
-    return torch.matmul(weights, value).view(B, 1, H, D)  # (B, kv_heads, groups, D) is (B, 1, H, D) in memory
+    out = torch.bmm(weights, value.reshape(B * kv_heads, slots, D))
+    return out.view(B, 1, H, D)  # (B * kv_heads, groups, D) is (B, 1, H, D) in memory
 
 
 def slot_mask(kept, slot_pos, q_pos, slots, additive: torch.dtype | None = None) -> torch.Tensor:

@@ -74,8 +74,9 @@ class ProbeScoring(Scoring):
     Scores are normalised over every history token. A decode step asks twice with one query (the rebuild pick
     before the forward, the release after it), so the query's per-head scores over the history are kept
     (`state.head_scores`, masked where it may not read, with their log normaliser `state.log_norm`) and the token
-    fed joins both: the history's keys are read, and normalised over, once a step, not twice. The keys are kept
-    token-minor, so that this read is one bmm at memory bandwidth (`head_dots`)."""
+    fed joins both when they are next read (`state.joining`; a release by attention never reads them): the
+    history's keys are read, and normalised over, once a step, not twice. The keys are kept token-minor, so that
+    this read is one bmm at memory bandwidth (`head_dots`)."""
 
     def new_keys(self, batch_size, length, device):
         return token_minor(batch_size, length, self.net.state_width, device)
@@ -89,6 +90,7 @@ class ProbeScoring(Scoring):
         state.query = None  # (B, heads * head_dim): the query of the newest token
         state.head_scores = None  # (B, T, heads): the query's per-head scores of every history column, or None
         state.allowed = state.log_norm = None  # with head_scores: the columns it may read, its (B, 1, heads) normaliser
+        state.joining = None  # a decode step's fed token, not yet joined to head_scores: (z, entered)
 
     def arrive(self, state, arriving):
         """The query of the newest arriving token t: x_{t-1} (known) and token t's input embedding."""
@@ -96,31 +98,26 @@ class ProbeScoring(Scoring):
         state.embedded = state.embed(arriving.ids.gather(1, newest[:, None]))[:, 0].float()  # (B, d_model)
         previous = torch.zeros_like(state.embedded) if state.h is None else state.h
         self._set_query(state, has, previous)
-        state.head_scores = None
+        state.head_scores = state.joining = None
 
     def update(self, state, entered, x):
         z = super().update(state, entered, x)
         cols = entered.cols[0]
         state.tokens["pos"][:, cols] = entered.positions
         state.tokens["filled"][:, cols] = entered.valid
-        if entered.valid.shape[1] == 1:  # a decode step: the query stays; the fed token's own scores join its row
-            if state.head_scores is not None:  # its column held a masked score, which added nothing to log_norm
-                own = self.net.head_scores(z, entered.positions, entered.query_pos, state.query)  # (B, 1, heads)
-                allowed = self.net.allowed(entered.positions, entered.query_pos, entered.valid)
-                own.masked_fill_(~allowed[..., None], -1e9)
-                state.head_scores[:, cols], state.allowed[:, cols] = own, allowed
-                state.log_norm = torch.logaddexp(state.log_norm, own)
+        if entered.valid.shape[1] == 1:  # a decode step: the query stays; the fed token joins its scores if read
+            state.joining = (z, entered) if state.head_scores is not None else None
             return z
         # a feed of several tokens (a prompt): the query's x_{t-1} is the second newest of them
         before = entered.valid.clone()
         before.scatter_(1, newest_valid(entered.valid)[1][:, None], False)
         two, second = newest_valid(before)
         self._set_query(state, two, x.gather(1, second[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0])
-        state.head_scores = None
+        state.head_scores = state.joining = None
         return z
 
     def assume(self, state, cols, positions, length):
-        state.head_scores = None
+        state.head_scores = state.joining = None
 
     def _set_query(self, state, rows: torch.Tensor, previous: torch.Tensor) -> None:
         query = self.net.queries(previous, state.embedded)
@@ -135,6 +132,15 @@ class ProbeScoring(Scoring):
             state.allowed = self.net.allowed(pos, tokens.query_pos, filled)
             s.masked_fill_(~state.allowed[..., None], -1e9)
             state.head_scores, state.log_norm = s, token_logsumexp(s)  # (B, T, heads), (B, 1, heads)
+        elif state.joining is not None:  # the fed token's column held a masked score, which added nothing to log_norm
+            z, entered = state.joining
+            own = self.net.head_scores(z, entered.positions, entered.query_pos, state.query)  # (B, 1, heads)
+            allowed = self.net.allowed(entered.positions, entered.query_pos, entered.valid)
+            own.masked_fill_(~allowed[..., None], -1e9)
+            cols = entered.cols[0]
+            state.head_scores[:, cols], state.allowed[:, cols] = own, allowed
+            state.log_norm = torch.logaddexp(state.log_norm, own)
+        state.joining = None
 
     def pick_scores(self, state, tokens, released, R):
         """Every seen column's score, in column order: the kept scores sliced, not gathered column by column."""
