@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,28 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         sample = param.detach().flatten()[:1024].float().cpu().numpy()
         digest.update(name.encode() + str(tuple(param.shape)).encode() + sample.tobytes())
     return digest.hexdigest()[:16]
+
+
+def device_name(device: torch.device) -> str:
+    """The device in words, kept with every result: speed against the floor depends on the machine (on a CPU the
+    floor is compute and the bookkeeping memory traffic, whose balance differs from one processor to the next), so
+    a CPU is named by its model and the vector instructions torch's kernels use."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu_model()} CPU ({isa}), {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -10,6 +10,7 @@ from adore.bench.rounds import merge_rounds
 from adore.engine.generate import generate
 from adore.engine.session import Session
 from adore.io import read_json
+from adore.models import cpu_model
 from adore.registry import build_method, method_config, method_names
 
 
@@ -42,9 +43,12 @@ def test_bench_runs_every_method(tmp_path, tiny_model_dir, capsys):
     assert all(r["x_floor"] > 0 for r in rows if r["method"] in expected)
     assert sum(r["rebuilt_tokens"] for r in rows if "_R2" in r["method"]) > 0  # R=2 rebuilds, R=0 does not
     assert all(r["rebuilt_tokens"] == 0 for r in rows if "_R0" in r["method"])
-    written = read_json(tmp_path / "b.json")["rows"]
-    assert [r["method"] for r in written] == [r["method"] for r in rows]
-    assert next(r for r in written if r["method"] == "full")["x_full"] == pytest.approx(1.0)
+    written = read_json(tmp_path / "b.json")
+    assert [r["method"] for r in written["rows"]] == [r["method"] for r in rows]
+    assert next(r for r in written["rows"] if r["method"] == "full")["x_full"] == pytest.approx(1.0)
+    # the machine is named with its ratios: its model and the vector instructions torch's kernels use
+    device = written["setup"]["device_name"]
+    assert device.startswith(cpu_model()) and f"({torch.backends.cpu.get_cpu_capability()})" in device
 
 
 def test_bench_rejects_an_unknown_method(tmp_path, tiny_model_dir):

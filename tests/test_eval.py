@@ -22,6 +22,7 @@ def test_every_method_runs_through_eval(tmp_path, tiny, tiny_model_dir, method):
     result = evaluate.run(cfg, str(tmp_path))
     assert {"eval/bleu", "eval/rouge1", "eval/rouge2", "eval/rougeL"} <= set(result["metrics"])
     assert result["perf"]["perf/decode_tok_per_s"] > 0
+    assert "CPU" in result["versions"]["device_name"]  # the machine its throughput was measured on
     run = result["run"]
     assert run["method"] == built.name and run["m"] == built.m and run["tag"] == built.tag
     assert run["label"] == built.label and run["training_free"] == built.training_free

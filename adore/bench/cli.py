@@ -13,11 +13,12 @@ from adore.bench.batch import run_batch
 from adore.bench.budget import plan
 from adore.bench.model import build_model, prompts
 from adore.bench.prefill_ab import prefill_ab
-from adore.bench.report import compare_to_full, device_name, print_tables, write
+from adore.bench.report import compare_to_full, print_tables, write
 from adore.bench.rounds import merge_rounds
 from adore.bench.specs import methods_for, runnable
 from adore.bench.timing import run_hf_generate
 from adore.engine.rebuild import POLICIES
+from adore.models import device_name
 from adore.registry import build_method, method_names
 
 
@@ -215,7 +216,7 @@ def main(argv=None) -> list[dict]:
         ]
         rows += merge_rounds(rounds)
     compare_to_full(rows, budget=bool(args.kv_budget_gib))
-    device = device_name(model)
+    device = device_name(model.device)
     write(args, rows, ab, device, opts.dtype)
     print_tables(args, rows, ab, device, opts.synthetic)
     return rows

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-
 import torch
 from tabulate import tabulate
 
@@ -32,12 +30,6 @@ def compare_to_full(rows: list[dict], budget: bool) -> None:
         if budget and r.get("clock_tok_per_s") and ref.get("clock_tok_per_s"):
             r["x_full_raw"] = r["x_full"]
             r["x_full"] *= ref["clock_tok_per_s"] / r["clock_tok_per_s"]
-
-
-def device_name(model) -> str:
-    if model.device.type == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def write(args, rows: list[dict], ab: list[dict], device: str, dtype: torch.dtype) -> None:

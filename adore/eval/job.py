@@ -30,7 +30,7 @@ from adore.eval import runlock
 from adore.eval.metrics import PACKAGED_BERTSCORE, bertscore_model_path
 from adore.eval.tasks import Context
 from adore.io import read_json, write_json, write_jsonl
-from adore.models import DTYPES, load, load_config
+from adore.models import DTYPES, device_name, load, load_config
 from adore.registry import config_names
 from adore.tracking import wandb_run
 from adore.version import package_version
@@ -283,6 +283,7 @@ def _run(cfg, run_dir, model_spec, data_spec, method, task, items) -> dict:
             "transformers": __import__("transformers").__version__,
             "python": platform.python_version(),
             "device": str(model.device),
+            "device_name": device_name(model.device),  # throughput and x floor depend on the machine
         },
         "finished_at": dt.datetime.now().isoformat(timespec="seconds"),
     }
