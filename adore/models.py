@@ -156,8 +156,8 @@ def device_name(device: torch.device) -> str:
     a CPU is named by its model and the vector instructions torch's kernels use."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu_model()} CPU ({isa}), {torch.get_num_threads()} threads"
+    isa, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+    return f"{cpu_model()} CPU ({isa}), {threads} thread{'s' if threads != 1 else ''}"
 
 
 def cpu_model() -> str:
