@@ -169,6 +169,24 @@ def test_probe_scores_are_a_mixture_of_attention_heads():
     assert torch.allclose(got.exp().sum(), torch.tensor(1.0))
 
 
+def test_the_probes_distance_bias_from_its_table_equals_the_bucketed_embedding_after_every_change():
+    """Without gradients the probe reads b_h(d) from one table of every distance's bias: equal to
+    `head_bias(buckets(d))` for every distance, also after the weights change in place (a training step) and after
+    the trained distance moves; with gradients it is the embedding itself."""
+    net = Controller(ControllerConfig(d_model=8, heads=3, head_dim=4, num_buckets=8, max_distance=64,
+                                      trained_distance=16))  # fmt: skip
+    distance = torch.arange(-3, 200).view(1, -1).expand(2, -1)
+    for change in (
+        lambda: None,
+        lambda: net.head_bias.weight.data.mul_(2).add_(1),
+        lambda: net.extend_trained_distance(40),
+    ):
+        change()
+        with torch.no_grad():
+            assert torch.equal(net.distance_bias(distance), net.head_bias(net.buckets(distance)))
+    assert net.distance_bias(distance).requires_grad  # training reaches the embedding through it
+
+
 @pytest.mark.parametrize("heads", [0, 3])
 def test_distances_past_the_trained_ones_use_the_last_trained_bucket(heads):
     """A bucket no training distance reached holds its random init: scores of older tokens read the bucket of the

@@ -67,7 +67,7 @@ class AttentionProbe(Controller):
         c = self.config
         keys = z.unflatten(-1, (c.heads, c.head_dim))  # (..., k, heads, head_dim)
         query = needed(query).unflatten(-1, (c.heads, c.head_dim))  # (..., 1, heads, head_dim)
-        bias = self.head_bias(self.buckets(query_pos - token_pos))  # (..., k, heads)
+        bias = self.distance_bias(query_pos - token_pos)  # (..., k, heads)
         # (..., k, heads); q = 1. In place: at long histories x many rows each copy is large, every step
         s = self._head_dots(z, keys, query).div_(math.sqrt(c.head_dim)).add_(bias)
         return self.normalised_shares(s, token_pos, query_pos, key_valid, columns)
@@ -107,7 +107,7 @@ class AttentionProbe(Controller):
         (adore.engine.pages): each head's score is the page's upper bound on <q, k> plus the bias at the page's mean
         distance, normalised by `log_norm` (B, 1, heads) (`log_normaliser`). O(pages): no per-token key is read."""
         c = self.config
-        bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))  # (B, pages, heads)
+        bias = self.distance_bias((query_pos - summary.centre(pages)).round().long())  # (B, pages, heads)
         upper = summary.upper_bound(query, c.heads, pages) / math.sqrt(c.head_dim) + bias
         return self.mixed(upper - log_norm, summary.filled(pages))
 
@@ -122,7 +122,7 @@ class AttentionProbe(Controller):
         count = summary.count[:, :pages]
         in_cache = torch.zeros_like(count).scatter_add_(1, page, (cached_cols >= 0).float())  # (B, pages)
         released = (count - in_cache).clamp(min=0)
-        bias = self.head_bias(self.buckets((query_pos - summary.centre(pages)).round().long()))
+        bias = self.distance_bias((query_pos - summary.centre(pages)).round().long())
         typical = summary.mean_dot(query, c.heads, pages) / math.sqrt(c.head_dim) + bias + released.log()[..., None]
         return torch.logaddexp(token_logsumexp(own), token_logsumexp(typical))
 
@@ -132,12 +132,27 @@ class AttentionProbe(Controller):
         return self.mixed(self.head_scores(z, token_pos, query_pos, query) - log_norm, token_pos <= query_pos)
 
     def head_scores(self, z, token_pos, query_pos, query) -> torch.Tensor:
-        """(B, k, heads) <q_h, k_h> / sqrt(head_dim) + b_h(t - j) for the keys z (B, k, width), one query per row."""
+        """(B, k, heads) <q_h, k_h> / sqrt(head_dim) + b_h(t - j) for the keys z (B, k, width), one query per row
+        (the engine's scoring). One pass after the dots: `addcdiv` computes bias + 1 * dots /
+        sqrt(head_dim), rounded as a division then an addition are."""
         c = self.config
         keys = z.unflatten(-1, (c.heads, c.head_dim))
         q = needed(query).unflatten(-1, (c.heads, c.head_dim))[:, None]  # (B, 1, heads, head_dim)
-        bias = self.head_bias(self.buckets(query_pos - token_pos))
-        return self._head_dots(z, keys, q).div_(math.sqrt(c.head_dim)).add_(bias)
+        dots = self._head_dots(z, keys, q)
+        root = torch.tensor(math.sqrt(c.head_dim), dtype=dots.dtype, device=dots.device)
+        return self.distance_bias(query_pos - token_pos).addcdiv_(dots, root)  # the bias is a fresh tensor
+
+    def distance_bias(self, distance: torch.Tensor) -> torch.Tensor:
+        """b_h(d), (..., heads), of integer distances. Without gradients, one lookup in a table of every distance's
+        bias, made afresh each call from the weights as they are (a few thousand rows), where `head_bias(buckets(d))`
+        takes two lookups over every history token of every row, every decode step; the same values."""
+        weight = self.head_bias.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return self.head_bias(self.buckets(distance))
+        buckets = self._bucket_table(distance.device)
+        table = weight.index_select(0, buckets)  # (distances, heads)
+        # rows gathered whole (advanced indexing would copy value by value), into a fresh tensor, not a view of one
+        return nn.functional.embedding(distance.clamp(0, buckets.shape[0] - 1), table)
 
     def _head_dots(self, z, keys, query) -> torch.Tensor:
         """<q_h, k_{i,h}> per head, (..., k, heads): `head_dots` for one query per row (the engine's case, z (B, k,
