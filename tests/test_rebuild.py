@@ -7,7 +7,7 @@ import torch
 from conftest import make_method
 
 from adore.engine.cache import SlotCache
-from adore.engine.columns import at_columns
+from adore.engine.columns import as_wide, at_columns
 from adore.engine.generate import generate, prefill
 from adore.engine.kvstore import KVStore
 from adore.engine.pages import PageSummary
@@ -98,6 +98,22 @@ def test_a_pick_still_in_the_free_slot_it_left_is_taken_back_uncopied(
     copied, copying = run()
     assert torch.allclose(found, copied, rtol=0, atol=1e-6)
     assert reusing.reused > 0 and copying.reused == 0 and reusing.recalled == copying.recalled
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_wide_elements_are_the_same_bytes_and_an_indexed_copy_through_them_is_bit_exact(dtype):
+    """`as_wide` sees a CPU tensor's last dimension as 16-byte elements: the same memory, so a copy through it moves
+    the same bits; a layout it cannot see so (an odd width, a strided last dimension) comes back as it is."""
+    cache = torch.randn(3, 4, 2, 6, 16).to(dtype)  # (layers, B, heads, slots, head_dim)
+    store = torch.randn(4, 5, 3, 2, 16).to(dtype)  # (B, T, layers, heads, head_dim)
+    rows, slots, cols = torch.tensor([0, 2, 3]), torch.tensor([5, 1, 0]), torch.tensor([4, 0, 2])
+    expected = cache.clone()
+    expected.permute(1, 3, 0, 2, 4)[rows, slots] = store[rows, cols]
+    as_wide(cache).permute(1, 3, 0, 2, 4)[rows, slots] = as_wide(store[rows, cols])
+    assert as_wide(cache).dtype == torch.complex128 and as_wide(cache).data_ptr() == cache.data_ptr()
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))  # bit for bit, NaN payloads too
+    odd, strided = torch.randn(2, 3), torch.randn(2, 16, 2)[..., 0]
+    assert as_wide(odd) is odd and as_wide(strided) is strided
 
 
 @pytest.mark.parametrize("dtype", ["model", "bfloat16", "int8", "int4"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from adore.engine.columns import at_columns
+from adore.engine.columns import as_wide, at_columns
 
 
 class Cast:
@@ -162,7 +162,8 @@ class KVStore:
         """Store the tokens of history columns start .. start + n - 1 of every row, cached in `slots` (B, n)."""
         end = start + slots.shape[1]
         for name, cached in (("key", cache.keys), ("value", cache.values)):
-            code, params = self.codec.encode(cached[:, cache.rows, :, slots])  # (B, n, layers, kv_heads, head_dim)
+            states = as_wide(cached)[:, cache.rows, :, slots].view(cached.dtype)  # (B, n, layers, kv_heads, head_dim)
+            code, params = self.codec.encode(states)
             getattr(self, name + "s")[:, start:end] = code
             if params is not None:
                 getattr(self, name + "_params")[:, start:end] = params
@@ -178,11 +179,11 @@ class KVStore:
             params = getattr(self, name + "_params")
             # written through a (B, slots, layers, heads, dim) view: its two indexed dimensions lead, adjacent, so the
             # write takes the strided fast path (3x faster on a CPU than indexing dimensions 1 and 3 in place)
-            slot_major = cached.permute(1, 3, 0, 2, 4)
+            slot_major = as_wide(cached).permute(1, 3, 0, 2, 4)
             decoded = self.codec.decode(
                 code, None if params is None else at_columns(params, cols, rows), self.model_dtype
             )
-            slot_major[cache.rows if rows is None else rows, slots] = decoded
+            slot_major[cache.rows if rows is None else rows, slots] = as_wide(decoded)
 
 
 def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
