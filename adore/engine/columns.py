@@ -33,9 +33,9 @@ def grown(values: torch.Tensor, extra: int) -> torch.Tensor:
 def as_wide(values: torch.Tensor) -> torch.Tensor:
     """`values` on a CPU seen as 16-byte elements along its last dimension (the same memory, bit for bit), where its
     layout allows; else `values`. Advanced indexing copies element by element on a CPU, so a key vector of 64 floats
-    moves in 16 copies, not 64: recall's copies back into the cache 30 % faster at batch 16 (docs/recall.md). Both
-    sides of a copy must be seen alike. Not worth it for a few vectors (a decode step's cache write): the views cost
-    more than they save."""
+    moves in 16 copies, not 64: recall's copies back into the cache a sixth faster in a batch-16 step
+    (docs/recall.md). Both sides of a copy must be seen alike. Not worth it for a few vectors (a decode step's cache
+    write): the views cost more than they save."""
     if values.device.type != "cpu" or values.dtype.is_complex or (values.shape[-1] * values.element_size()) % 16:
         return values
     try:
